@@ -1,0 +1,5 @@
+from .config import ConfigError, EngineConfig, ModelConfig
+from .engine import LLM, LLMEngine, RequestOutput
+from .sampling import SamplingParams
+
+__all__ = ["LLM", "LLMEngine", "RequestOutput", "SamplingParams", "EngineConfig", "ModelConfig", "ConfigError"]

@@ -1,0 +1,96 @@
+from __future__ import annotations
+from collections import OrderedDict
+from dataclasses import dataclass
+from .sequence import Sequence
+
+def hash_block(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
+  return hash((parent_hash, token_ids))
+
+@dataclass(eq=False)
+class Block:
+  block_id: int
+  ref_count: int = 0
+  version: int = 0  # bumped on reuse, so a cached child can verify its parent is still the same block
+  block_hash: int | None = None
+  token_ids: tuple[int, ...] = ()
+  parent: tuple[int, int] | None = None  # (block_id, version) of the previous block in the chain
+
+class BlockManager:
+  """Fixed-size KV blocks with ref counts; full blocks are findable by a chained hash (prefix cache).
+  Block 0 is never handed out: padded token rows write into it."""
+  def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    self.block_size, self.enable_prefix_caching = block_size, enable_prefix_caching
+    self.blocks = [Block(i) for i in range(num_blocks)]
+    self.free_block_ids: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, num_blocks))  # LRU first
+    self.cached_blocks: dict[int, int] = {}  # block_hash -> block_id
+    self.num_queried_tokens = self.num_hit_tokens = 0
+
+  @property
+  def num_free_blocks(self) -> int: return len(self.free_block_ids)
+  @property
+  def num_total_blocks(self) -> int: return len(self.blocks) - 1
+  @property
+  def usage(self) -> float: return 1 - self.num_free_blocks / self.num_total_blocks
+  @property
+  def hit_rate(self) -> float: return self.num_hit_tokens / max(self.num_queried_tokens, 1)
+
+  def _take_free_block(self) -> int:
+    block_id, _ = self.free_block_ids.popitem(last=False)
+    block = self.blocks[block_id]
+    if block.block_hash is not None and self.cached_blocks.get(block.block_hash) == block_id: del self.cached_blocks[block.block_hash]
+    block.ref_count, block.block_hash, block.token_ids, block.parent, block.version = 1, None, (), None, block.version + 1
+    return block_id
+
+  def _lookup(self, block_hash: int, token_ids: tuple[int, ...], parent: tuple[int, int] | None) -> Block | None:
+    block_id = self.cached_blocks.get(block_hash)
+    if block_id is None: return None
+    block = self.blocks[block_id]
+    return block if block.token_ids == token_ids and block.parent == parent else None  # never trust the hash alone
+
+  def allocate_cached_prefix(self, seq: Sequence) -> None:
+    """Admission: share the longest run of cached full blocks; the last token is always computed."""
+    assert not seq.block_table
+    bs, token_ids, parent_hash, parent = self.block_size, seq.token_ids, None, None
+    if self.enable_prefix_caching:
+      for start in range(0, (seq.num_tokens - 1) // bs * bs, bs):
+        chunk = tuple(token_ids[start:start + bs])
+        block = self._lookup(h := hash_block(parent_hash, chunk), chunk, parent)
+        if block is None: break
+        if block.ref_count == 0: del self.free_block_ids[block.block_id]
+        block.ref_count += 1
+        seq.block_table.append(block.block_id)
+        parent_hash, parent = h, (block.block_id, block.version)
+      self.num_queried_tokens += seq.num_prompt_tokens
+      self.num_hit_tokens += len(seq.block_table) * bs
+    seq.num_computed_tokens = seq.num_cached_tokens = len(seq.block_table) * bs
+
+  def num_blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
+    return max(0, -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size) - len(seq.block_table))
+
+  def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
+    return self.num_blocks_needed(seq, num_new_tokens) <= self.num_free_blocks
+
+  def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
+    for _ in range(self.num_blocks_needed(seq, num_new_tokens)): seq.block_table.append(self._take_free_block())
+
+  def cache_full_blocks(self, seq: Sequence) -> None:
+    """Make the sequence's computed full blocks findable by later requests."""
+    if not self.enable_prefix_caching: return
+    bs, token_ids = self.block_size, None
+    for i in range(seq.num_computed_tokens // bs):
+      block = self.blocks[seq.block_table[i]]
+      if block.block_hash is not None: continue
+      token_ids = token_ids or seq.token_ids
+      prev = self.blocks[seq.block_table[i - 1]] if i else None
+      block.token_ids = tuple(token_ids[i * bs:(i + 1) * bs])
+      block.block_hash = hash_block(prev.block_hash if prev else None, block.token_ids)
+      block.parent = (prev.block_id, prev.version) if prev else None
+      self.cached_blocks.setdefault(block.block_hash, block.block_id)
+
+  def free(self, seq: Sequence) -> None:
+    for block_id in reversed(seq.block_table):  # tail blocks become the first to be evicted
+      block = self.blocks[block_id]
+      block.ref_count -= 1
+      assert block.ref_count >= 0, f"block {block_id} freed twice"
+      if block.ref_count == 0: self.free_block_ids[block_id] = None
+    seq.block_table, seq.num_computed_tokens = [], 0

@@ -1,0 +1,63 @@
+from __future__ import annotations
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+# HF `architectures` entry -> our model family
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama",
+                           "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+class ConfigError(ValueError):
+  """Bad model files or settings; the message names the file/field and what to do."""
+
+@dataclass
+class ModelConfig:
+  family: str  # llama | qwen2 | qwen3
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rms_norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  max_position_embeddings: int = 2048
+  tie_word_embeddings: bool = False
+
+  @property
+  def qk_norm(self) -> bool: return self.family == "qwen3"
+  @property
+  def qkv_bias(self) -> bool: return self.family == "qwen2"
+
+  @staticmethod
+  def from_hf(path: Path) -> ModelConfig:
+    try: cfg = json.loads(path.read_text())
+    except FileNotFoundError: raise ConfigError(f"{path}: not found; a model directory needs config.json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    archs = cfg.get("architectures") or [cfg.get("model_type", "?")]
+    family = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+    if family is None:
+      raise ConfigError(f"{path}: architecture {archs[0]!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    def need(key: str):
+      if key not in cfg: raise ConfigError(f"{path}: field {key!r} is missing")
+      return cfg[key]
+    heads = need("num_attention_heads")
+    return ModelConfig(family=family, vocab_size=need("vocab_size"), hidden_size=need("hidden_size"),
+                       intermediate_size=need("intermediate_size"), num_layers=need("num_hidden_layers"), num_heads=heads,
+                       num_kv_heads=cfg.get("num_key_value_heads") or heads,
+                       head_dim=cfg.get("head_dim") or need("hidden_size") // heads, rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+                       rope_theta=cfg.get("rope_theta", 10000.0), max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+                       tie_word_embeddings=cfg.get("tie_word_embeddings", False))
+
+@dataclass
+class EngineConfig:
+  device: str | None = None
+  block_size: int = 16
+  kv_cache_gb: float = 1.0
+  num_blocks: int | None = None  # overrides kv_cache_gb (tests use tiny pools)
+  max_num_seqs: int = 32
+  max_num_batched_tokens: int = 512
+  max_model_len: int | None = None
+  enable_prefix_caching: bool = True

@@ -1,0 +1,158 @@
+from __future__ import annotations
+import itertools, random
+from dataclasses import dataclass, field
+from pathlib import Path
+import numpy as np
+from tinygrad import Tensor, Device, dtypes
+from tinygrad.helpers import DEV
+from .block_manager import BlockManager
+from .config import ConfigError, EngineConfig
+from .loader import ModelFiles, load_model_files, render_chat
+from .model import Model
+from .runner import ModelRunner, next_power_of_2
+from .sampling import SamplingParams
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+def resolve_device(name: str | None) -> str:
+  """Make `name` tinygrad's default device, or fail with the list of devices that work here."""
+  name = (name or Device.DEFAULT).upper()
+  try: Device[name]
+  except Exception:
+    available = ", ".join(Device.get_available_devices()) or "none"
+    raise ConfigError(f"device {name!r} is not available on this machine (available: {available})") from None
+  DEV.value = name
+  return name
+
+@dataclass
+class RequestOutput:
+  request_id: str
+  prompt_token_ids: list[int]
+  token_ids: list[int] = field(default_factory=list)
+  text: str = ""
+  delta_token_ids: list[int] = field(default_factory=list)
+  delta_text: str = ""
+  finished: bool = False
+  finish_reason: str | None = None  # stop | length | abort | error
+  num_cached_tokens: int = 0
+  error: str | None = None
+
+@dataclass
+class _Detokenizer:
+  """Incremental decoding that never emits half of a multi-byte character."""
+  text: str = ""
+  prefix_offset: int = 0
+  read_offset: int = 0
+
+  def update(self, tokenizer, ids: list[int]) -> str:
+    prefix = tokenizer.decode(ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
+    full = tokenizer.decode(ids[self.prefix_offset:], skip_special_tokens=True)
+    if len(full) <= len(prefix) or full.endswith("\ufffd"): return ""
+    self.prefix_offset, self.read_offset = self.read_offset, len(ids)
+    self.text += (delta := full[len(prefix):])
+    return delta
+
+class LLMEngine:
+  """add_request / step / abort over continuous batching. Not thread-safe: one thread drives it."""
+  def __init__(self, model: str | Path | ModelFiles, **kwargs):
+    self.config = config = EngineConfig(**kwargs)
+    self.device = resolve_device(config.device)
+    files = model if isinstance(model, ModelFiles) else load_model_files(model, self.device)
+    self.model_config, self.tokenizer, self.files = files.config, files.tokenizer, files
+    mc, bs = files.config, config.block_size
+    dtype = dtypes.float32 if self.device == "CPU" else dtypes.float16
+    bytes_per_block = 2 * mc.num_layers * bs * mc.num_kv_heads * mc.head_dim * dtype.itemsize
+    num_blocks = config.num_blocks or max(2, int(config.kv_cache_gb * 2**30 // bytes_per_block))
+    max_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings, (num_blocks - 1) * bs)
+    self.max_model_len = max_len
+    weights = {k: (v if isinstance(v, Tensor) else Tensor(v)).cast(dtype).contiguous().realize() for k, v in files.weights.items()}
+    if mc.tie_word_embeddings or files.weights["lm_head"] is files.weights["embed"]: weights["lm_head"] = weights["embed"]
+    files.weights = {}  # the host copies are no longer needed
+    self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
+    self.scheduler = Scheduler(config, self.block_manager)
+    self.runner = ModelRunner(Model(mc, weights, num_blocks, bs, dtype), bs, next_power_of_2(-(-max_len // bs)))
+    self.eos_token_ids = set(files.eos_token_ids)
+    self.default_params = SamplingParams.from_generation_config(files.generation_config)
+    self.seqs: dict[str, Sequence] = {}
+    self._detok: dict[str, _Detokenizer] = {}
+    self._base_seeds: dict[str, int] = {}
+    self._counter = itertools.count()
+
+  # ---- requests ----
+  def encode(self, text: str) -> list[int]: return self.tokenizer.encode(text).ids
+  def apply_chat_template(self, messages: list[dict], **kwargs) -> list[int]:
+    text = render_chat(self.files.chat_template, messages, self.files.special_tokens, **kwargs)
+    return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+  def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None) -> str:
+    params = params or self.default_params
+    ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if not ids: raise ValueError("prompt is empty")
+    if len(ids) >= self.max_model_len:
+      raise ValueError(f"prompt has {len(ids)} tokens but the context is {self.max_model_len} tokens (max_model_len); shorten it")
+    if (bad := [i for i in ids if not 0 <= i < self.model_config.vocab_size]): raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary")
+    request_id = request_id or f"req-{next(self._counter)}"
+    if request_id in self.seqs: raise ValueError(f"request id {request_id!r} is already in use")
+    seq = Sequence(request_id, ids, params, arrival_index=next(self._counter))
+    self.seqs[request_id], self._detok[request_id] = seq, _Detokenizer()
+    self._base_seeds[request_id] = params.seed if params.seed is not None else random.getrandbits(32)
+    self.scheduler.add(seq)
+    return request_id
+
+  def abort(self, request_id: str) -> RequestOutput | None:
+    if (seq := self.seqs.get(request_id)) is None: return None
+    self.scheduler.finish(seq, "abort")
+    return self._output(seq, [], "")
+
+  def has_unfinished_requests(self) -> bool: return self.scheduler.has_unfinished()
+
+  # ---- one step of continuous batching ----
+  def step(self) -> list[RequestOutput]:
+    out = self.scheduler.schedule()
+    if not out.scheduled: return []
+    seeds = [hash((self._base_seeds[s.request_id], len(s.output_token_ids))) & 0xFFFFFFFF for s, n in out.scheduled
+             if s.num_computed_tokens + n == s.num_tokens]
+    sampled, next_ids = self.runner.execute(out.scheduled, seeds)
+    for seq, n in out.scheduled:
+      seq.num_computed_tokens += n
+      self.block_manager.cache_full_blocks(seq)
+    return [self._append_token(seq, tok) for seq, tok in zip(sampled, next_ids)]
+
+  def _append_token(self, seq: Sequence, token_id: int) -> RequestOutput:
+    seq.output_token_ids.append(token_id)
+    p = seq.sampling_params
+    delta = self._detok[seq.request_id].update(self.tokenizer, seq.output_token_ids) if self.tokenizer else ""
+    text, reason = self._detok[seq.request_id].text, None
+    if (token_id in self.eos_token_ids and not p.ignore_eos) or token_id in p.stop_token_ids: reason = "stop"
+    elif (hit := min((i for s in p.stop if (i := text.find(s, max(0, len(text) - len(delta) - len(s)))) >= 0), default=None)) is not None:
+      delta = delta[:max(0, len(delta) - (len(text) - hit))]
+      self._detok[seq.request_id].text, reason = text[:hit], "stop"
+    elif len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len: reason = "length"
+    if reason: self.scheduler.finish(seq, reason)
+    return self._output(seq, [token_id], delta)
+
+  def _output(self, seq: Sequence, delta_ids: list[int], delta_text: str) -> RequestOutput:
+    if seq.is_finished:
+      self.seqs.pop(seq.request_id, None)
+      self._base_seeds.pop(seq.request_id, None)
+    detok = self._detok.pop(seq.request_id) if seq.is_finished else self._detok[seq.request_id]
+    return RequestOutput(seq.request_id, seq.prompt_token_ids, list(seq.output_token_ids), detok.text, delta_ids, delta_text,
+                         seq.is_finished, seq.finish_reason, seq.num_cached_tokens)
+
+class LLM:
+  """Offline batch generation: LLM(path).generate(prompts, params)."""
+  def __init__(self, model: str | Path | ModelFiles, **kwargs):
+    self.engine = LLMEngine(model, **kwargs)
+
+  def generate(self, prompts: str | list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+    prompts = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else prompts
+    params_list = params if isinstance(params, list) else [params] * len(prompts)
+    ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+    final: dict[str, RequestOutput] = {}
+    while self.engine.has_unfinished_requests():
+      for o in self.engine.step():
+        if o.finished: final[o.request_id] = o
+    return [final[i] for i in ids]
+
+  def chat(self, messages: list[dict], params: SamplingParams | None = None, **template_kwargs) -> RequestOutput:
+    return self.generate([self.engine.apply_chat_template(messages, **template_kwargs)], params)[0]

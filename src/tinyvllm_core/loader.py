@@ -1,0 +1,174 @@
+from __future__ import annotations
+import json, struct
+from dataclasses import dataclass, field
+from pathlib import Path
+import numpy as np
+from tinygrad import Tensor
+from .config import ConfigError, ModelConfig, GGUF_ARCHITECTURES
+
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+  """float32 arrays from a .safetensors file (own parser: numpy has no bfloat16)."""
+  try:
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    (header_len,) = struct.unpack("<Q", data[:8].tobytes())
+    header = json.loads(data[8:8 + header_len].tobytes())
+  except (OSError, ValueError, struct.error) as e: raise ConfigError(f"{path}: not a valid safetensors file ({e})") from None
+  out, base = {}, 8 + header_len
+  for name, info in header.items():
+    if name == "__metadata__": continue
+    if info.get("dtype") not in _ST_DTYPES: raise ConfigError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+    start, end = info["data_offsets"]
+    if base + end > len(data): raise ConfigError(f"{path}: truncated (tensor {name!r} ends past the end of the file); download it again")
+    arr = np.frombuffer(data[base + start:base + end].tobytes(), dtype=_ST_DTYPES[info["dtype"]])
+    if info["dtype"] == "BF16": arr = (arr.astype(np.uint32) << 16).view(np.float32)
+    out[name] = arr.astype(np.float32).reshape(info["shape"])
+  return out
+
+def _hf_weights(model_dir: Path) -> dict[str, np.ndarray]:
+  index = model_dir / "model.safetensors.index.json"
+  files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else sorted(p.name for p in model_dir.glob("*.safetensors"))
+  if not files: raise ConfigError(f"{model_dir}: no *.safetensors weights found")
+  weights: dict[str, np.ndarray] = {}
+  for f in files:
+    if not (model_dir / f).exists(): raise ConfigError(f"{model_dir / f}: missing weight shard listed in model.safetensors.index.json")
+    weights.update(read_safetensors(model_dir / f))
+  return {k.removeprefix("model."): v for k, v in weights.items()}
+
+def canonical_weights(cfg: ModelConfig, sd: dict[str, np.ndarray], names: dict[str, str]) -> dict[str, np.ndarray]:
+  """Fuse q/k/v and gate/up; `names` maps our names to the checkpoint's ({i} = layer)."""
+  def get(key: str, i: int = 0) -> np.ndarray:
+    name = names[key].format(i=i)
+    if name not in sd: raise ConfigError(f"weights: tensor {name!r} is missing from the checkpoint")
+    return sd[name]
+  w = {"embed": get("embed"), "norm": get("norm")}
+  w["lm_head"] = w["embed"] if cfg.tie_word_embeddings or names["lm_head"] not in sd else get("lm_head")
+  for i in range(cfg.num_layers):
+    p = f"layers.{i}."
+    w[p + "qkv"] = np.concatenate([get("q", i), get("k", i), get("v", i)])
+    w[p + "o"], w[p + "down"] = get("o", i), get("down", i)
+    w[p + "gate_up"] = np.concatenate([get("gate", i), get("up", i)])
+    w[p + "attn_norm"], w[p + "mlp_norm"] = get("attn_norm", i), get("mlp_norm", i)
+    if cfg.qkv_bias: w[p + "qkv_bias"] = np.concatenate([get("q_bias", i), get("k_bias", i), get("v_bias", i)])
+    if cfg.qk_norm: w[p + "q_norm"], w[p + "k_norm"] = get("q_norm", i), get("k_norm", i)
+  return w
+
+HF_NAMES = {"embed": "embed_tokens.weight", "norm": "norm.weight", "lm_head": "lm_head.weight",
+            **{k: f"layers.{{i}}.self_attn.{k}_proj.weight" for k in "qkvo"},
+            **{f"{k}_bias": f"layers.{{i}}.self_attn.{k}_proj.bias" for k in "qkv"},
+            **{k: f"layers.{{i}}.mlp.{k}_proj.weight" for k in ("gate", "up", "down")},
+            "q_norm": "layers.{i}.self_attn.q_norm.weight", "k_norm": "layers.{i}.self_attn.k_norm.weight",
+            "attn_norm": "layers.{i}.input_layernorm.weight", "mlp_norm": "layers.{i}.post_attention_layernorm.weight"}
+GGUF_NAMES = {"embed": "token_embd.weight", "norm": "output_norm.weight", "lm_head": "output.weight",
+              "q": "blk.{i}.attn_q.weight", "k": "blk.{i}.attn_k.weight", "v": "blk.{i}.attn_v.weight", "o": "blk.{i}.attn_output.weight",
+              **{f"{k}_bias": f"blk.{{i}}.attn_{k}.bias" for k in "qkv"},
+              "gate": "blk.{i}.ffn_gate.weight", "up": "blk.{i}.ffn_up.weight", "down": "blk.{i}.ffn_down.weight",
+              "q_norm": "blk.{i}.attn_q_norm.weight", "k_norm": "blk.{i}.attn_k_norm.weight",
+              "attn_norm": "blk.{i}.attn_norm.weight", "mlp_norm": "blk.{i}.ffn_norm.weight"}
+
+@dataclass
+class ModelFiles:
+  config: ModelConfig
+  weights: dict[str, np.ndarray]
+  tokenizer: object  # tokenizers.Tokenizer
+  chat_template: str | None = None
+  special_tokens: dict[str, str] = field(default_factory=dict)  # bos_token / eos_token strings for templates
+  eos_token_ids: list[int] = field(default_factory=list)
+  generation_config: dict = field(default_factory=dict)
+
+def _token_str(tok) -> str | None: return tok.get("content") if isinstance(tok, dict) else tok
+
+def load_hf(model_dir: Path) -> ModelFiles:
+  from tokenizers import Tokenizer
+  cfg = ModelConfig.from_hf(model_dir / "config.json")
+  raw_cfg = json.loads((model_dir / "config.json").read_text())
+  if not (model_dir / "tokenizer.json").exists(): raise ConfigError(f"{model_dir}: tokenizer.json is missing")
+  try: tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+  except Exception as e: raise ConfigError(f"{model_dir / 'tokenizer.json'}: cannot be read ({e})") from None
+  tok_cfg = _read_json(model_dir / "tokenizer_config.json")
+  gen_cfg = _read_json(model_dir / "generation_config.json")
+  template = tok_cfg.get("chat_template")
+  if isinstance(template, list): template = next((t["template"] for t in template if t.get("name") == "default"), None)
+  if template is None and (model_dir / "chat_template.jinja").exists(): template = (model_dir / "chat_template.jinja").read_text()
+  eos = gen_cfg.get("eos_token_id", raw_cfg.get("eos_token_id"))
+  eos_ids = [e for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
+  special = {k: s for k in ("bos_token", "eos_token") if (s := _token_str(tok_cfg.get(k)))}
+  return ModelFiles(cfg, canonical_weights(cfg, _hf_weights(model_dir), HF_NAMES), tokenizer, template, special, eos_ids, gen_cfg)
+
+def _read_json(path: Path) -> dict:
+  if not path.exists(): return {}
+  try: return json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
+def _unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
+  """GGUF llama q/k rows are interleaved for llama.cpp's RoPE; back to the HF rotate-half layout."""
+  return w.reshape(n_heads, -1, 2, w.shape[-1]).swapaxes(1, 2).reshape(w.shape)
+
+def load_gguf(path: Path, device: str) -> ModelFiles:
+  from tinygrad.llm.gguf import gguf_load
+  try: kv, sd = gguf_load(Tensor(path).to(device))
+  except (ValueError, KeyError, IndexError, UnicodeDecodeError, RuntimeError) as e: raise ConfigError(f"{path}: not a valid GGUF file ({e})") from None
+  arch = kv.get("general.architecture", "?")
+  if arch not in GGUF_ARCHITECTURES: raise ConfigError(f"{path}: architecture {arch!r} is not supported (supported: {', '.join(GGUF_ARCHITECTURES)})")
+  def need(key: str):
+    if f"{arch}.{key}" not in kv: raise ConfigError(f"{path}: metadata field '{arch}.{key}' is missing")
+    return kv[f"{arch}.{key}"]
+  heads, hidden = need("attention.head_count"), need("embedding_length")
+  cfg = ModelConfig(family=GGUF_ARCHITECTURES[arch], vocab_size=len(kv["tokenizer.ggml.tokens"]), hidden_size=hidden,
+                    intermediate_size=need("feed_forward_length"), num_layers=need("block_count"), num_heads=heads,
+                    num_kv_heads=kv.get(f"{arch}.attention.head_count_kv", heads), head_dim=kv.get(f"{arch}.attention.key_length", hidden // heads),
+                    rms_norm_eps=need("attention.layer_norm_rms_epsilon"), rope_theta=kv.get(f"{arch}.rope.freq_base", 10000.0),
+                    max_position_embeddings=need("context_length"), tie_word_embeddings="output.weight" not in sd)
+  try: weights = {k: v.float().numpy() for k, v in sd.items()}
+  except Exception as e: raise ConfigError(f"{path}: tensor data cannot be decoded ({e}); the file may be truncated") from None
+  if arch == "llama":
+    for i in range(cfg.num_layers):
+      for name, n in ((f"blk.{i}.attn_q.weight", cfg.num_heads), (f"blk.{i}.attn_k.weight", cfg.num_kv_heads)):
+        if name in weights: weights[name] = _unpermute_rope(weights[name], n)
+  tokens = kv["tokenizer.ggml.tokens"]
+  special = {k: tokens[kv[f"tokenizer.ggml.{k}_id"]] for k in ("bos_token", "eos_token") if f"tokenizer.ggml.{k}_id" in kv}
+  eos_ids = [kv["tokenizer.ggml.eos_token_id"]] if "tokenizer.ggml.eos_token_id" in kv else []
+  return ModelFiles(cfg, canonical_weights(cfg, weights, GGUF_NAMES), _gguf_tokenizer(kv, path), kv.get("tokenizer.chat_template"), special, eos_ids)
+
+_PRE_SPLIT = {  # GGUF tokenizer.ggml.pre -> regex split before byte-level BPE
+  "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+  "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"}
+
+def _gguf_tokenizer(kv: dict, path: Path):
+  from tokenizers import Tokenizer, AddedToken, Regex, models, pre_tokenizers, decoders, processors
+  if kv.get("tokenizer.ggml.model") != "gpt2":
+    raise ConfigError(f"{path}: GGUF tokenizer model {kv.get('tokenizer.ggml.model')!r} is not supported (byte-level BPE 'gpt2' only); use the HF checkpoint")
+  tokens, merges = kv["tokenizer.ggml.tokens"], [tuple(m.split(" ", 1)) for m in kv.get("tokenizer.ggml.merges", [])]
+  tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
+  pre = kv.get("tokenizer.ggml.pre", "gpt2")
+  byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre not in _PRE_SPLIT)
+  splits = [pre_tokenizers.Split(Regex(_PRE_SPLIT[pre]), "isolated")] if pre in _PRE_SPLIT else []
+  if pre == "smollm": splits = [pre_tokenizers.Digits(individual_digits=True)]
+  tok.pre_tokenizer = pre_tokenizers.Sequence([*splits, byte_level])
+  tok.decoder = decoders.ByteLevel()
+  types = kv.get("tokenizer.ggml.token_type", [])
+  tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if t in (3, 4)])
+  if kv.get("tokenizer.ggml.add_bos_token") and "tokenizer.ggml.bos_token_id" in kv:
+    bos = tokens[kv["tokenizer.ggml.bos_token_id"]]
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, kv["tokenizer.ggml.bos_token_id"])])
+  return tok
+
+def load_model_files(path: str | Path, device: str) -> ModelFiles:
+  path = Path(path).expanduser()
+  if not path.exists(): raise ConfigError(f"{path}: no such file or directory")
+  if path.is_file():
+    if path.suffix != ".gguf": raise ConfigError(f"{path}: expected a model directory or a .gguf file")
+    return load_gguf(path, device)
+  return load_hf(path)
+
+def render_chat(template: str | None, messages: list[dict], special_tokens: dict[str, str], add_generation_prompt: bool = True, **kwargs) -> str:
+  import jinja2
+  from jinja2.sandbox import ImmutableSandboxedEnvironment
+  if not template: raise ConfigError("this model has no chat template; send a plain prompt instead")
+  def raise_exception(msg: str): raise ValueError(f"chat template: {msg}")
+  env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+  env.globals["raise_exception"] = raise_exception
+  env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent, ensure_ascii=ensure_ascii)
+  try: return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **{"bos_token": "", "eos_token": "", **special_tokens}, **kwargs)
+  except jinja2.TemplateError as e: raise ConfigError(f"chat template failed to render ({e})") from None

@@ -1,0 +1,99 @@
+from __future__ import annotations
+import numpy as np
+from tinygrad import Tensor, dtypes
+from tinygrad.dtype import DType
+from tinygrad.uop.ops import UOp, Ops, KernelInfo, AxisType
+from .config import ModelConfig
+
+# Paged KV write and attention as small UOp kernels: they read through the block table instead of
+# materialising a gather, and write only the new slots (a tensor-index setitem rewrites the whole pool).
+
+def _kv_write(k_pool: UOp, v_pool: UOp, k: UOp, v: UOp, slot_mapping: UOp) -> UOp:
+  num_slots, width = k_pool.shape[0] * k_pool.shape[1], k_pool.shape[2] * k_pool.shape[3]
+  kf, vf = k_pool.reshape((num_slots, width)), v_pool.reshape((num_slots, width))
+  i, j = UOp.range(k.shape[0], 0), UOp.range(width, 1)
+  slot = slot_mapping[i].cast(dtypes.weakint)
+  st = UOp.group(kf.index(slot, j).store(k[i, j].load()), vf.index(slot, j).store(v[i, j].load()))
+  return st.end(i, j).sink(arg=KernelInfo(name="kv_write", opts_to_apply=()))
+
+def _paged_qk(out: UOp, q: UOp, k_pool: UOp, block_tables: UOp) -> UOp:
+  (num_tokens, num_heads, width), (_, block_size, num_kv_heads, head_dim) = out.shape, k_pool.shape
+  kf = k_pool.reshape((k_pool.shape[0] * block_size, num_kv_heads, head_dim))
+  n, h, t = UOp.range(num_tokens, 0), UOp.range(num_heads, 1), UOp.range(width, 2)
+  d = UOp.range(head_dim, 3, AxisType.REDUCE)
+  slot = block_tables[n, t // block_size].cast(dtypes.weakint) * block_size + t % block_size
+  acc = (q[n, h, d].load().cast(dtypes.float32) * kf[slot, h // (num_heads // num_kv_heads), d].load().cast(dtypes.float32))
+  return out.index(n, h, t).store(acc.reduce(d, arg=Ops.ADD) * (head_dim ** -0.5)).end(n, h, t).sink(arg=KernelInfo(name="paged_qk"))
+
+def _paged_pv(out: UOp, p: UOp, v_pool: UOp, block_tables: UOp) -> UOp:
+  (num_tokens, num_heads, head_dim), (_, block_size, num_kv_heads, _) = out.shape, v_pool.shape
+  vf = v_pool.reshape((v_pool.shape[0] * block_size, num_kv_heads, head_dim))
+  n, h, d = UOp.range(num_tokens, 0), UOp.range(num_heads, 1), UOp.range(head_dim, 2)
+  t = UOp.range(p.shape[2], 3, AxisType.REDUCE)
+  slot = block_tables[n, t // block_size].cast(dtypes.weakint) * block_size + t % block_size
+  acc = p[n, h, t].load() * vf[slot, h // (num_heads // num_kv_heads), d].load().cast(dtypes.float32)
+  return out.index(n, h, d).store(acc.reduce(t, arg=Ops.ADD).cast(out.dtype)).end(n, h, d).sink(arg=KernelInfo(name="paged_pv"))
+
+def _gather_rows(out: UOp, table: UOp, index: UOp) -> UOp:
+  i, j = UOp.range(out.shape[0], 0), UOp.range(out.shape[1], 1)
+  st = out.index(i, j).store(table[index[i].cast(dtypes.weakint), j].load())
+  return st.end(i, j).sink(arg=KernelInfo(name="gather_rows", opts_to_apply=()))
+
+def gather_rows(table: Tensor, index: Tensor) -> Tensor:
+  return Tensor.empty(index.shape[0], table.shape[1], dtype=table.dtype, device=table.device).custom_kernel(table, index, fxn=_gather_rows)[0]
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+  xf = x.float()
+  return (xf * (xf.square().mean(-1, keepdim=True) + eps).rsqrt()).cast(x.dtype) * weight
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+  x1, x2 = x.chunk(2, dim=-1)
+  return (x1 * cos - x2 * sin).cat(x2 * cos + x1 * sin, dim=-1)
+
+class Model:
+  """Llama / Qwen2 / Qwen3 decoder over a flat batch of tokens with a paged KV cache.
+  Every token row carries its own block table row and context length, so prefill chunks and decode
+  tokens of many sequences run in one forward pass."""
+  def __init__(self, config: ModelConfig, weights: dict[str, Tensor], num_blocks: int, block_size: int, dtype: DType):
+    self.config, self.weights = config, weights
+    c = config
+    self.inv_freq = Tensor(1.0 / (c.rope_theta ** (np.arange(0, c.head_dim, 2, dtype=np.float64) / c.head_dim)), dtype=dtypes.float32).realize()
+    pool_shape = (num_blocks, block_size, c.num_kv_heads, c.head_dim)
+    self.k_pools = [Tensor.zeros(*pool_shape, dtype=dtype).contiguous().realize() for _ in range(c.num_layers)]
+    self.v_pools = [Tensor.zeros(*pool_shape, dtype=dtype).contiguous().realize() for _ in range(c.num_layers)]
+
+  def _attention(self, i: int, x: Tensor, cos: Tensor, sin: Tensor, block_tables: Tensor, context_lens: Tensor, slot_mapping: Tensor) -> Tensor:
+    c, w, N = self.config, self.weights, x.shape[0]
+    qkv = x @ w[f"layers.{i}.qkv"].T
+    if c.qkv_bias: qkv = qkv + w[f"layers.{i}.qkv_bias"]
+    q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    q = qkv[:, :q_size].reshape(N, c.num_heads, c.head_dim)
+    k = qkv[:, q_size:q_size + kv_size].reshape(N, c.num_kv_heads, c.head_dim)
+    v = qkv[:, q_size + kv_size:]
+    if c.qk_norm: q, k = rms_norm(q, w[f"layers.{i}.q_norm"], c.rms_norm_eps), rms_norm(k, w[f"layers.{i}.k_norm"], c.rms_norm_eps)
+    q, k = rope(q, cos, sin), rope(k, cos, sin).reshape(N, kv_size)
+    self.k_pools[i], self.v_pools[i] = self.k_pools[i].custom_kernel(self.v_pools[i], k.contiguous(), v.contiguous(), slot_mapping, fxn=_kv_write)[:2]
+    width = block_tables.shape[1] * self.k_pools[i].shape[1]
+    scores = Tensor.empty(N, c.num_heads, width, dtype=dtypes.float32).custom_kernel(q.contiguous(), self.k_pools[i], block_tables, fxn=_paged_qk)[0]
+    mask = Tensor.arange(width).reshape(1, 1, width) < context_lens.reshape(N, 1, 1)
+    probs = mask.where(scores, float("-inf")).softmax(-1).contiguous()
+    out = Tensor.empty(N, c.num_heads, c.head_dim, dtype=x.dtype).custom_kernel(probs, self.v_pools[i], block_tables, fxn=_paged_pv)[0]
+    return out.reshape(N, q_size) @ w[f"layers.{i}.o"].T
+
+  def __call__(self, token_ids: Tensor, positions: Tensor, block_tables: Tensor, context_lens: Tensor, slot_mapping: Tensor,
+               logits_indices: Tensor) -> Tensor:
+    """-> float32 logits [len(logits_indices), vocab] of the selected token rows."""
+    c, w = self.config, self.weights
+    freqs = positions.float().reshape(-1, 1, 1) * self.inv_freq.reshape(1, 1, -1)
+    cos, sin = freqs.cos(), freqs.sin()
+    x = gather_rows(w["embed"], token_ids)
+    for i in range(c.num_layers):
+      x = x + self._attention(i, rms_norm(x, w[f"layers.{i}.attn_norm"], c.rms_norm_eps), cos, sin, block_tables, context_lens, slot_mapping)
+      h = rms_norm(x, w[f"layers.{i}.mlp_norm"], c.rms_norm_eps)
+      gate, up = (h @ w[f"layers.{i}.gate_up"].T).chunk(2, dim=-1)
+      x = x + (gate.silu() * up) @ w[f"layers.{i}.down"].T
+    x = rms_norm(gather_rows(x.contiguous(), logits_indices), w["norm"], c.rms_norm_eps)
+    return (x @ w["lm_head"].T).float()
+
+  @property
+  def kv_pools(self) -> list[Tensor]: return self.k_pools + self.v_pools

@@ -1,0 +1,85 @@
+from __future__ import annotations
+from dataclasses import dataclass
+import numpy as np
+from tinygrad import Tensor, TinyJit, dtypes
+from .model import Model
+from .sampling import sample
+from .sequence import Sequence
+
+def next_power_of_2(n: int) -> int: return 1 << max(0, n - 1).bit_length()
+
+INPUT_DTYPES = {"token_ids": dtypes.int32, "positions": dtypes.int32, "block_tables": dtypes.int32, "context_lens": dtypes.int32,
+                "slot_mapping": dtypes.int32, "logits_indices": dtypes.int32, "temperature": dtypes.float32, "top_k": dtypes.int32,
+                "top_p": dtypes.float32, "min_p": dtypes.float32, "seeds": dtypes.uint32}
+
+@dataclass(frozen=True)
+class BatchShape:
+  num_tokens: int  # token rows (bucketed)
+  num_seqs: int    # sampled rows (bucketed)
+  num_blocks: int  # block-table width (bucketed): attention cost follows the real context lengths
+  greedy: bool
+
+class ModelRunner:
+  """Builds the flat token batch, keeps one persistent set of input buffers and one TinyJit per batch
+  shape bucket, and runs model + sampler in a single jitted call."""
+  def __init__(self, model: Model, block_size: int, max_blocks_per_seq: int):
+    self.model, self.block_size, self.max_blocks_per_seq = model, block_size, max_blocks_per_seq
+    self.jits: dict[BatchShape, TinyJit] = {}
+    self.inputs: dict[BatchShape, dict[str, Tensor]] = {}
+
+  def _step_fn(self, greedy: bool):
+    def step(token_ids, positions, block_tables, context_lens, slot_mapping, logits_indices, temperature, top_k, top_p, min_p, seeds):
+      logits = self.model(token_ids, positions, block_tables, context_lens, slot_mapping, logits_indices)
+      next_ids = logits.argmax(-1) if greedy else sample(logits, temperature, top_k, top_p, min_p, seeds)
+      next_ids = next_ids.cast(dtypes.int32)
+      Tensor.realize(next_ids, *self.model.kv_pools)
+      return next_ids
+    return step
+
+  def prepare(self, scheduled: list[tuple[Sequence, int]], seeds: list[int]) -> tuple[BatchShape, dict[str, np.ndarray], list[Sequence]]:
+    """Flat arrays for the scheduled chunks; the sequences whose chunk reaches their end get a sampled token."""
+    bs, rows, sampled = self.block_size, [], []
+    for seq, n in scheduled:
+      start = seq.num_computed_tokens
+      rows.append((seq, start, n))
+      if start + n == seq.num_tokens: sampled.append(seq)
+    num_tokens = sum(n for _, _, n in rows)
+    width = max(-(-(start + n) // bs) for _, start, n in rows)
+    shape = BatchShape(next_power_of_2(num_tokens), next_power_of_2(max(len(sampled), 1)),
+                       min(next_power_of_2(width), self.max_blocks_per_seq), all(s.sampling_params.temperature == 0 for s in sampled))
+    a = {k: np.zeros(n, dtype=np.float32 if k in ("temperature", "top_p", "min_p") else np.int64)
+         for k, n in (("token_ids", shape.num_tokens), ("positions", shape.num_tokens), ("slot_mapping", shape.num_tokens),
+                      ("logits_indices", shape.num_seqs), ("temperature", shape.num_seqs), ("top_k", shape.num_seqs),
+                      ("top_p", shape.num_seqs), ("min_p", shape.num_seqs), ("seeds", shape.num_seqs))}
+    a["context_lens"] = np.ones(shape.num_tokens, dtype=np.int64)  # padded rows attend to one slot of block 0
+    a["block_tables"] = np.zeros((shape.num_tokens, shape.num_blocks), dtype=np.int64)
+    a["top_p"][:] = 1.0
+    row = 0
+    for seq, start, n in rows:
+      pos = np.arange(start, start + n)
+      table = np.asarray(seq.block_table, dtype=np.int64)
+      a["token_ids"][row:row + n] = seq.token_ids[start:start + n]
+      a["positions"][row:row + n] = pos
+      a["slot_mapping"][row:row + n] = table[pos // bs] * bs + pos % bs
+      a["context_lens"][row:row + n] = pos + 1
+      a["block_tables"][row:row + n, :len(table)] = table[:shape.num_blocks]
+      row += n
+      if start + n == seq.num_tokens: a["logits_indices"][sampled.index(seq)] = row - 1
+    for i, seq in enumerate(sampled):
+      p = seq.sampling_params
+      a["temperature"][i], a["top_k"][i], a["top_p"][i], a["min_p"][i], a["seeds"][i] = p.temperature, p.top_k, p.top_p, p.min_p, seeds[i]
+    return shape, a, sampled
+
+  def execute(self, scheduled: list[tuple[Sequence, int]], seeds: list[int]) -> tuple[list[Sequence], list[int]]:
+    shape, arrays, sampled = self.prepare(scheduled, seeds)
+    if shape not in self.jits:
+      self.jits[shape] = TinyJit(self._step_fn(shape.greedy))
+      self.inputs[shape] = {k: Tensor.zeros(*arrays[k].shape, dtype=dt).contiguous().realize() for k, dt in INPUT_DTYPES.items()}
+    bufs = self.inputs[shape]
+    for k, t in bufs.items():  # update the persistent input buffers in place
+      buf = t.uop.buffer
+      buf.allocator._copyin(buf._buf, memoryview(np.ascontiguousarray(arrays[k], dtype=_NP[k])).cast("B"))
+    next_ids = self.jits[shape](**bufs).numpy()
+    return sampled, next_ids[:len(sampled)].tolist()
+
+_NP = {k: np.uint32 if k == "seeds" else np.float32 if dt == dtypes.float32 else np.int32 for k, dt in INPUT_DTYPES.items()}

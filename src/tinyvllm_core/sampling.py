@@ -1,0 +1,55 @@
+from __future__ import annotations
+from dataclasses import dataclass, field
+from tinygrad import Tensor, dtypes
+
+@dataclass
+class SamplingParams:
+  temperature: float = 1.0
+  top_p: float = 1.0
+  top_k: int = 0  # 0 or -1: off
+  min_p: float = 0.0
+  seed: int | None = None
+  max_tokens: int = 256
+  stop: list[str] = field(default_factory=list)
+  stop_token_ids: list[int] = field(default_factory=list)
+  ignore_eos: bool = False
+
+  def __post_init__(self):
+    if isinstance(self.stop, str): self.stop = [self.stop]
+    checks = [(self.temperature >= 0, "temperature must be >= 0"), (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+              (self.top_k >= -1, "top_k must be -1, 0 (off) or a positive count"), (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+              (self.max_tokens >= 1, "max_tokens must be >= 1")]
+    for ok, msg in checks:
+      if not ok: raise ValueError(f"SamplingParams: {msg}")
+
+  @staticmethod
+  def from_generation_config(cfg: dict, **overrides) -> SamplingParams:
+    keys = ("temperature", "top_p", "top_k", "min_p")
+    defaults = {k: cfg[k] for k in keys if cfg.get(k) is not None}
+    return SamplingParams(**{**defaults, **{k: v for k, v in overrides.items() if v is not None}})
+
+def _uniform(seeds: Tensor, vocab_size: int) -> Tensor:
+  """Counter-based hash -> uniform (0,1) per (row, token): reproducible per request, independent of batching."""
+  x = Tensor.arange(vocab_size, dtype=dtypes.uint32).reshape(1, -1) * 0x9E3779B1 + seeds.cast(dtypes.uint32).reshape(-1, 1)
+  for mul in (0x85EBCA6B, 0xC2B2AE35):
+    x = (x ^ (x >> 16)) * mul
+  x = x ^ (x >> 16)
+  return ((x >> 8).cast(dtypes.float32) + 0.5) * (1.0 / (1 << 24))
+
+def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor, seeds: Tensor) -> Tensor:
+  """Batched sampler on the device. logits [S, V]; per-row params [S]. Greedy rows have temperature 0."""
+  greedy = logits.argmax(-1)
+  probs = (logits / temperature.maximum(1e-5).reshape(-1, 1)).softmax(-1)
+  pmax = probs.max(-1, keepdim=True)
+  # bisection for the largest threshold keeping >= top_k tokens and >= top_p of the mass
+  lo, hi = Tensor.zeros_like(pmax), pmax
+  k, p = top_k.reshape(-1, 1), top_p.reshape(-1, 1)
+  for _ in range(16):
+    mid = (lo + hi) / 2
+    kept = probs >= mid
+    ok = ((k <= 0) | (kept.sum(-1, keepdim=True) >= k)) & (kept.where(probs, 0).sum(-1, keepdim=True) >= p)
+    lo, hi = ok.where(mid, lo), ok.where(hi, mid)
+  threshold = lo.maximum(min_p.reshape(-1, 1) * pmax)
+  gumbel = -(-_uniform(seeds, logits.shape[-1]).log()).log()
+  sampled = (probs >= threshold).where(probs.log() + gumbel, float("-inf")).argmax(-1)
+  return (temperature > 0).where(sampled, greedy)
