@@ -44,7 +44,7 @@ def gather_rows(table: Tensor, index: Tensor) -> Tensor:
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
   xf = x.float()
-  return (xf * (xf.square().mean(-1, keepdim=True) + eps).rsqrt()).cast(x.dtype) * weight
+  return ((xf * (xf.square().mean(-1, keepdim=True) + eps).rsqrt()).cast(x.dtype) * weight).contiguous()  # not re-done per matmul output
 
 def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
   x1, x2 = x.chunk(2, dim=-1)
@@ -91,7 +91,7 @@ class Model:
       x = x + self._attention(i, rms_norm(x, w[f"layers.{i}.attn_norm"], c.rms_norm_eps), cos, sin, block_tables, context_lens, slot_mapping)
       h = rms_norm(x, w[f"layers.{i}.mlp_norm"], c.rms_norm_eps)
       gate, up = (h @ w[f"layers.{i}.gate_up"].T).chunk(2, dim=-1)
-      x = x + (gate.silu() * up) @ w[f"layers.{i}.down"].T
+      x = x + (gate.silu() * up).contiguous() @ w[f"layers.{i}.down"].T
     x = rms_norm(gather_rows(x.contiguous(), logits_indices), w["norm"], c.rms_norm_eps)
     return (x @ w["lm_head"].T).float()
 

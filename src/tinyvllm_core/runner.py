@@ -32,8 +32,8 @@ class ModelRunner:
       logits = self.model(token_ids, positions, block_tables, context_lens, slot_mapping, logits_indices)
       next_ids = logits.argmax(-1) if greedy else sample(logits, temperature, top_k, top_p, min_p, seeds)
       next_ids = next_ids.cast(dtypes.int32)
-      Tensor.realize(next_ids, *self.model.kv_pools)
-      return next_ids
+      Tensor.realize(next_ids, logits, *self.model.kv_pools)
+      return next_ids, logits
     return step
 
   def prepare(self, scheduled: list[tuple[Sequence, int]], seeds: list[int]) -> tuple[BatchShape, dict[str, np.ndarray], list[Sequence]]:
@@ -79,7 +79,7 @@ class ModelRunner:
     for k, t in bufs.items():  # update the persistent input buffers in place
       buf = t.uop.buffer
       buf.allocator._copyin(buf._buf, memoryview(np.ascontiguousarray(arrays[k], dtype=_NP[k])).cast("B"))
-    next_ids = self.jits[shape](**bufs).numpy()
-    return sampled, next_ids[:len(sampled)].tolist()
+    next_ids, self.last_logits = self.jits[shape](**bufs)  # logits stay on the device; tests read them
+    return sampled, next_ids.numpy()[:len(sampled)].tolist()
 
 _NP = {k: np.uint32 if k == "seeds" else np.float32 if dt == dtypes.float32 else np.int32 for k, dt in INPUT_DTYPES.items()}

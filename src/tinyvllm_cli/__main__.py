@@ -1,0 +1,3 @@
+from tinyvllm_cli.main import app
+
+app(prog_name="tinyvllm")
