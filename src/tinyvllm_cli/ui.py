@@ -37,4 +37,4 @@ def human_count(n: int | None) -> str:
   if n is None: return "?"
   if n >= 1e9: return f"{n / 1e9:.1f}B"
   if n >= 1e6: return f"{n / 1e6:.0f}M"
-  return f"{n / 1e3:.0f}K"
+  return f"{n / 1e3:.0f}K" if n >= 1e3 else str(n)

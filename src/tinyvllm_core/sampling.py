@@ -41,13 +41,13 @@ def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, mi
   greedy = logits.argmax(-1)
   probs = (logits / temperature.maximum(1e-5).reshape(-1, 1)).softmax(-1)
   pmax = probs.max(-1, keepdim=True)
-  # bisection for the largest threshold keeping >= top_k tokens and >= top_p of the mass
+  # bisection for the stricter of two thresholds: the largest keeping >= top_k tokens, the largest keeping >= top_p of the mass
   lo, hi = Tensor.zeros_like(pmax), pmax
   k, p = top_k.reshape(-1, 1), top_p.reshape(-1, 1)
   for _ in range(16):
     mid = (lo + hi) / 2
     kept = probs >= mid
-    ok = ((k <= 0) | (kept.sum(-1, keepdim=True) >= k)) & (kept.where(probs, 0).sum(-1, keepdim=True) >= p)
+    ok = ((k > 0) & (kept.sum(-1, keepdim=True) >= k)) | ((p < 1) & (kept.where(probs, 0).sum(-1, keepdim=True) >= p))
     lo, hi = ok.where(mid, lo), ok.where(hi, mid)
   threshold = lo.maximum(min_p.reshape(-1, 1) * pmax)
   gumbel = -(-_uniform(seeds, logits.shape[-1]).log()).log()
