@@ -45,8 +45,8 @@ def cli(env: dict[str, str], *args: str, **extra_env: str) -> subprocess.Complet
 
 
 def local(*args: str):
-  """Run the CLI in-process (use with the `in_process` fixture)."""
-  return CliRunner().invoke(app, list(args), prog_name="tinyvllm")
+  """Run the CLI in-process (with the `in_process` fixture when it touches the cache)."""
+  return CliRunner().invoke(app, list(args), prog_name="tinyvllm", env={"COLUMNS": "200", "NO_COLOR": "1"})
 
 
 def snapshot(env: dict[str, str], hub: FakeHub, repo_id: str) -> Path:
@@ -201,6 +201,8 @@ def test_killed_pull_resumes_and_keeps_finished_files(env, hub):
     proc.wait()
     hub.release.set()
   assert (snap / shard1).exists() and not (snap / shard2).exists()
+  blobs = snap.parent.parent / "blobs"
+  assert list(blobs.glob("*.incomplete"))  # the killed run's partial file
   hub.log.clear()
   r = cli(env, "pull", "org/sharded")
   assert r.returncode == 0, r.stderr
@@ -208,7 +210,7 @@ def test_killed_pull_resumes_and_keeps_finished_files(env, hub):
   assert fetched == [shard2]  # the finished shard and the metadata are not downloaded again
   for name in (shard1, shard2):
     assert (snap / name).read_bytes() == hub.repos["org/sharded"].files[name]
-  assert not list(snap.parent.parent.joinpath("blobs").glob("*.incomplete"))  # the killed run's partial file
+  assert not list(blobs.glob("*.incomplete"))  # cleaned up once the blob is complete
 
 
 # ---- list / rm -------------------------------------------------------------------------------

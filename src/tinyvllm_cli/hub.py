@@ -190,7 +190,7 @@ def _tree_size(path: Path) -> int:
 
 
 def pull(
-  repo_id: Annotated[str, typer.Argument(help="Hugging Face model id, e.g. Qwen/Qwen3-0.6B.", show_default=False)],
+  repo_id: Annotated[str, typer.Argument(metavar="REPO_ID", help="Hugging Face model id, e.g. Qwen/Qwen3-0.6B.", show_default=False)],
   revision: Annotated[str | None, typer.Option("--revision", "-r", show_default=False,
     help="Branch, tag or full commit hash to download (default: main), e.g. --revision main.")] = None,
   include: Annotated[list[str] | None, typer.Option("--include", "-i", show_default=False,
@@ -248,7 +248,7 @@ def list_models(
   (out if out.is_terminal else Console(width=1000, highlight=False)).print(table)  # pipes get whole lines
 
 
-def rm(repo_id: Annotated[str, typer.Argument(help="Model id to delete from the HF cache, e.g. Qwen/Qwen3-0.6B.", show_default=False)]) -> None:
+def rm(repo_id: Annotated[str, typer.Argument(metavar="REPO_ID", help="Model id to delete from the HF cache, e.g. Qwen/Qwen3-0.6B.", show_default=False)]) -> None:
   """Delete a pulled model (all its revisions) from the local HF cache.
 
   Example:

@@ -60,9 +60,11 @@ class BlockManager:
         block.ref_count += 1
         seq.block_table.append(block.block_id)
         parent_hash, parent = h, (block.block_id, block.version)
+    seq.num_computed_tokens = len(seq.block_table) * bs
+    if seq.num_preemptions == 0:  # count each request once, at its first admission
+      seq.num_cached_tokens = seq.num_computed_tokens
       self.num_queried_tokens += seq.num_prompt_tokens
-      self.num_hit_tokens += len(seq.block_table) * bs
-    seq.num_computed_tokens = seq.num_cached_tokens = len(seq.block_table) * bs
+      self.num_hit_tokens += seq.num_cached_tokens
 
   def num_blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
     return max(0, -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size) - len(seq.block_table))

@@ -77,12 +77,15 @@ class LLMEngine:
     self._detok: dict[str, _Detokenizer] = {}
     self._base_seeds: dict[str, int] = {}
     self._counter = itertools.count()
+    self.num_prompt_tokens = self.num_generated_tokens = 0
 
   # ---- requests ----
-  def encode(self, text: str) -> list[int]: return self.tokenizer.encode(text).ids
-  def apply_chat_template(self, messages: list[dict], **kwargs) -> list[int]:
+  def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+  def decode(self, ids: list[int]) -> str: return self.tokenizer.decode(ids, skip_special_tokens=True)
+  def apply_chat_template(self, messages: list[dict], tokenize: bool = True, **kwargs) -> list[int] | str:
+    """The model's own chat template (jinja2); kwargs reach the template (add_generation_prompt, enable_thinking)."""
     text = render_chat(self.files.chat_template, messages, self.files.special_tokens, **kwargs)
-    return self.tokenizer.encode(text, add_special_tokens=False).ids
+    return self.encode(text, add_special_tokens=False) if tokenize else text
 
   def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None) -> str:
     params = params or self.default_params
@@ -97,6 +100,7 @@ class LLMEngine:
     self.seqs[request_id], self._detok[request_id] = seq, _Detokenizer()
     self._base_seeds[request_id] = params.seed if params.seed is not None else random.getrandbits(32)
     self.scheduler.add(seq)
+    self.num_prompt_tokens += len(ids)
     return request_id
 
   def abort(self, request_id: str) -> RequestOutput | None:
@@ -105,6 +109,13 @@ class LLMEngine:
     return self._output(seq, [], "")
 
   def has_unfinished_requests(self) -> bool: return self.scheduler.has_unfinished()
+
+  def stats(self) -> dict:
+    bm = self.block_manager
+    return {"num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting), "kv_cache_usage": bm.usage,
+            "num_prompt_tokens": self.num_prompt_tokens, "num_generated_tokens": self.num_generated_tokens,
+            "num_cached_tokens": bm.num_hit_tokens, "prefix_cache_hit_rate": bm.hit_rate,
+            "num_free_blocks": bm.num_free_blocks, "num_total_blocks": bm.num_total_blocks}
 
   # ---- one step of continuous batching ----
   def step(self) -> list[RequestOutput]:
@@ -120,6 +131,7 @@ class LLMEngine:
 
   def _append_token(self, seq: Sequence, token_id: int) -> RequestOutput:
     seq.output_token_ids.append(token_id)
+    self.num_generated_tokens += 1
     p = seq.sampling_params
     delta = self._detok[seq.request_id].update(self.tokenizer, seq.output_token_ids) if self.tokenizer else ""
     text, reason = self._detok[seq.request_id].text, None

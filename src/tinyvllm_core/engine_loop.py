@@ -1,0 +1,100 @@
+from __future__ import annotations
+import itertools, queue, threading, time
+from dataclasses import dataclass, field
+from .engine import LLMEngine, RequestOutput
+from .sampling import SamplingParams
+
+def _per_thread_tinygrad_cache() -> None:
+  """tinygrad keeps one sqlite connection for its disk cache, usable only by the thread that opened it."""
+  import tinygrad.helpers as helpers
+  if getattr(helpers.db_connection, "per_thread", False): return
+  local, lock, open_connection = threading.local(), threading.Lock(), helpers.db_connection
+  def db_connection():
+    if getattr(local, "connection", None) is None:
+      with lock:
+        helpers._db_connection = None
+        local.connection = open_connection()
+    return local.connection
+  db_connection.per_thread = True
+  helpers.db_connection = db_connection
+
+@dataclass(eq=False)
+class RequestStream:
+  """One request's outputs, read by the caller's thread; timings are stamped by the engine loop."""
+  request_id: str
+  arrival_time: float = field(default_factory=time.perf_counter)
+  first_token_time: float | None = None
+  finish_time: float | None = None
+  _queue: queue.Queue = field(default_factory=queue.Queue)
+
+  @property
+  def ttft(self) -> float | None: return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+  def __iter__(self):
+    while True:
+      out: RequestOutput = self._queue.get()
+      yield out
+      if out.finished: return
+
+  def result(self) -> RequestOutput:
+    for out in self: pass
+    return out
+
+class EngineLoop:
+  """A background thread owns the engine and steps continuous batching; any thread may submit,
+  read its own stream, or abort."""
+  def __init__(self, engine: LLMEngine):
+    _per_thread_tinygrad_cache()
+    self.engine = engine
+    self._inbox: queue.Queue = queue.Queue()
+    self._streams: dict[str, RequestStream] = {}
+    self._ids = itertools.count()
+    self._stopped = threading.Event()
+    self._stats = engine.stats()
+    self._thread = threading.Thread(target=self._run, name="tinyvllm-engine", daemon=True)
+    self._thread.start()
+
+  def submit(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None) -> RequestStream:
+    stream = RequestStream(request_id or f"stream-{next(self._ids)}")
+    self._inbox.put(("add", stream, prompt, params))
+    return stream
+
+  def abort(self, request_id: str) -> None: self._inbox.put(("abort", request_id))
+  def stats(self) -> dict: return dict(self._stats)  # a snapshot taken by the loop after each step
+
+  def shutdown(self) -> None:
+    self._stopped.set()
+    self._inbox.put(("wake",))
+    self._thread.join()
+
+  def _handle(self, msg: tuple) -> None:
+    if msg[0] == "add":
+      _, stream, prompt, params = msg
+      try:
+        self.engine.add_request(prompt, params, stream.request_id)
+        self._streams[stream.request_id] = stream
+      except ValueError as e:
+        stream._queue.put(RequestOutput(stream.request_id, [], finished=True, finish_reason="error", error=str(e)))
+    elif msg[0] == "abort" and (out := self.engine.abort(msg[1])) is not None:
+      self._deliver(out)
+
+  def _deliver(self, out: RequestOutput) -> None:
+    if (stream := self._streams.get(out.request_id)) is None: return
+    now = time.perf_counter()
+    if stream.first_token_time is None and out.token_ids: stream.first_token_time = now
+    if out.finished: stream.finish_time, _ = now, self._streams.pop(out.request_id)
+    stream._queue.put(out)
+
+  def _run(self) -> None:
+    while not self._stopped.is_set():
+      if not self.engine.has_unfinished_requests(): self._handle(self._inbox.get())  # idle: sleep until a message
+      while not self._inbox.empty(): self._handle(self._inbox.get_nowait())
+      if not self.engine.has_unfinished_requests():
+        self._stats = self.engine.stats()
+        continue
+      try: outputs = self.engine.step()
+      except Exception as e:  # a failed step fails its requests, never the loop
+        outputs = [o for rid in list(self._streams) if (o := self.engine.abort(rid))]
+        for o in outputs: o.finish_reason, o.error = "error", f"engine step failed: {e!r}"
+      for out in outputs: self._deliver(out)
+      self._stats = self.engine.stats()
