@@ -50,50 +50,49 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
   x1, x2 = x.chunk(2, dim=-1)
   return (x1 * cos - x2 * sin).cat(x2 * cos + x1 * sin, dim=-1)
 
+LAYER_WEIGHTS = ("attn_norm", "qkv", "qkv_bias", "q_norm", "k_norm", "o", "mlp_norm", "gate_up", "down")
+
 class Model:
   """Llama / Qwen2 / Qwen3 decoder over a flat batch of tokens with a paged KV cache.
   Every token row carries its own block table row and context length, so prefill chunks and decode
-  tokens of many sequences run in one forward pass."""
+  tokens of many sequences run in one forward pass. The runner jits embed, one layer (reused for
+  every layer with that layer's weights and pools as inputs) and head separately."""
   def __init__(self, config: ModelConfig, weights: dict[str, Tensor], num_blocks: int, block_size: int, dtype: DType):
-    self.config, self.weights = config, weights
-    c = config
+    self.config, self.weights, c = config, weights, config
     self.inv_freq = Tensor(1.0 / (c.rope_theta ** (np.arange(0, c.head_dim, 2, dtype=np.float64) / c.head_dim)), dtype=dtypes.float32).realize()
     pool_shape = (num_blocks, block_size, c.num_kv_heads, c.head_dim)
     self.k_pools = [Tensor.zeros(*pool_shape, dtype=dtype).contiguous().realize() for _ in range(c.num_layers)]
     self.v_pools = [Tensor.zeros(*pool_shape, dtype=dtype).contiguous().realize() for _ in range(c.num_layers)]
 
-  def _attention(self, i: int, x: Tensor, cos: Tensor, sin: Tensor, block_tables: Tensor, context_lens: Tensor, slot_mapping: Tensor) -> Tensor:
-    c, w, N = self.config, self.weights, x.shape[0]
-    qkv = x @ w[f"layers.{i}.qkv"].T
-    if c.qkv_bias: qkv = qkv + w[f"layers.{i}.qkv_bias"]
+  def layer_inputs(self, i: int) -> dict[str, Tensor]:
+    w = {n: self.weights[f"layers.{i}.{n}"] for n in LAYER_WEIGHTS if f"layers.{i}.{n}" in self.weights}
+    return {**w, "k_pool": self.k_pools[i], "v_pool": self.v_pools[i]}
+
+  def embed(self, token_ids: Tensor) -> Tensor: return gather_rows(self.weights["embed"], token_ids)
+
+  def layer(self, x: Tensor, positions: Tensor, block_tables: Tensor, context_lens: Tensor, slot_mapping: Tensor,
+            k_pool: Tensor, v_pool: Tensor, **w: Tensor) -> Tensor:
+    c, N = self.config, x.shape[0]
+    freqs = positions.float().reshape(-1, 1, 1) * self.inv_freq.reshape(1, 1, -1)
+    cos, sin = freqs.cos(), freqs.sin()
+    qkv = rms_norm(x, w["attn_norm"], c.rms_norm_eps) @ w["qkv"].T
+    if c.qkv_bias: qkv = qkv + w["qkv_bias"]
     q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     q = qkv[:, :q_size].reshape(N, c.num_heads, c.head_dim)
     k = qkv[:, q_size:q_size + kv_size].reshape(N, c.num_kv_heads, c.head_dim)
-    v = qkv[:, q_size + kv_size:]
-    if c.qk_norm: q, k = rms_norm(q, w[f"layers.{i}.q_norm"], c.rms_norm_eps), rms_norm(k, w[f"layers.{i}.k_norm"], c.rms_norm_eps)
+    if c.qk_norm: q, k = rms_norm(q, w["q_norm"], c.rms_norm_eps), rms_norm(k, w["k_norm"], c.rms_norm_eps)
     q, k = rope(q, cos, sin), rope(k, cos, sin).reshape(N, kv_size)
-    self.k_pools[i], self.v_pools[i] = self.k_pools[i].custom_kernel(self.v_pools[i], k.contiguous(), v.contiguous(), slot_mapping, fxn=_kv_write)[:2]
-    width = block_tables.shape[1] * self.k_pools[i].shape[1]
-    scores = Tensor.empty(N, c.num_heads, width, dtype=dtypes.float32).custom_kernel(q.contiguous(), self.k_pools[i], block_tables, fxn=_paged_qk)[0]
+    k_pool, v_pool = k_pool.custom_kernel(v_pool, k.contiguous(), qkv[:, q_size + kv_size:].contiguous(), slot_mapping, fxn=_kv_write)[:2]
+    width = block_tables.shape[1] * k_pool.shape[1]
+    scores = Tensor.empty(N, c.num_heads, width, dtype=dtypes.float32).custom_kernel(q.contiguous(), k_pool, block_tables, fxn=_paged_qk)[0]
     mask = Tensor.arange(width).reshape(1, 1, width) < context_lens.reshape(N, 1, 1)
     probs = mask.where(scores, float("-inf")).softmax(-1).contiguous()
-    out = Tensor.empty(N, c.num_heads, c.head_dim, dtype=x.dtype).custom_kernel(probs, self.v_pools[i], block_tables, fxn=_paged_pv)[0]
-    return out.reshape(N, q_size) @ w[f"layers.{i}.o"].T
+    attn = Tensor.empty(N, c.num_heads, c.head_dim, dtype=x.dtype).custom_kernel(probs, v_pool, block_tables, fxn=_paged_pv)[0]
+    x = x + attn.reshape(N, q_size) @ w["o"].T
+    gate, up = (rms_norm(x, w["mlp_norm"], c.rms_norm_eps) @ w["gate_up"].T).chunk(2, dim=-1)
+    return x + (gate.silu() * up).contiguous() @ w["down"].T
 
-  def __call__(self, token_ids: Tensor, positions: Tensor, block_tables: Tensor, context_lens: Tensor, slot_mapping: Tensor,
-               logits_indices: Tensor) -> Tensor:
+  def head(self, x: Tensor, logits_indices: Tensor) -> Tensor:
     """-> float32 logits [len(logits_indices), vocab] of the selected token rows."""
-    c, w = self.config, self.weights
-    freqs = positions.float().reshape(-1, 1, 1) * self.inv_freq.reshape(1, 1, -1)
-    cos, sin = freqs.cos(), freqs.sin()
-    x = gather_rows(w["embed"], token_ids)
-    for i in range(c.num_layers):
-      x = x + self._attention(i, rms_norm(x, w[f"layers.{i}.attn_norm"], c.rms_norm_eps), cos, sin, block_tables, context_lens, slot_mapping)
-      h = rms_norm(x, w[f"layers.{i}.mlp_norm"], c.rms_norm_eps)
-      gate, up = (h @ w[f"layers.{i}.gate_up"].T).chunk(2, dim=-1)
-      x = x + (gate.silu() * up).contiguous() @ w[f"layers.{i}.down"].T
-    x = rms_norm(gather_rows(x.contiguous(), logits_indices), w["norm"], c.rms_norm_eps)
-    return (x @ w["lm_head"].T).float()
-
-  @property
-  def kv_pools(self) -> list[Tensor]: return self.k_pools + self.v_pools
+    x = rms_norm(gather_rows(x, logits_indices), self.weights["norm"], self.config.rms_norm_eps)
+    return (x @ self.weights["lm_head"].T).float()

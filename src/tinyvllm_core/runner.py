@@ -20,21 +20,40 @@ class BatchShape:
   greedy: bool
 
 class ModelRunner:
-  """Builds the flat token batch, keeps one persistent set of input buffers and one TinyJit per batch
-  shape bucket, and runs model + sampler in a single jitted call."""
+  """Builds the flat token batch, keeps persistent input buffers per batch shape bucket, and runs the
+  model as jitted pieces: embed, one layer (two TinyJits alternate so a layer's input never aliases its
+  output; every layer replays them with its own weights and KV pools), and head + sampler. Capturing
+  one layer instead of the whole model keeps the cost of a new bucket small."""
   def __init__(self, model: Model, block_size: int, max_blocks_per_seq: int):
     self.model, self.block_size, self.max_blocks_per_seq = model, block_size, max_blocks_per_seq
-    self.jits: dict[BatchShape, TinyJit] = {}
+    self.jits: dict[tuple, TinyJit] = {}
     self.inputs: dict[BatchShape, dict[str, Tensor]] = {}
 
-  def _step_fn(self, greedy: bool):
-    def step(token_ids, positions, block_tables, context_lens, slot_mapping, logits_indices, temperature, top_k, top_p, min_p, seeds):
-      logits = self.model(token_ids, positions, block_tables, context_lens, slot_mapping, logits_indices)
-      next_ids = logits.argmax(-1) if greedy else sample(logits, temperature, top_k, top_p, min_p, seeds)
-      next_ids = next_ids.cast(dtypes.int32)
-      Tensor.realize(next_ids, logits, *self.model.kv_pools)
-      return next_ids, logits
-    return step
+  def _jit(self, key: tuple, fn) -> TinyJit:
+    if key not in self.jits:
+      self.jits[key] = TinyJit(fn)
+      self.jits[key].cnt = 1  # capture on the first call: weights and pools are realized, so no warm-up run is needed
+    return self.jits[key]
+
+  @staticmethod
+  def _replay(jit: TinyJit, *args: Tensor, **kwargs: Tensor):
+    """TinyJit's own input checks rewrite every input's graph (~0.1 ms each, 17 per layer call); our inputs are
+    plain realized buffers of the captured shapes, so replay the captured kernels on them directly."""
+    if jit.captured is None: return jit(*args, **kwargs)
+    return jit.captured([t.uop.base for t in (*args, *(kwargs[k] for k in sorted(kwargs)))], {})
+
+  def _forward(self, shape: BatchShape, b: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    m, N, W = self.model, shape.num_tokens, shape.num_blocks
+    x = self._replay(self._jit(("embed", N), lambda token_ids: m.embed(token_ids).realize()), b["token_ids"])
+    meta = {k: b[k] for k in ("positions", "block_tables", "context_lens", "slot_mapping")}
+    for i in range(m.config.num_layers):
+      x = self._replay(self._jit(("layer", N, W, i % 2), lambda x, **kw: m.layer(x, **kw).realize()), x, **meta, **m.layer_inputs(i))
+    def head(x, logits_indices, temperature, top_k, top_p, min_p, seeds):
+      logits = m.head(x, logits_indices)
+      next_ids = logits.argmax(-1) if shape.greedy else sample(logits, temperature, top_k, top_p, min_p, seeds)
+      return next_ids.cast(dtypes.int32).realize(), logits.realize()
+    sampling = {k: b[k] for k in ("logits_indices", "temperature", "top_k", "top_p", "min_p", "seeds")}
+    return self._replay(self._jit(("head", N, shape.num_seqs, shape.greedy), head), x, **sampling)
 
   def prepare(self, scheduled: list[tuple[Sequence, int]], seeds: list[int]) -> tuple[BatchShape, dict[str, np.ndarray], list[Sequence]]:
     """Flat arrays for the scheduled chunks; the sequences whose chunk reaches their end get a sampled token."""
@@ -72,14 +91,13 @@ class ModelRunner:
 
   def execute(self, scheduled: list[tuple[Sequence, int]], seeds: list[int]) -> tuple[list[Sequence], list[int]]:
     shape, arrays, sampled = self.prepare(scheduled, seeds)
-    if shape not in self.jits:
-      self.jits[shape] = TinyJit(self._step_fn(shape.greedy))
+    if shape not in self.inputs:
       self.inputs[shape] = {k: Tensor.zeros(*arrays[k].shape, dtype=dt).contiguous().realize() for k, dt in INPUT_DTYPES.items()}
     bufs = self.inputs[shape]
     for k, t in bufs.items():  # update the persistent input buffers in place
       buf = t.uop.buffer
       buf.allocator._copyin(buf._buf, memoryview(np.ascontiguousarray(arrays[k], dtype=_NP[k])).cast("B"))
-    next_ids, self.last_logits = self.jits[shape](**bufs)  # logits stay on the device; tests read them
+    next_ids, self.last_logits = self._forward(shape, bufs)  # logits stay on the device; tests read them
     return sampled, next_ids.numpy()[:len(sampled)].tolist()
 
 _NP = {k: np.uint32 if k == "seeds" else np.float32 if dt == dtypes.float32 else np.int32 for k, dt in INPUT_DTYPES.items()}
