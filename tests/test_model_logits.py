@@ -24,3 +24,15 @@ def test_logits_match_numpy_reference(checkpoints, name, chunk):
   ref = reference_logits(weights, config, tokens[:-1])[len(prompt) - 1:]
   assert got.shape == ref.shape
   np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+def test_float16_engine_stays_close_to_reference(checkpoints):
+  path, weights, config = checkpoints["qwen3"]
+  prompt = [7, 100, 42, 9, 250, 3, 77, 12]
+  got, tokens = _engine_logits(path, prompt, num_decode=3, dtype="float16")
+  ref = reference_logits(weights, config, tokens[:-1])[len(prompt) - 1:]
+  assert np.abs(got - ref).max() < 2e-2 * np.abs(ref).max()
+
+def test_bad_engine_settings(checkpoints):
+  from tinyvllm_core import ConfigError
+  for kw in (dict(block_size=0), dict(kv_cache_gb=0), dict(dtype="int4"), dict(max_num_seqs=0)):
+    with pytest.raises(ConfigError): LLMEngine(checkpoints["llama"][0], device="CPU", **kw)

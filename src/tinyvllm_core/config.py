@@ -61,3 +61,11 @@ class EngineConfig:
   max_num_batched_tokens: int = 512
   max_model_len: int | None = None
   enable_prefix_caching: bool = True
+  dtype: str = "auto"  # float32 | float16 | bfloat16; auto = float32 on CPU, float16 elsewhere
+
+  def __post_init__(self):
+    for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+      if getattr(self, name) < 1: raise ConfigError(f"engine setting {name} must be >= 1 (got {getattr(self, name)})")
+    if self.kv_cache_gb <= 0: raise ConfigError(f"engine setting kv_cache_gb must be > 0 (got {self.kv_cache_gb})")
+    if self.num_blocks is not None and self.num_blocks < 2: raise ConfigError("engine setting num_blocks must be >= 2")
+    if self.dtype not in ("auto", "float32", "float16", "bfloat16"): raise ConfigError(f"dtype {self.dtype!r} is not one of auto, float32, float16, bfloat16")

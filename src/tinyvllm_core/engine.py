@@ -60,7 +60,7 @@ class LLMEngine:
     files = model if isinstance(model, ModelFiles) else load_model_files(model, self.device)
     self.model_config, self.tokenizer, self.files = files.config, files.tokenizer, files
     mc, bs = files.config, config.block_size
-    dtype = dtypes.float32 if self.device == "CPU" else dtypes.float16
+    dtype = getattr(dtypes, config.dtype) if config.dtype != "auto" else dtypes.float32 if self.device == "CPU" else dtypes.float16
     bytes_per_block = 2 * mc.num_layers * bs * mc.num_kv_heads * mc.head_dim * dtype.itemsize
     num_blocks = config.num_blocks or max(2, int(config.kv_cache_gb * 2**30 // bytes_per_block))
     max_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings, (num_blocks - 1) * bs)
