@@ -36,11 +36,16 @@ def _hf_weights(model_dir: Path) -> dict[str, np.ndarray]:
     weights.update(read_safetensors(model_dir / f))
   return {k.removeprefix("model."): v for k, v in weights.items()}
 
-def canonical_weights(cfg: ModelConfig, sd: dict[str, np.ndarray], names: dict[str, str]) -> dict[str, np.ndarray]:
+def canonical_weights(cfg: ModelConfig, sd: dict[str, np.ndarray], names: dict[str, str], source: Path) -> dict[str, np.ndarray]:
   """Fuse q/k/v and gate/up; `names` maps our names to the checkpoint's ({i} = layer)."""
+  H, I, q_rows, kv_rows = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  shapes = {"embed": (cfg.vocab_size, H), "lm_head": (cfg.vocab_size, H), "q": (q_rows, H), "k": (kv_rows, H), "v": (kv_rows, H),
+            "o": (H, q_rows), "gate": (I, H), "up": (I, H), "down": (H, I)}
   def get(key: str, i: int = 0) -> np.ndarray:
     name = names[key].format(i=i)
-    if name not in sd: raise ConfigError(f"weights: tensor {name!r} is missing from the checkpoint")
+    if name not in sd: raise ConfigError(f"{source}: tensor {name!r} is missing from the checkpoint")
+    if key in shapes and sd[name].shape != shapes[key]:
+      raise ConfigError(f"{source}: tensor {name!r} has shape {sd[name].shape}, the config says {shapes[key]}; config and weights do not match")
     return sd[name]
   w = {"embed": get("embed"), "norm": get("norm")}
   w["lm_head"] = w["embed"] if cfg.tie_word_embeddings or names["lm_head"] not in sd else get("lm_head")
@@ -94,7 +99,7 @@ def load_hf(model_dir: Path) -> ModelFiles:
   eos = gen_cfg.get("eos_token_id", raw_cfg.get("eos_token_id"))
   eos_ids = [e for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
   special = {k: s for k in ("bos_token", "eos_token") if (s := _token_str(tok_cfg.get(k)))}
-  return ModelFiles(cfg, canonical_weights(cfg, _hf_weights(model_dir), HF_NAMES), tokenizer, template, special, eos_ids, gen_cfg)
+  return ModelFiles(cfg, canonical_weights(cfg, _hf_weights(model_dir), HF_NAMES, model_dir), tokenizer, template, special, eos_ids, gen_cfg)
 
 def _read_json(path: Path) -> dict:
   if not path.exists(): return {}
@@ -108,12 +113,13 @@ def _unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
 def load_gguf(path: Path, device: str) -> ModelFiles:
   from tinygrad.llm.gguf import gguf_load
   try: kv, sd = gguf_load(Tensor(path).to(device))
-  except (ValueError, KeyError, IndexError, UnicodeDecodeError, RuntimeError) as e: raise ConfigError(f"{path}: not a valid GGUF file ({e})") from None
+  except (ValueError, KeyError, IndexError, UnicodeDecodeError, RuntimeError, struct.error) as e: raise ConfigError(f"{path}: not a valid GGUF file ({e})") from None
   arch = kv.get("general.architecture", "?")
   if arch not in GGUF_ARCHITECTURES: raise ConfigError(f"{path}: architecture {arch!r} is not supported (supported: {', '.join(GGUF_ARCHITECTURES)})")
   def need(key: str):
     if f"{arch}.{key}" not in kv: raise ConfigError(f"{path}: metadata field '{arch}.{key}' is missing")
     return kv[f"{arch}.{key}"]
+  if "tokenizer.ggml.tokens" not in kv: raise ConfigError(f"{path}: metadata field 'tokenizer.ggml.tokens' is missing (no embedded tokenizer)")
   heads, hidden = need("attention.head_count"), need("embedding_length")
   cfg = ModelConfig(family=GGUF_ARCHITECTURES[arch], vocab_size=len(kv["tokenizer.ggml.tokens"]), hidden_size=hidden,
                     intermediate_size=need("feed_forward_length"), num_layers=need("block_count"), num_heads=heads,
@@ -129,7 +135,7 @@ def load_gguf(path: Path, device: str) -> ModelFiles:
   tokens = kv["tokenizer.ggml.tokens"]
   special = {k: tokens[kv[f"tokenizer.ggml.{k}_id"]] for k in ("bos_token", "eos_token") if f"tokenizer.ggml.{k}_id" in kv}
   eos_ids = [kv["tokenizer.ggml.eos_token_id"]] if "tokenizer.ggml.eos_token_id" in kv else []
-  return ModelFiles(cfg, canonical_weights(cfg, weights, GGUF_NAMES), _gguf_tokenizer(kv, path), kv.get("tokenizer.chat_template"), special, eos_ids)
+  return ModelFiles(cfg, canonical_weights(cfg, weights, GGUF_NAMES, path), _gguf_tokenizer(kv, path), kv.get("tokenizer.chat_template"), special, eos_ids)
 
 _PRE_SPLIT = {  # GGUF tokenizer.ggml.pre -> regex split before byte-level BPE
   "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
