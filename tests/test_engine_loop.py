@@ -60,5 +60,28 @@ def test_incremental_detokenizer_never_splits_characters(smollm2):
   tok = smollm2.engine.tokenizer
   text = "héllo 🙂 wörld — 日本語のテキスト 👍🏽!"
   ids, detok, deltas = tok.encode(text).ids, _Detokenizer(), []
-  for n in range(1, len(ids) + 1): deltas.append(detok.update(tok, ids[:n]))
+  for n in range(1, len(ids) + 1):
+    detok.update(tok, ids[:n])
+    deltas.append(detok.take())
   assert "".join(deltas) == text and not any("\ufffd" in d for d in deltas)
+
+def test_streamed_deltas_hold_back_a_stop_string_across_tokens(smollm2):
+  engine, prompt = smollm2.engine, smollm2.engine.encode("The capital of France is")
+  greedy = smollm2.generate([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
+  pieces = [engine.decode(greedy.token_ids[:i + 1])[len(engine.decode(greedy.token_ids[:i])):] for i in range(len(greedy.token_ids))]
+  i = next(i for i in range(2, len(pieces) - 1) if len(pieces[i].strip()) >= 2 and len(pieces[i + 1].strip()) >= 2)
+  stop = pieces[i][-2:] + pieces[i + 1][:2]  # spans two tokens
+  engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop]))
+  outs = []
+  while engine.has_unfinished_requests(): outs += engine.step()
+  streamed = "".join(o.delta_text for o in outs)
+  assert outs[-1].finish_reason == "stop" and stop not in outs[-1].text
+  assert streamed == outs[-1].text and greedy.text.startswith(streamed)
+  assert not any(stop[:2] in o.delta_text and o.delta_text.endswith(stop[:2]) for o in outs[:-1])
+
+def test_shutdown_aborts_requests_in_flight(checkpoints):
+  loop = EngineLoop(LLMEngine(checkpoints["llama"][0], device="CPU", num_blocks=64, block_size=4))
+  stream = loop.submit(PROMPTS[0], SamplingParams(temperature=0, max_tokens=500, ignore_eos=True))
+  assert stream.get(timeout=60) is not None
+  loop.shutdown()
+  assert stream.result().finish_reason == "abort"

@@ -39,18 +39,27 @@ class RequestOutput:
 
 @dataclass
 class _Detokenizer:
-  """Incremental decoding that never emits half of a multi-byte character."""
+  """Incremental decoding that never emits half of a multi-byte character, nor the start of a stop string."""
   text: str = ""
+  emitted: int = 0  # characters of text already streamed
   prefix_offset: int = 0
   read_offset: int = 0
 
-  def update(self, tokenizer, ids: list[int]) -> str:
+  def update(self, tokenizer, ids: list[int]) -> None:
     prefix = tokenizer.decode(ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
     full = tokenizer.decode(ids[self.prefix_offset:], skip_special_tokens=True)
-    if len(full) <= len(prefix) or full.endswith("\ufffd"): return ""
+    if len(full) <= len(prefix) or full.endswith("\ufffd"): return
     self.prefix_offset, self.read_offset = self.read_offset, len(ids)
-    self.text += (delta := full[len(prefix):])
+    self.text += full[len(prefix):]
+
+  def take(self, held_back: int = 0) -> str:
+    delta = self.text[self.emitted:len(self.text) - held_back]
+    self.emitted += len(delta)
     return delta
+
+def _partial_stop(text: str, stops: list[str]) -> int:
+  """Length of the longest tail of text that could still grow into a stop string."""
+  return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if s.startswith(text[-k:])), default=0)
 
 class LLMEngine:
   """add_request / step / abort over continuous batching. Not thread-safe: one thread drives it."""
@@ -133,21 +142,21 @@ class LLMEngine:
     seq.output_token_ids.append(token_id)
     self.num_generated_tokens += 1
     p = seq.sampling_params
-    delta = self._detok[seq.request_id].update(self.tokenizer, seq.output_token_ids) if self.tokenizer else ""
-    text, reason = self._detok[seq.request_id].text, None
+    detok, reason = self._detok[seq.request_id], None
+    if self.tokenizer: detok.update(self.tokenizer, seq.output_token_ids)
     if (token_id in self.eos_token_ids and not p.ignore_eos) or token_id in p.stop_token_ids: reason = "stop"
-    elif (hit := min((i for s in p.stop if (i := text.find(s, max(0, len(text) - len(delta) - len(s)))) >= 0), default=None)) is not None:
-      delta = delta[:max(0, len(delta) - (len(text) - hit))]
-      self._detok[seq.request_id].text, reason = text[:hit], "stop"
+    elif (hit := min((i for s in p.stop if (i := detok.text.find(s, detok.emitted)) >= 0), default=None)) is not None:
+      detok.text, reason = detok.text[:hit], "stop"
     elif len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len: reason = "length"
     if reason: self.scheduler.finish(seq, reason)
-    return self._output(seq, [token_id], delta)
+    return self._output(seq, [token_id], detok.take(0 if reason else _partial_stop(detok.text, p.stop)))
 
   def _output(self, seq: Sequence, delta_ids: list[int], delta_text: str) -> RequestOutput:
     if seq.is_finished:
       self.seqs.pop(seq.request_id, None)
       self._base_seeds.pop(seq.request_id, None)
     detok = self._detok.pop(seq.request_id) if seq.is_finished else self._detok[seq.request_id]
+    if seq.is_finished: delta_text += detok.take()  # flush what was held back
     return RequestOutput(seq.request_id, seq.prompt_token_ids, list(seq.output_token_ids), detok.text, delta_ids, delta_text,
                          seq.is_finished, seq.finish_reason, seq.num_cached_tokens)
 

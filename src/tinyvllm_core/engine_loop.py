@@ -30,6 +30,11 @@ class RequestStream:
   @property
   def ttft(self) -> float | None: return None if self.first_token_time is None else self.first_token_time - self.arrival_time
 
+  def get(self, timeout: float | None = None) -> RequestOutput | None:
+    """The next output, or None when none came within timeout seconds."""
+    try: return self._queue.get(timeout=timeout)
+    except queue.Empty: return None
+
   def __iter__(self):
     while True:
       out: RequestOutput = self._queue.get()
@@ -63,9 +68,13 @@ class EngineLoop:
   def stats(self) -> dict: return dict(self._stats)  # a snapshot taken by the loop after each step
 
   def shutdown(self) -> None:
+    """Stop the loop; requests still in flight end with finish_reason "abort"."""
     self._stopped.set()
     self._inbox.put(("wake",))
     self._thread.join()
+    while not self._inbox.empty(): self._handle(self._inbox.get_nowait())
+    for request_id in list(self._streams):
+      if (out := self.engine.abort(request_id)) is not None: self._deliver(out)
 
   def _handle(self, msg: tuple) -> None:
     if msg[0] == "add":
