@@ -49,7 +49,7 @@ class ModelRunner:
     for i in range(m.config.num_layers):
       x = self._replay(self._jit(("layer", N, W, i % 2), lambda x, **kw: m.layer(x, **kw).realize()), x, **meta, **m.layer_inputs(i))
     def head(x, logits_indices, temperature, top_k, top_p, min_p, seeds):
-      logits = m.head(x, logits_indices)
+      logits = m.head(x, logits_indices).contiguous()  # else argmax/sampling fuse and recompute the lm_head matmul
       next_ids = logits.argmax(-1) if shape.greedy else sample(logits, temperature, top_k, top_p, min_p, seeds)
       return next_ids.cast(dtypes.int32).realize(), logits.realize()
     sampling = {k: b[k] for k in ("logits_indices", "temperature", "top_k", "top_p", "min_p", "seeds")}
