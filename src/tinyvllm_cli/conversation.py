@@ -47,4 +47,15 @@ class Conversation:
     self.messages.clear()
     self._prefix_text, self._prefix_ids = "", []
 
+  def load(self, system: str | None, messages: list[dict]) -> None:
+    self.clear()
+    self.system, self.messages = system, [dict(m) for m in messages]
+
+  def drop_oldest_turn(self) -> bool:
+    """Forget the oldest user message and the replies after it (never the system prompt); False when empty."""
+    if not self.messages: return False
+    end = next((i for i, m in enumerate(self.messages) if i and m["role"] == "user"), len(self.messages))
+    del self.messages[:end]
+    return True
+
   def num_prompt_tokens(self) -> int: return len(self._prefix_ids)

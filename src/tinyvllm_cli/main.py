@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from tinyvllm_cli import hub
+from tinyvllm_cli import bench, chat, hub, serve
 
 app = typer.Typer(
   name="tinyvllm",
@@ -19,6 +19,9 @@ app = typer.Typer(
 app.command("pull")(hub.pull)
 app.command("list")(hub.list_models)
 app.command("rm")(hub.rm)
+app.add_typer(bench.app, name="bench")
+app.command("serve-lite")(serve.serve_lite)
+app.command("chat")(chat.chat)
 
 if __name__ == "__main__":
   app()

@@ -1,0 +1,187 @@
+"""The peers `tinyvllm bench throughput --compare` runs on the same workload: vLLM and nano-vLLM through
+their Python APIs (as in nano-vllm's bench.py) and Hugging Face transformers (batched `generate`).
+A backend that is not installed or cannot run this model raises BackendUnavailable: one line, skipped."""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from tinyvllm_cli.bench_common import SHIPPED_ALIASES, BenchModel, hf_config_from, now, progress_bar, shipped_configs, version
+from tinyvllm_cli.bench_throughput import BackendResult, EngineOptions, Workload, run_tinyvllm
+
+BACKENDS = ("tinyvllm", "vllm", "nanovllm", "transformers")
+PIP_NAMES = {"vllm": "vllm", "nanovllm": "nano-vllm", "transformers": "transformers torch"}
+
+
+class BackendUnavailable(Exception):
+  """This backend cannot run here; the message says why in one line."""
+
+
+@dataclass
+class BackendOptions:
+  engine: EngineOptions = field(default_factory=EngineOptions)
+  transformers_batch_size: int = 8
+  seed: int = 0
+  warmup: str = "full"  # tinyvllm: "full" (the workload once, untimed) or "one" (nano-vllm's single request)
+  torch_threads: int | None = None  # transformers: torch's CPU threads (None: torch's default, one per core)
+
+
+def run_backend(name: str, model: BenchModel, device: str, workload: Workload, opts: BackendOptions) -> BackendResult:
+  if name == "tinyvllm": return run_tinyvllm(model, device, workload, opts.engine, opts.warmup)
+  module = {"vllm": "vllm", "nanovllm": "nanovllm", "transformers": "transformers"}[name]
+  if importlib.util.find_spec(module) is None or (name == "transformers" and importlib.util.find_spec("torch") is None):
+    raise BackendUnavailable(f"not installed (pip install {PIP_NAMES[name]})")
+  runner = {"vllm": run_vllm, "nanovllm": run_nanovllm, "transformers": run_transformers}[name]
+  return runner(model, device, workload, opts)
+
+
+@contextmanager
+def config_folder(config: dict) -> Iterator[Path]:
+  """A temporary model folder holding only config.json (random weights are built from it)."""
+  with tempfile.TemporaryDirectory(prefix="tinyvllm-bench-") as tmp:
+    Path(tmp, "config.json").write_text(json.dumps(config))
+    yield Path(tmp)
+
+
+def peer_config(model: BenchModel) -> tuple[dict, str]:
+  """The HF config a peer builds a random-weight model from, and where it came from."""
+  if model.hf_config is not None: return model.hf_config, "its config.json"
+  if (repo := SHIPPED_ALIASES.get(model.name)) in shipped_configs():
+    return json.loads(shipped_configs()[repo].read_text()), f"the shipped {repo} config.json"
+  return hf_config_from(model.model_config()), "the GGUF's shapes"
+
+
+# ---- vLLM and nano-vLLM (GPU engines; same calls as nano-vllm's bench.py) --------------------
+
+def run_vllm(model: BenchModel, device: str, workload: Workload, opts: BackendOptions) -> BackendResult:
+  from vllm import LLM, SamplingParams
+  if model.path is not None and model.path.suffix == ".gguf" and not model.random_weights:
+    raise BackendUnavailable("needs a Hugging Face model folder (or --random-weights), not a GGUF file")
+  max_len = max(len(p) + n for p, n in zip(workload.prompts, workload.output_lens))
+  with _model_folder(model) as path:
+    llm = LLM(model=str(path), max_model_len=max_len, load_format="dummy" if model.random_weights else "auto",
+              skip_tokenizer_init=model.random_weights, seed=opts.seed)
+    detok = not model.random_weights
+    params = [SamplingParams(temperature=workload.temperature, ignore_eos=True, max_tokens=n, detokenize=detok) for n in workload.output_lens]
+    llm.generate([{"prompt_token_ids": workload.prompts[0][:8]}], SamplingParams(max_tokens=16, detokenize=detok), use_tqdm=False)
+    t0 = now()
+    outs = llm.generate([{"prompt_token_ids": p} for p in workload.prompts], params, use_tqdm=False)
+    duration = now() - t0
+  gen = [len(o.outputs[0].token_ids) for o in outs]
+  return BackendResult("vllm", len(outs), workload.input_tokens, sum(gen), duration,
+                       [{"prompt_tokens": len(p), "output_tokens": g} for p, g in zip(workload.prompts, gen)], {"version": version("vllm")})
+
+
+def run_nanovllm(model: BenchModel, device: str, workload: Workload, opts: BackendOptions) -> BackendResult:
+  from nanovllm import LLM, SamplingParams
+  if model.random_weights or model.path is None or not model.path.is_dir():
+    raise BackendUnavailable("loads real safetensors weights and a tokenizer from a Hugging Face model folder; "
+                             "not available for a GGUF file or --random-weights")
+  max_len = max(4096, max(len(p) + n for p, n in zip(workload.prompts, workload.output_lens)))
+  llm = LLM(str(model.path), enforce_eager=False, max_model_len=max_len)
+  params = [SamplingParams(temperature=workload.temperature, ignore_eos=True, max_tokens=n) for n in workload.output_lens]
+  llm.generate(["Benchmark: "], SamplingParams())
+  t0 = now()
+  outs = llm.generate(workload.prompts, params, **_no_tqdm(llm.generate))
+  duration = now() - t0
+  gen = [len(o["token_ids"]) for o in outs]
+  return BackendResult("nanovllm", len(outs), workload.input_tokens, sum(gen), duration,
+                       [{"prompt_tokens": len(p), "output_tokens": g} for p, g in zip(workload.prompts, gen)], {"version": version("nano-vllm")})
+
+
+def _no_tqdm(generate) -> dict:
+  """use_tqdm=False where this version's generate takes it (nano-vllm's bench passes it)."""
+  return {"use_tqdm": False} if "use_tqdm" in inspect.signature(generate).parameters else {}
+
+
+@contextmanager
+def _model_folder(model: BenchModel) -> Iterator[Path]:
+  if not model.random_weights and model.path is not None:
+    yield model.path
+    return
+  with config_folder(peer_config(model)[0]) as path: yield path
+
+
+# ---- Hugging Face transformers (static batches of `generate`) --------------------------------
+
+def run_transformers(model: BenchModel, device: str, workload: Workload, opts: BackendOptions) -> BackendResult:
+  """Requests sorted by output length, in batches of `transformers_batch_size`, left-padded, sampled at the
+  workload's temperature (top_k/top_p off), EOS ignored. A batch decodes until its longest request is done:
+  only each request's own max_tokens count as generated tokens; the rest is computed and not counted."""
+  import torch
+  torch.manual_seed(opts.seed)
+  if opts.torch_threads: torch.set_num_threads(opts.torch_threads)
+  hf, torch_device, notes = _transformers_model(model, device)
+  n, bs = len(workload.prompts), opts.transformers_batch_size
+  order = sorted(range(n), key=lambda i: (workload.output_lens[i], len(workload.prompts[i])))
+  batches = [order[i:i + bs] for i in range(0, n, bs)]
+  _hf_generate(hf, torch_device, [workload.prompts[0][:8]], [16], workload.temperature, lambda k: None)  # warm-up
+  requests: dict[int, dict] = {}
+  with progress_bar(f"transformers ({model.name}, {torch_device})", workload.gen_tokens) as advance:
+    t0 = now()
+    for batch in batches:
+      lens = [workload.output_lens[i] for i in batch]
+      start, ticks = now() - t0, []
+      def on_step(k: int) -> None:
+        ticks.append(now() - t0)
+        advance(sum(1 for m in lens if m >= k))
+      _hf_generate(hf, torch_device, [workload.prompts[i] for i in batch], lens, workload.temperature, on_step)
+      for i, m in zip(batch, lens):
+        requests[i] = {"prompt_tokens": len(workload.prompts[i]), "output_tokens": m, "arrival": start, "first_token": ticks[0],
+                       "finish": ticks[m - 1], "batch_finish": now() - t0}
+    duration = now() - t0
+  computed = sum(len(b) * max(workload.output_lens[i] for i in b) for b in batches)
+  notes.append(f"{torch.get_num_threads()} torch CPU thread(s); tinygrad's CPU backend computes on one core")
+  notes.append(f"static batches of {bs} requests (sorted by output length, left-padded); {workload.gen_tokens:,} of the "
+               f"{computed:,} tokens decoded were within each request's own max_tokens and are counted")
+  info = {"version": version("transformers"), "torch": version("torch"), "torch_device": torch_device,
+          "torch_threads": torch.get_num_threads(), "batch_size": bs, "computed_gen_tokens": computed, "notes": notes}
+  return BackendResult("transformers", n, workload.input_tokens, workload.gen_tokens, duration, [requests[i] for i in range(n)], info)
+
+
+def _transformers_model(model: BenchModel, device: str):
+  import torch
+  from transformers import AutoConfig, AutoModelForCausalLM
+  torch_device = "cuda" if device in ("CUDA", "NV") and torch.cuda.is_available() else \
+                 "mps" if device == "METAL" and torch.backends.mps.is_available() else "cpu"
+  dtype = torch.float32 if torch_device == "cpu" else torch.float16
+  if not model.random_weights and model.path is not None and model.path.is_dir():
+    hf, notes = AutoModelForCausalLM.from_pretrained(str(model.path), dtype=dtype), [f"real weights, {dtype}".replace("torch.", "")]
+  else:
+    config, source = peer_config(model)
+    with config_folder(config) as folder: hf_config = AutoConfig.from_pretrained(str(folder))
+    hf = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    why = "" if model.random_weights else " (transformers cannot load this model's weights here)"
+    notes = [f"random weights built from {source}{why}, {dtype}; speed does not depend on weight values with ignore_eos".replace("torch.", "")]
+  hf.generation_config.eos_token_id = None  # ignore_eos: a None in the call's GenerationConfig falls back to this
+  return hf.to(torch_device).eval(), torch_device, notes
+
+
+def _hf_generate(hf, torch_device: str, prompts: list[list[int]], max_tokens: list[int], temperature: float, on_step) -> None:
+  import torch
+  from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+  class Tick(StoppingCriteria):
+    """Called once per decode step; never stops generation, only reports progress."""
+    def __init__(self): self.k = 0
+    def __call__(self, input_ids, scores, **kwargs):
+      self.k += 1
+      on_step(self.k)
+      return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+  width = max(map(len, prompts))
+  ids = torch.zeros((len(prompts), width), dtype=torch.long)
+  mask = torch.zeros_like(ids)
+  for row, p in enumerate(prompts):
+    ids[row, width - len(p):], mask[row, width - len(p):] = torch.tensor(p), 1
+  config = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max(max_tokens),
+                            pad_token_id=0, eos_token_id=None)
+  with torch.inference_mode():
+    hf.generate(input_ids=ids.to(torch_device), attention_mask=mask.to(torch_device), generation_config=config,
+                stopping_criteria=StoppingCriteriaList([Tick()]))

@@ -1,0 +1,421 @@
+"""`tinyvllm chat`: a terminal chat whose history is re-sent every turn and served from the prefix cache.
+
+`ChatApp` holds the engine loop, the conversation and the sampling parameters; `handle_line` runs one input
+(a message or a slash command) and `reply` streams one answer to a rich Console. The Typer function `chat`
+loads the model and drives the app from a prompt_toolkit session, or answers once when stdin is a pipe."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Callable
+
+import typer
+from prompt_toolkit import PromptSession
+from prompt_toolkit.auto_suggest import AutoSuggestFromHistory
+from prompt_toolkit.formatted_text import HTML
+from prompt_toolkit.history import FileHistory, History, InMemoryHistory
+from rich.console import Console
+from rich.text import Text
+
+from tinyvllm_cli import models
+from tinyvllm_cli.conversation import Conversation
+from tinyvllm_cli.ui import err, fail, one_line, out
+
+if TYPE_CHECKING:
+  from tinyvllm_core import EngineLoop, LLMEngine, RequestOutput, RequestStream, SamplingParams
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+PROMPT, CONTINUATION, FENCE = ">>> ", "... ", '"""'
+EXIT_COMMANDS = ("/bye", "/exit", "/quit")
+HELP = [
+  ("/help", "this list"),
+  ("/clear", "forget the conversation (the system prompt stays)"),
+  ("/system TEXT", "set the system prompt (without TEXT: show it)"),
+  ("/set NAME VALUE", "temperature, top_p, top_k, min_p, max_tokens or seed (none: random)"),
+  ("/show", "model, device, parameters and how much of the context is used"),
+  ("/stats", "prompt and cached tokens, time to first token and decode speed of the last reply"),
+  ("/save FILE, /load FILE", "write or read the conversation as JSON (system, messages)"),
+  ("/think, /nothink", "turn a thinking model's reasoning on or off (Qwen3's enable_thinking)"),
+  ('"""', "start and end a multi-line message"),
+  ("Ctrl+C", "stop the reply (what was said is kept) or clear the line"),
+  ("Ctrl+D, /bye", "exit"),
+]
+
+
+def _seed(value: str) -> int | None:
+  return None if value.lower() in ("none", "random", "off") else int(value)
+
+
+SETTABLE: dict[str, Callable[[str], object]] = {"temperature": float, "top_p": float, "top_k": int, "min_p": float,
+                                                "max_tokens": int, "seed": _seed}
+
+
+# ---- pieces of a reply ---------------------------------------------------------------------------
+
+def split_thinking(text: str) -> tuple[str, str]:
+  """(reasoning, answer) of a reply: the text inside <think>...</think> and what follows it.
+  A reply without tags is all answer; one cut off inside <think> has no answer yet."""
+  head, closed, tail = text.partition(THINK_CLOSE)
+  if closed: return head.replace(THINK_OPEN, "", 1).strip(), tail.strip()
+  if text.lstrip().startswith(THINK_OPEN): return text.lstrip()[len(THINK_OPEN):].strip(), ""
+  return "", text
+
+
+class ThinkFilter:
+  """Splits streamed text into (text, is_reasoning) runs; a tag cut between two deltas is held back until whole."""
+  def __init__(self) -> None:
+    self.thinking, self._held = False, ""
+
+  def feed(self, delta: str) -> list[tuple[str, bool]]:
+    text, runs = self._held + delta, []
+    while (i := text.find(tag := THINK_CLOSE if self.thinking else THINK_OPEN)) >= 0:
+      runs.append((text[:i], self.thinking))
+      text, self.thinking = text[i + len(tag):], not self.thinking
+    keep = next((n for n in range(len(tag) - 1, 0, -1) if text.endswith(tag[:n])), 0)
+    runs.append((text[:len(text) - keep], self.thinking))
+    self._held = text[len(text) - keep:]
+    return [run for run in runs if run[0]]
+
+  def flush(self) -> list[tuple[str, bool]]:
+    held, self._held = self._held, ""
+    return [(held, self.thinking)] if held else []
+
+
+class ReplyView:
+  """Streams one reply to a console: a spinner until the first token, reasoning dimmed on a terminal
+  and left out elsewhere (so a pipe gets the answer only)."""
+  def __init__(self, console: Console) -> None:
+    self.console, self.filter = console, ThinkFilter()
+    self.printed = self.thought = False
+    self.status = console.status("", spinner="dots") if console.is_terminal else None
+    if self.status: self.status.start()
+
+  def add(self, delta: str) -> None:
+    self._stop_spinner()
+    for text, thinking in self.filter.feed(delta): self._print(text, thinking)
+
+  def close(self) -> None:
+    self._stop_spinner()
+    for text, thinking in self.filter.flush(): self._print(text, thinking)
+    if self.printed: self.console.print()
+
+  def _stop_spinner(self) -> None:
+    if self.status: self.status.stop()
+    self.status = None
+
+  def _print(self, text: str, thinking: bool) -> None:
+    if thinking:
+      self.thought = True
+      if not self.console.is_terminal: return
+    elif self.thought and not self.printed:
+      text = text.lstrip()
+    if text:
+      self.console.print(Text(text, style="dim" if thinking else ""), end="", soft_wrap=True)
+      self.printed = True
+
+
+@dataclass
+class ReplyStats:
+  prompt_tokens: int
+  cached_tokens: int
+  generated_tokens: int
+  ttft: float | None
+  decode_tps: float | None
+  finish_reason: str | None
+
+  @staticmethod
+  def of(out: RequestOutput, stream: RequestStream) -> ReplyStats:
+    n, first, last = len(out.token_ids), stream.first_token_time, stream.finish_time
+    tps = (n - 1) / (last - first) if n > 1 and first is not None and last is not None and last > first else None
+    return ReplyStats(len(out.prompt_token_ids), out.num_cached_tokens, n, stream.ttft, tps, out.finish_reason)
+
+  def line(self) -> str:
+    ttft = "-" if self.ttft is None else f"{self.ttft:.2f} s"
+    tps = "-" if self.decode_tps is None else f"{self.decode_tps:.1f} tok/s"
+    return (f"prompt {self.prompt_tokens} tokens ({self.cached_tokens} cached) · {self.generated_tokens} generated"
+            f" · TTFT {ttft} · decode {tps}")
+
+
+def parse_conversation(data: object) -> tuple[str | None, list[dict]]:
+  """(system, messages) from saved JSON; ValueError says what is wrong."""
+  if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
+    raise ValueError('expected a JSON object with a "messages" list')
+  system, messages = data.get("system"), list(data["messages"])
+  if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system" and system is None:
+    system = messages.pop(0).get("content")
+  if system is not None and not isinstance(system, str): raise ValueError('"system" must be a string or null')
+  for i, m in enumerate(messages):
+    if not (isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)):
+      raise ValueError(f'message {i} is not {{"role": "user" or "assistant", "content": "..."}}')
+  return system, [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+# ---- the app -------------------------------------------------------------------------------------
+
+class ChatApp:
+  """One chat session: engine loop + conversation + sampling parameters; replies and command output go to
+  `console`, notes and errors to `notes` (the same console unless given)."""
+  def __init__(self, engine: LLMEngine, loop: EngineLoop, console: Console, params: SamplingParams, *, system: str | None = None, model_name: str = "",
+               verbose: bool = False, notes: Console | None = None) -> None:
+    self.engine, self.loop, self.console, self.notes = engine, loop, console, notes or console
+    self.params, self.model_name, self.verbose = params, model_name, verbose
+    self.conv = Conversation(engine, system=system)
+    self.last_stats: ReplyStats | None = None
+    self.commands: dict[str, Callable[[str], None]] = {
+      "/help": self.cmd_help, "/?": self.cmd_help, "/clear": self.cmd_clear, "/system": self.cmd_system,
+      "/set": self.cmd_set, "/show": self.cmd_show, "/stats": self.cmd_stats, "/save": self.cmd_save,
+      "/load": self.cmd_load, "/think": lambda _: self.set_thinking(True), "/nothink": lambda _: self.set_thinking(False)}
+
+  # ---- input ----
+  def run(self, session: PromptSession) -> None:
+    while (text := read_message(session)) is not None:
+      try:
+        if not self.handle_line(text): return
+      except KeyboardInterrupt:  # outside a streaming reply (tokenizing, a command): drop the unanswered message
+        self.conv.discard_last_user()
+        self.note("[interrupted]")
+
+  def handle_line(self, text: str) -> bool:
+    """Run one message or slash command; False when the chat should end."""
+    text = text.strip()
+    if not text: return True
+    if not text.startswith("/") or "\n" in text:
+      self.reply(text)
+      return True
+    name, _, arg = text.partition(" ")
+    if name.lower() in EXIT_COMMANDS: return False
+    if (command := self.commands.get(name.lower())) is None: self.error(f"unknown command {name}; /help lists the commands")
+    else: command(arg.strip())
+    return True
+
+  # ---- one reply ----
+  def reply(self, user_text: str) -> ReplyStats | None:
+    """Stream the answer to `user_text`; Ctrl+C (KeyboardInterrupt) stops it and keeps what was said."""
+    if (ids := self.fit_context(user_text)) is None: return None
+    params = dataclasses.replace(self.params, max_tokens=min(self.params.max_tokens, self.engine.max_model_len - len(ids)))
+    stream = self.loop.submit(ids, params)
+    return self._finish(self._stream(stream), stream)
+
+  def fit_context(self, user_text: str) -> list[int] | None:
+    """Prompt ids for the next turn, dropping the oldest turns while prompt + max_tokens exceeds the context."""
+    limit, dropped = self.engine.max_model_len, 0
+    try:
+      while len(ids := self.conv.prompt_ids(user_text)) + self.params.max_tokens > limit and len(self.conv.messages) > 1:
+        self.conv.discard_last_user()
+        dropped += self.conv.drop_oldest_turn()
+    except ValueError as e:
+      return self.error(e)
+    if dropped: self.note(f"(dropped the {dropped} oldest turn{'s' * (dropped > 1)} to fit the {limit}-token context)")
+    if len(ids) >= limit:
+      self.conv.discard_last_user()
+      return self.error(f"the message needs {len(ids)} tokens but the context holds {limit} (max_model_len); shorten it")
+    return ids
+
+  def _stream(self, stream: RequestStream) -> RequestOutput:
+    view, last = ReplyView(self.console), None
+    try:
+      for last in stream: view.add(last.delta_text)
+    except KeyboardInterrupt:
+      if last is None or not last.finished: self.loop.abort(stream.request_id)
+      while last is None or not last.finished:  # collect the aborted request's last output; more Ctrl+C are ignored
+        try:
+          for last in stream: view.add(last.delta_text)
+        except KeyboardInterrupt: pass
+    finally:
+      view.close()
+    return last
+
+  def _finish(self, final: RequestOutput, stream: RequestStream) -> ReplyStats | None:
+    if final.finish_reason == "error":
+      self.conv.discard_last_user()
+      return self.error(final.error or "the request failed")
+    answer = split_thinking(final.text)[1]
+    if answer: self.conv.add_reply(answer, final.token_ids)
+    else: self.conv.discard_last_user()
+    if final.finish_reason == "abort": self.note("[interrupted]" if answer else "[interrupted; nothing kept]")
+    elif final.finish_reason == "length": self.note(f"(stopped at {len(final.token_ids)} tokens; /set max_tokens N for longer replies)")
+    self.last_stats = ReplyStats.of(final, stream)
+    if self.verbose: self.note(self.last_stats.line())
+    return self.last_stats
+
+  # ---- commands ----
+  def cmd_help(self, _: str) -> None:
+    for usage, what in HELP: self.console.print(Text.assemble((f"{usage:<24}", "bold"), what), soft_wrap=True)
+
+  def cmd_clear(self, _: str) -> None:
+    self.conv.clear()
+    self.note("conversation cleared" + (" (system prompt kept)" if self.conv.system else ""))
+
+  def cmd_system(self, arg: str) -> None:
+    if not arg: return self.note(f"system prompt: {self.conv.system}" if self.conv.system else "no system prompt (/system TEXT sets one)")
+    self.conv.system = arg
+    self.note("system prompt set")
+
+  def cmd_set(self, arg: str) -> None:
+    name, _, value = arg.partition(" ")
+    if name not in SETTABLE or not value.strip(): return self.error(f"usage: /set {'|'.join(SETTABLE)} VALUE")
+    try:
+      params = dataclasses.replace(self.params, **{name: SETTABLE[name](value.strip())})
+      if params.max_tokens >= self.engine.max_model_len:
+        raise ValueError(f"max_tokens must be below the context size {self.engine.max_model_len}")
+    except ValueError as e:
+      return self.error(f"/set {name}: {e}")
+    self.params = params
+    self.note(f"{name} = {getattr(params, name)}")
+
+  def cmd_show(self, _: str) -> None:
+    mc, p = self.engine.model_config, self.params
+    thinking = self.conv.template_kwargs.get("enable_thinking")
+    rows = [("model", f"{self.model_name} · {mc.family}, {mc.num_layers} layers"), ("device", str(self.engine.device)),
+            ("parameters", f"temperature {p.temperature} · top_p {p.top_p} · top_k {p.top_k} · min_p {p.min_p}"
+                           f" · max_tokens {p.max_tokens} · seed {p.seed}"),
+            ("thinking", "template default" if thinking is None else ("on" if thinking else "off")),
+            ("system", self.conv.system or "-"), ("context", f"{self.context_used()} / {self.engine.max_model_len} tokens used")]
+    for name, value in rows: self.console.print(Text.assemble((f"{name:<12}", "bold"), value), soft_wrap=True)
+
+  def cmd_stats(self, _: str) -> None:
+    if self.last_stats is None: return self.note("no reply yet")
+    stats = self.loop.stats()
+    self.console.print(Text(self.last_stats.line()), soft_wrap=True)
+    self.console.print(Text(f"kv cache {stats['kv_cache_usage']:.0%} used · prefix cache hit rate "
+                            f"{stats['prefix_cache_hit_rate']:.0%}"), soft_wrap=True)
+
+  def cmd_save(self, arg: str) -> None:
+    if not arg: return self.error("usage: /save FILE")
+    data = {"model": self.model_name, "system": self.conv.system, "messages": self.conv.messages}
+    try: Path(arg).expanduser().write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    except OSError as e: return self.error(f"/save {arg}: {e.strerror or e}")
+    self.note(f"saved {len(self.conv.messages)} messages to {arg}")
+
+  def cmd_load(self, arg: str) -> None:
+    if not arg: return self.error("usage: /load FILE")
+    try: system, messages = parse_conversation(json.loads(Path(arg).expanduser().read_text()))
+    except OSError as e: return self.error(f"/load {arg}: {e.strerror or e}")
+    except ValueError as e: return self.error(f"/load {arg}: {e}")
+    self.conv.load(system, messages)
+    self.note(f"loaded {len(messages)} messages from {arg}")
+
+  def set_thinking(self, on: bool) -> None:
+    self.conv.template_kwargs["enable_thinking"] = on
+    hint = "" if self.engine.model_config.family == "qwen3" else " (this model's chat template may ignore it)"
+    self.note(f"thinking {'on' if on else 'off'}{hint}")
+
+  # ---- output ----
+  def context_used(self) -> int:
+    """Tokens the conversation takes now (the system prompt and all messages, as the template renders them)."""
+    messages = self.conv.all_messages()
+    if not messages: return 0
+    return len(self.engine.apply_chat_template(messages, tokenize=True, add_generation_prompt=False, **self.conv.template_kwargs))
+
+  def welcome(self) -> None:
+    self.console.print(Text.assemble(("tinyvllm chat", "bold"), f" · {self.model_name} on {self.engine.device}"
+                                     f" · {self.engine.max_model_len}-token context"), soft_wrap=True)
+    self.note('/help for commands · """ for multi-line input · Ctrl+C stops a reply · Ctrl+D or /bye exits')
+
+  def note(self, msg: str) -> None:
+    self.notes.print(Text(msg, style="dim"), soft_wrap=True)
+
+  def error(self, msg: object) -> None:
+    self.notes.print(Text.assemble(("error: ", "bold red"), one_line(msg)), soft_wrap=True)
+
+
+# ---- input ---------------------------------------------------------------------------------------
+
+def read_message(session: PromptSession) -> str | None:
+  """One line, or the lines between two \"\"\" marks; None at Ctrl+D. Ctrl+C clears what was typed."""
+  while True:
+    try:
+      line = session.prompt(PROMPT)
+      return _read_block(session, line.lstrip()[len(FENCE):]) if line.lstrip().startswith(FENCE) else line
+    except KeyboardInterrupt:
+      continue
+    except EOFError:
+      return None
+
+
+def _read_block(session: PromptSession, line: str) -> str:
+  lines = []
+  while not line.rstrip().endswith(FENCE):
+    lines.append(line)
+    line = session.prompt(CONTINUATION)
+  lines.append(line.rstrip()[:-len(FENCE)])
+  return "\n".join(lines).strip()
+
+
+def prompt_session(history: History | None = None, **kwargs) -> PromptSession:
+  return PromptSession(history=history or _history(), auto_suggest=AutoSuggestFromHistory(),
+                       placeholder=HTML("<style fg='#888888'>Send a message (/help for commands)</style>"), **kwargs)
+
+
+def _history() -> History:
+  path = models.tinyvllm_home() / "chat_history"
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()
+    return FileHistory(str(path))
+  except OSError:
+    return InMemoryHistory()
+
+
+# ---- the command ---------------------------------------------------------------------------------
+
+def load_engine(model: str | None, **engine_kwargs) -> tuple[LLMEngine, str]:
+  """(engine, model label), with a spinner on stderr; a missing or bad model is one error line."""
+  from tinyvllm_core import LLMEngine
+  try:
+    path = models.resolve_model(model)
+    label = model or _default_label(path)
+    with err.status(f"loading {label} ..."):
+      return LLMEngine(path, **{k: v for k, v in engine_kwargs.items() if v is not None}), label
+  except (models.ModelNotFoundError, ValueError, OSError) as e:
+    fail(e)
+
+
+def _default_label(path: Path) -> str:
+  pulled = models.last_pulled()
+  return pulled[0] if pulled and pulled[1] == path else f"{models.EMBEDDED_ALIAS} ({path.name})"
+
+
+def _piped_message() -> str:
+  try: text = sys.stdin.read().strip()
+  except (OSError, UnicodeDecodeError) as e: fail(f"cannot read stdin: {e}")
+  if not text: fail('stdin is empty; pipe a message (echo "hi" | tinyvllm chat) or run tinyvllm chat in a terminal')
+  return text
+
+
+def chat(
+  model: Annotated[str | None, typer.Option("--model", "-m", help="Repo id, model folder or .gguf file "
+                                            "(default: the last pulled model, else the embedded SmolLM2)")] = None,
+  device: Annotated[str | None, typer.Option(help="tinygrad device: CPU, METAL, CUDA, AMD, ... (default: DEV or tinygrad's choice)")] = None,
+  system: Annotated[str | None, typer.Option(help="System prompt")] = None,
+  temperature: Annotated[float | None, typer.Option(help="0 = greedy (default: the model's generation_config)")] = None,
+  top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass in (0, 1]")] = None,
+  top_k: Annotated[int | None, typer.Option(help="Sample from the k likeliest tokens (0 = off)")] = None,
+  max_tokens: Annotated[int, typer.Option(help="Longest reply in tokens")] = 512,
+  seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling")] = None,
+  verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print token counts, TTFT and tok/s after each reply")] = False,
+  kv_cache_gb: Annotated[float | None, typer.Option(help="KV cache memory budget in GB")] = None,
+  max_model_len: Annotated[int | None, typer.Option(help="Context length in tokens (default: the model's)")] = None,
+) -> None:
+  """Chat with a model in the terminal (/help lists the commands). Piped input is answered once:
+  echo "What is the capital of France?" | tinyvllm chat"""
+  from tinyvllm_core import EngineLoop, SamplingParams
+  overrides = {k: v for k, v in dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed).items() if v is not None}
+  try: SamplingParams(max_tokens=max_tokens, **overrides)  # bad values fail before the model loads
+  except ValueError as e: fail(e)
+  piped = None if sys.stdin.isatty() else _piped_message()
+  engine, label = load_engine(model, device=device, kv_cache_gb=kv_cache_gb, max_model_len=max_model_len)
+  params = dataclasses.replace(engine.default_params, max_tokens=max_tokens, **overrides)
+  loop = EngineLoop(engine)
+  app = ChatApp(engine, loop, out, params, system=system, model_name=label, verbose=verbose, notes=err if piped else out)
+  try:
+    if piped is not None:
+      if app.reply(piped) is None: raise typer.Exit(1)
+    else:
+      app.welcome()
+      app.run(prompt_session())
+  finally:
+    loop.shutdown()

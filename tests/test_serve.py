@@ -1,0 +1,311 @@
+"""`tinyvllm serve-lite`: the OpenAI-compatible server, driven by the official openai client and raw HTTP."""
+import http.client, json, os, re, signal, socket, subprocess, sys, threading, time
+from concurrent.futures import ThreadPoolExecutor
+import pytest
+from openai import OpenAI, AuthenticationError
+from tinyvllm_core import ConfigError, LLMEngine
+from tinyvllm_cli.bench_serve import bench_serve
+from tinyvllm_cli.serve import make_server
+
+MODEL = "tiny"
+ERROR_KEYS = {"message", "type", "param", "code"}
+
+
+class Running:
+  """A server on a free port of 127.0.0.1, serving from a thread."""
+  def __init__(self, factory, **kw):
+    self.server, self.state = make_server(factory, "127.0.0.1", 0, model_name=kw.pop("model_name", MODEL), **kw)
+    self.port = self.server.server_address[1]
+    self.url = f"http://127.0.0.1:{self.port}"
+    threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+  def client(self, api_key="unused") -> OpenAI: return OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=120)
+
+  def request(self, method, path, body=None, headers=None) -> tuple[int, dict | str]:
+    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+    try:
+      data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+      conn.request(method, path, data, {"Content-Type": "application/json", **(headers or {})})
+      resp = conn.getresponse()
+      text = resp.read().decode()
+      try: return resp.status, json.loads(text)
+      except ValueError: return resp.status, text
+    finally:
+      conn.close()
+
+  def metrics(self) -> dict[str, float]:
+    status, text = self.request("GET", "/metrics")
+    assert status == 200
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^tinyvllm:(\S+?)(?:\{[^}]*\})? (\S+)$", text, re.M)}
+
+  def wait_idle(self, timeout=30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+      s = self.state.loop.stats()
+      if s["num_running"] == 0 and s["num_waiting"] == 0 and s["num_free_blocks"] == s["num_total_blocks"]: return s
+      time.sleep(0.05)
+    raise AssertionError(f"the engine did not go idle: {self.state.loop.stats()}")
+
+  def stop(self):
+    self.server.shutdown()
+    self.server.server_close()
+    self.state.close()
+
+
+def tiny_factory(path, **kw):
+  return lambda: LLMEngine(path, device="CPU", num_blocks=512, block_size=16, max_num_seqs=16, **kw)
+
+
+@pytest.fixture(scope="module")
+def srv(checkpoints):
+  s = Running(tiny_factory(checkpoints["llama"][0]), max_body_bytes=64 << 10, timeout_s=3.0)
+  assert s.state.wait_ready(60), s.state.load_error
+  yield s
+  s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(srv): return srv.client()
+
+
+# Every JIT-captured batch shape costs the engine seconds on this CPU: prompts of 13-15 tokens (no full 16-token
+# block, so no prefix-cache hit changes the prefill size) and at most 16 new tokens keep the shapes few.
+GREEDY = dict(model=MODEL, temperature=0, max_tokens=8, extra_body={"ignore_eos": True})
+PROMPTS = [f"What is {i} plus {i * 3}?" for i in range(16)]
+
+
+def assert_error(status_body, status, param=None):
+  got, body = status_body
+  assert got == status, body
+  assert set(body["error"]) == ERROR_KEYS and body["error"]["message"], body
+  if param: assert body["error"]["param"] == param, body
+
+
+# ---- endpoints ---------------------------------------------------------------------------------
+
+def test_health_models_and_metrics(srv):
+  assert srv.request("GET", "/health") == (200, {"status": "ok"})
+  status, models = srv.request("GET", "/v1/models")
+  assert status == 200 and [m["id"] for m in models["data"]] == [MODEL] and models["data"][0]["max_model_len"] == 1024
+  assert srv.request("GET", f"/v1/models/{MODEL}")[1]["id"] == MODEL
+  status, text = srv.request("GET", "/metrics")
+  assert status == 200
+  for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prompt_tokens_total",
+               "generation_tokens_total", "prefix_cache_hit_rate", "time_to_first_token_seconds_bucket",
+               "inter_token_latency_seconds_bucket", "e2e_request_latency_seconds_count"):
+    assert f"tinyvllm:{name}{{" in text
+  sample = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*\{(?:[a-z_]+="[^"]*",?)*\} -?[0-9.e+-]+$')
+  assert all(line.startswith("# ") or sample.match(line) for line in text.strip().splitlines())
+
+
+def test_completion_streaming_equals_non_streaming(client):
+  full = client.completions.create(prompt=PROMPTS[0], **GREEDY)
+  assert full.choices[0].finish_reason == "length" and full.object == "text_completion"
+  assert full.usage.completion_tokens == 8 and full.usage.total_tokens == full.usage.prompt_tokens + 8
+  chunks = list(client.completions.create(prompt=PROMPTS[0], stream=True, stream_options={"include_usage": True}, **GREEDY))
+  assert "".join(c.choices[0].text for c in chunks if c.choices) == full.choices[0].text
+  assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+  assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+  assert chunks[-1].usage.prompt_tokens_details.cached_tokens >= 0
+
+
+def test_chat_streaming_equals_non_streaming(client):
+  messages = [{"role": "user", "content": "Hello there"}]
+  full = client.chat.completions.create(messages=messages, **GREEDY)
+  assert full.choices[0].message.role == "assistant" and full.choices[0].finish_reason == "length"
+  assert full.usage.completion_tokens == 8
+  chunks = list(client.chat.completions.create(messages=messages, stream=True, **GREEDY))
+  assert chunks[0].choices[0].delta.role == "assistant" and all(c.usage is None for c in chunks)
+  assert "".join(c.choices[0].delta.content or "" for c in chunks) == full.choices[0].message.content
+  again = client.chat.completions.create(messages=messages, **GREEDY)
+  assert again.usage.prompt_tokens_details.cached_tokens > 0  # the prompt's full blocks come from the prefix cache
+  assert again.choices[0].message.content == full.choices[0].message.content
+
+
+def test_stop_string_ends_the_text(client):
+  text = client.completions.create(prompt=PROMPTS[1], **{**GREEDY, "max_tokens": 16}).choices[0].text
+  stop = next(text[i:i + 2] for i in range(3, len(text) - 1) if text[i:i + 2].strip())
+  want = text[:text.find(stop)]
+  got = client.completions.create(prompt=PROMPTS[1], stop=[stop], **{**GREEDY, "max_tokens": 16})
+  assert got.choices[0].text == want and got.choices[0].finish_reason == "stop"
+  chunks = list(client.completions.create(prompt=PROMPTS[1], stop=stop, stream=True, **{**GREEDY, "max_tokens": 16}))
+  assert "".join(c.choices[0].text for c in chunks) == want
+
+
+def test_seed_makes_sampling_reproducible(client):
+  def sample(seed):
+    return client.completions.create(model=MODEL, prompt=PROMPTS[2], temperature=1.0, seed=seed, max_tokens=12,
+                                     extra_body={"ignore_eos": True, "top_k": 0, "top_p": 1.0}).choices[0].text
+  first = sample(7)
+  assert sample(7) == first and sample(8) != first
+
+
+def test_sixteen_concurrent_streams_get_their_own_answers(client):
+  alone = [client.completions.create(prompt=p, **GREEDY).choices[0].text for p in PROMPTS]
+  def stream(p):
+    return "".join(c.choices[0].text for c in client.completions.create(prompt=p, stream=True, **GREEDY))
+  with ThreadPoolExecutor(16) as pool:
+    together = list(pool.map(stream, PROMPTS))
+  assert together == alone and len(set(alone)) > 1
+
+
+def test_disconnect_mid_stream_aborts_and_frees_blocks(srv):
+  before = srv.metrics()
+  body = json.dumps({"model": MODEL, "prompt": PROMPTS[3], "max_tokens": 900, "temperature": 0, "ignore_eos": True, "stream": True})
+  sock = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+  sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
+  seen = b""
+  while seen.count(b"data: ") < 3: seen += sock.recv(4096)
+  sock.close()
+  srv.wait_idle()
+  after = srv.metrics()
+  assert after["generation_tokens_total"] - before["generation_tokens_total"] < 900
+  assert after.get("request_finished_total", 0) >= 1 and "abort" in srv.request("GET", "/metrics")[1]
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+BAD = [("/v1/completions", b"{not json", 400, None), ("/v1/completions", b"[1, 2]", 400, None),
+       ("/v1/completions", b"[" * 50000, 400, None),
+       ("/v1/completions", {"model": MODEL}, 400, "prompt"), ("/v1/chat/completions", {"model": MODEL}, 400, "messages"),
+       ("/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
+       ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+       ("/v1/chat/completions", {"messages": [{"content": "hi"}]}, 400, "messages[0].role"),
+       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": 3}, 400, "chat_template_kwargs"),
+       ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, 400, "temperature"),
+       ("/v1/completions", {"prompt": "hi", "temperature": -1}, 400, None),
+       ("/v1/completions", {"prompt": "hi", "top_p": 0}, 400, None),
+       ("/v1/completions", {"prompt": "hi", "max_tokens": 1.5}, 400, "max_tokens"),
+       ("/v1/completions", {"prompt": "hi", "max_tokens": True}, 400, "max_tokens"),
+       ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+       ("/v1/completions", {"prompt": "hi", "max_tokens": 5000}, 400, "max_tokens"),
+       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 5000}, 400, "max_completion_tokens"),
+       ("/v1/completions", {"prompt": [5] * 1100}, 400, "prompt"),
+       ("/v1/completions", {"prompt": [99999]}, 400, "prompt"), ("/v1/completions", {"prompt": ""}, 400, "prompt"),
+       ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt"),
+       ("/v1/completions", {"prompt": "hi", "stream": "yes"}, 400, "stream"),
+       ("/v1/completions", {"prompt": "hi", "stream": True, "stream_options": "x"}, 400, "stream_options"),
+       ("/v1/completions", {"prompt": "hi", "stop": [1]}, 400, "stop"), ("/v1/completions", {"prompt": "hi", "stop": ""}, 400, "stop"),
+       ("/v1/completions", {"prompt": "hi", "seed": "x"}, 400, "seed"),
+       ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "n"),
+       ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 404, "model")]
+
+
+@pytest.mark.parametrize("path,body,status,param", BAD, ids=[f"{i}-{b[3]}" for i, b in enumerate(BAD)])
+def test_bad_request_gets_an_openai_error(srv, path, body, status, param):
+  assert_error(srv.request("POST", path, body), status, param)
+
+
+def test_bad_routes_sizes_and_framing(srv):
+  assert_error(srv.request("GET", "/nope"), 404)
+  assert_error(srv.request("GET", "/v1/completions"), 405)
+  assert_error(srv.request("DELETE", "/v1/models"), 405)
+  assert_error(srv.request("GET", "/v1/models/gpt-4"), 404, "model")
+  assert_error(srv.request("POST", "/v1/completions", {"prompt": "x" * (80 << 10)}), 413)
+  with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:  # a huge declared body is refused unread
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n")
+    assert sock.recv(4096).startswith(b"HTTP/1.1 413")
+  with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert sock.recv(4096).startswith(b"HTTP/1.1 411")
+  with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+    sock.sendall(b"GARBAGE\r\n\r\n")
+    assert sock.recv(4096).startswith(b"HTTP/1.1 400")
+  assert srv.request("GET", "/health")[0] == 200
+  assert srv.client().completions.create(prompt=PROMPTS[5], **GREEDY).usage.completion_tokens == 8
+
+
+def test_stalled_client_times_out_without_blocking_others(srv):
+  with socket.create_connection(("127.0.0.1", srv.port), timeout=20) as stalled:
+    stalled.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+    start = time.monotonic()
+    assert srv.request("GET", "/health")[0] == 200 and time.monotonic() - start < 2
+    assert stalled.recv(4096) == b""  # closed by the server's 3 s socket timeout
+    assert 2.5 < time.monotonic() - start < 15
+
+
+# ---- security, loading, load -------------------------------------------------------------------
+
+def test_api_key_is_required_everywhere_but_health(checkpoints):
+  s = Running(tiny_factory(checkpoints["llama"][0]), api_key="s3cret")
+  try:
+    assert s.state.wait_ready(60)
+    assert s.request("GET", "/health")[0] == 200
+    for method, path in (("GET", "/v1/models"), ("GET", "/metrics"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions")):
+      assert_error(s.request(method, path, {"prompt": "hi"}), 401)
+      assert_error(s.request(method, path, {"prompt": "hi"}, {"Authorization": "Bearer wrong"}), 401)
+    assert s.request("GET", "/v1/models", headers={"Authorization": "Bearer s3cret"})[0] == 200
+    with pytest.raises(AuthenticationError): s.client("wrong").models.list()
+    assert [m.id for m in s.client("s3cret").models.list()] == [MODEL]
+  finally:
+    s.stop()
+
+
+def test_health_is_503_while_loading_and_after_a_failed_load(checkpoints):
+  go = threading.Event()
+  def slow():
+    assert go.wait(60)
+    return tiny_factory(checkpoints["llama"][0])()
+  s = Running(slow)
+  try:
+    assert s.request("GET", "/health") == (503, {"status": "loading"})
+    assert_error(s.request("GET", "/v1/models"), 503)
+    assert_error(s.request("POST", "/v1/completions", {"prompt": "hi"}), 503)
+    go.set()
+    assert s.state.wait_ready(60) and s.request("GET", "/health") == (200, {"status": "ok"})
+  finally:
+    s.stop()
+  def broken(): raise ConfigError("model.safetensors: tensor 'embed' is missing")
+  s = Running(broken)
+  try:
+    assert not s.state.wait_ready(10)
+    status, body = s.request("GET", "/health")
+    assert status == 503 and body["status"] == "error" and "embed" in body["error"]
+  finally:
+    s.stop()
+
+
+def test_bounded_load_run_has_no_failures_and_frees_every_block(srv, tmp_path, capsys):
+  (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS))
+  report = bench_serve(srv.url, concurrency="32", num_prompts=200, max_tokens=4, warmup=False, dataset=tmp_path / "prompts.txt",
+                       output_dir=tmp_path / "out", json_output=True)
+  level = report["levels"][0]
+  assert (level["completed"], level["failed"]) == (200, 0) and level["total_output_tokens"] == 800
+  assert level["output_throughput"] > 0 and level["median_ttft_ms"] > 0 and level["median_itl_ms"] > 0
+  assert json.loads(capsys.readouterr().out)["levels"][0]["completed"] == 200
+  assert {p.suffix for p in (tmp_path / "out").glob("serve-*")} == {".json", ".md"}
+  assert "| successful | 200 |" in next((tmp_path / "out").glob("serve-*.md")).read_text()
+  srv.wait_idle()
+
+
+# ---- the command and the real model ------------------------------------------------------------
+
+def test_cli_serves_until_ctrl_c(checkpoints):
+  cmd = [sys.executable, "-m", "tinyvllm_cli", "serve-lite", "--model", str(checkpoints["llama"][0]), "--port", "0",
+         "--device", "CPU", "--served-model-name", MODEL]
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
+  try:
+    lines = [proc.stdout.readline(), proc.stdout.readline()]
+    assert lines[1].startswith("ready: tiny"), lines
+    port = int(re.search(r"http://127\.0\.0\.1:(\d+)/v1", lines[0]).group(1))
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/health")
+    assert conn.getresponse().status == 200
+    proc.send_signal(signal.SIGINT)
+    out, errors = proc.communicate(timeout=30)
+  finally:
+    proc.kill()
+  assert proc.returncode == 0 and out.strip().splitlines() == ["serve-lite stopped (0 requests served)"] and errors == "", (lines, out, errors)
+  bad = subprocess.run([*cmd[:4], "--model", "/no/such/model"], capture_output=True, text=True, timeout=60)
+  assert bad.returncode == 1 and bad.stderr.startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_real_smollm2_through_the_server(smollm2_path):
+  s = Running(lambda: LLMEngine(smollm2_path, device="CPU", kv_cache_gb=0.25, max_num_seqs=4), model_name="smollm2")
+  try:
+    assert s.state.wait_ready(120), s.state.load_error
+    reply = s.client().chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "What is the capital of France?"}],
+                                               temperature=0, max_tokens=24)
+    assert "Paris" in reply.choices[0].message.content and reply.choices[0].finish_reason in ("stop", "length")
+  finally:
+    s.stop()
