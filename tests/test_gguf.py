@@ -8,6 +8,7 @@ import pytest
 from gguf_writer import FLOAT32, STRING, UINT32, gguf_tensors, permute_rope, quantize, unpermute_rope, write_gguf
 from model_factory import SPECIAL_TOKENS
 from numpy_ref import reference_logits
+from test_model_logits import _engine_logits
 from tinyvllm_core import ConfigError, LLMEngine, SamplingParams
 from tinyvllm_core.config import ModelConfig
 from tinyvllm_core.loader import GGUF_NAMES, _gguf_tokenizer, _unpermute_rope, load_gguf
@@ -64,23 +65,13 @@ def test_unpermute_rope_inverts_llama_cpp_permutation():
 
 # ---------------------------------------------------------------- engine logits vs the NumPy reference
 
-def _engine_logits(path, prompt, num_decode):
-  engine = LLMEngine(path, **ENGINE_KW)
-  engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=num_decode + 1, ignore_eos=True))
-  logits, tokens = [], list(prompt)
-  while engine.has_unfinished_requests():
-    for out in engine.step():
-      logits.append(engine.runner.last_logits.numpy()[0])
-      tokens.append(out.delta_token_ids[0])
-  return engine, np.stack(logits), tokens
-
 @pytest.mark.parametrize("name,qtype", [("llama", "Q8_0"), ("llama", "Q4_1"), ("llama", "Q4_0"), ("qwen3", "Q8_0"), ("llama", "F16"),
                                         ("llama_tied_bf16_sharded", "Q8_0"), ("qwen2", "Q4_0"), ("qwen3_fp16", "F32")])
 def test_gguf_logits_match_numpy_reference(checkpoints, tmp_path, name, qtype):
   d, _, config = checkpoints[name]
   weights = write_gguf(tmp_path / f"{name}.{qtype}.gguf", d, qtype)
   prompt = [7, 100, 42, 9, 250, 3, 77, 12, 5, 61, 8, 199, 33]
-  engine, got, tokens = _engine_logits(tmp_path / f"{name}.{qtype}.gguf", prompt, num_decode=3)
+  engine, got, tokens = _engine_logits(tmp_path / f"{name}.{qtype}.gguf", prompt, num_decode=3)  # same reader as test_model_logits
   want_cfg = ModelConfig.from_hf(d / "config.json")
   assert engine.model_config.rms_norm_eps == pytest.approx(want_cfg.rms_norm_eps, rel=1e-6)  # stored as float32
   engine.model_config.rms_norm_eps = want_cfg.rms_norm_eps

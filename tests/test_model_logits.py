@@ -5,7 +5,7 @@ from numpy_ref import reference_logits
 from tinyvllm_core import LLMEngine, SamplingParams
 
 def _engine_logits(path, prompt, num_decode, **kw):
-  """Logits of the last prompt token, then of each decode step, read from the engine's sampled rows."""
+  """(engine, logits of the last prompt token and of each decode step read from the sampled rows, all tokens)."""
   engine = LLMEngine(path, device="CPU", num_blocks=32, block_size=4, **kw)
   engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=num_decode + 1, ignore_eos=True))
   logits, tokens = [], list(prompt)
@@ -13,14 +13,14 @@ def _engine_logits(path, prompt, num_decode, **kw):
     for out in engine.step():
       logits.append(engine.runner.last_logits.numpy()[0])
       tokens.append(out.delta_token_ids[0])
-  return np.stack(logits), tokens
+  return engine, np.stack(logits), tokens
 
 @pytest.mark.parametrize("name", ["llama", "qwen3", "qwen2", "llama_tied_bf16_sharded", "qwen3_fp16"])
 @pytest.mark.parametrize("chunk", [512, 5])
 def test_logits_match_numpy_reference(checkpoints, name, chunk):
   path, weights, config = checkpoints[name]
   prompt = [7, 100, 42, 9, 250, 3, 77, 12, 5, 61, 8, 199, 33]
-  got, tokens = _engine_logits(path, prompt, num_decode=4, max_num_batched_tokens=chunk)
+  _, got, tokens = _engine_logits(path, prompt, num_decode=4, max_num_batched_tokens=chunk)
   ref = reference_logits(weights, config, tokens[:-1])[len(prompt) - 1:]
   assert got.shape == ref.shape
   np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
@@ -28,7 +28,7 @@ def test_logits_match_numpy_reference(checkpoints, name, chunk):
 def test_float16_engine_stays_close_to_reference(checkpoints):
   path, weights, config = checkpoints["qwen3"]
   prompt = [7, 100, 42, 9, 250, 3, 77, 12]
-  got, tokens = _engine_logits(path, prompt, num_decode=3, dtype="float16")
+  _, got, tokens = _engine_logits(path, prompt, num_decode=3, dtype="float16")
   ref = reference_logits(weights, config, tokens[:-1])[len(prompt) - 1:]
   assert np.abs(got - ref).max() < 2e-2 * np.abs(ref).max()
 
