@@ -309,3 +309,10 @@ def test_real_smollm2_through_the_server(smollm2_path):
     assert "Paris" in reply.choices[0].message.content and reply.choices[0].finish_reason in ("stop", "length")
   finally:
     s.stop()
+
+
+def test_bench_serve_is_a_bench_preset_with_one_line_errors():
+  from typer.testing import CliRunner
+  from tinyvllm_cli.main import app
+  r = CliRunner().invoke(app, ["bench", "serve", "--url", "http://127.0.0.1:9", "--timeout", "2", "-c", "1", "-n", "1"])
+  assert r.exit_code == 1 and "cannot reach http://127.0.0.1:9" in r.output and "Traceback" not in r.output

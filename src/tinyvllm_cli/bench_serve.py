@@ -246,7 +246,7 @@ def run_benchmark(target: Target, model: str, levels: list[int], num_prompts: in
 
 
 def bench_serve(
-  url: Annotated[str, typer.Argument(help="Server base URL.")] = "http://127.0.0.1:8000",
+  url: Annotated[str, typer.Option("--url", help="Server base URL, e.g. http://127.0.0.1:8000.")] = "http://127.0.0.1:8000",
   concurrency: Annotated[str, typer.Option("--concurrency", "-c", help="Comma-separated concurrency levels.")] = "1,4,16",
   num_prompts: Annotated[int, typer.Option("--num-prompts", "-n", min=0, help="Requests per level (0: max(8, 4 x concurrency)).")] = 0,
   max_tokens: Annotated[int, typer.Option(min=1, help="Tokens generated per request.")] = 32,
@@ -255,7 +255,7 @@ def bench_serve(
   ignore_eos: Annotated[bool, typer.Option(help="Generate exactly max_tokens tokens per request.")] = True,
   warmup: Annotated[bool, typer.Option(help="Run each level once untimed first, so JIT capture of new batch shapes is not timed.")] = True,
   api_key: Annotated[str | None, typer.Option(envvar="TINYVLLM_API_KEY", show_default=False, help="Bearer key for the server.")] = None,
-  output_dir: Annotated[Path, typer.Option(help="Where serve-<timestamp>.json and .md go.")] = Path("bench_results"),
+  output_dir: Annotated[Path, typer.Option("--output", "-o", help="Where serve-<timestamp>.json and .md go.")] = Path("bench_results"),
   json_output: Annotated[bool, typer.Option("--json", help="Print the JSON report instead of the table.")] = False,
   timeout: Annotated[float, typer.Option(min=1, help="Seconds to wait for the server and for each request.")] = 600.0,
 ) -> dict:
