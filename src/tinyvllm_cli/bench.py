@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from tinyvllm_cli import ui
-from tinyvllm_cli.bench_common import TOY, BenchError, emit, invocation, resolve_bench_model, resolve_device
+from tinyvllm_cli.bench_common import TOY, BenchError, emit, invocation, machine_info, resolve_bench_model, resolve_device, with_end_load
 
 app = typer.Typer(help="Benchmark tinyvllm: latency (single / sequential / concurrent), throughput (vs peers), KV memory.\n\n"
                        "Example: tinyvllm bench latency, then tinyvllm bench latency --model smollm2",
@@ -52,8 +52,9 @@ def latency(ctx: typer.Context, model: ModelOpt = None, device: DeviceOpt = None
     params = LatencyParams(num_requests, prompt_len, max_tokens, kv_cache_gb)
     if prompt_len + max_tokens > bench_model.model_config().max_position_embeddings:
       raise BenchError(f"--prompt-len + --max-tokens exceed the model's context ({bench_model.model_config().max_position_embeddings})")
+    machine = machine_info(dev)
     rows = run_latency(bench_model, dev, params)
-    emit(latency_report(bench_model, dev, params, rows, invocation(ctx), note or []), output, as_json)
+    emit(latency_report(bench_model, dev, params, rows, invocation(ctx), note or [], with_end_load(machine)), output, as_json)
   except (BenchError, ValueError) as e: ui.fail(e)
 
 
@@ -93,7 +94,7 @@ def throughput(ctx: typer.Context, model: ModelOpt = None, device: DeviceOpt = N
     workload = Workload.nano_vllm(num_seqs, input_len, output_len, mc.vocab_size, seed)
     workload.temperature = temperature
     opts = BackendOptions(EngineOptions(kv_cache_gb, max_num_seqs, max_num_batched_tokens), transformers_batch_size, seed, warmup, torch_threads)
-    results, skipped = [], {}
+    results, skipped, machine = [], {}, machine_info(dev)
     for name in names:
       try: results.append(run_backend(name, bench_model, dev, workload, opts))
       except BackendUnavailable as e: skipped[name] = str(e)
@@ -102,7 +103,8 @@ def throughput(ctx: typer.Context, model: ModelOpt = None, device: DeviceOpt = N
         skipped[name] = f"failed ({type(e).__name__}: {ui.one_line(e)[:300]})"
       if name in skipped: ui.err.print(f"{name}: {skipped[name]}; skipped", soft_wrap=True, highlight=False, markup=False)
     if not results: raise BenchError("no backend ran: " + "; ".join(f"{n}: {why}" for n, why in skipped.items()))
-    report = throughput_report(bench_model, dev, workload, _json_params(ctx.params), results, skipped, invocation(ctx), note or [])
+    report = throughput_report(bench_model, dev, workload, _json_params(ctx.params), results, skipped, invocation(ctx), note or [],
+                                with_end_load(machine))
     emit(report, output, as_json)
   except (BenchError, ValueError) as e: ui.fail(e)
 
@@ -126,5 +128,9 @@ def memory(ctx: typer.Context, model: Annotated[Optional[str], typer.Option("--m
     dtype_bytes = 4 if dev == "CPU" else 2  # the engine keeps the KV in float32 on CPU, float16 elsewhere
     params = MemoryParams(kv_cache_gb, block_size, max_model_len, seed)
     result = run_memory(bench_model.model_config(), params, dtype_bytes)
-    emit(memory_report(bench_model, dev, dtype_bytes, params, result, invocation(ctx), note or []), output, as_json)
+    emit(memory_report(bench_model, dev, dtype_bytes, params, result, invocation(ctx), note or [], machine_info(dev)), output, as_json)
   except (BenchError, ValueError) as e: ui.fail(e)
+
+
+from tinyvllm_cli.bench_serve import bench_serve  # noqa: E402  (the serve preset lives in its own module)
+app.command("serve")(bench_serve)

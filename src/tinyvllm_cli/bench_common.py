@@ -205,8 +205,14 @@ def machine_info(device: str) -> dict:
           "env": {k: v for k in ("DEV", "JITBEAM", "BEAM", "DEBUG", "OMP_NUM_THREADS") if (v := os.environ.get(k)) is not None}}
 
 
+def with_end_load(machine: dict) -> dict:
+  """machine_info taken before the run, plus the load average after it (other jobs on a shared machine)."""
+  return machine | {"load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
 def machine_line(m: dict) -> str:
   load = f", load average {m['load_average'][0]:.2f} at start" if m.get("load_average") else ""
+  load += f" and {m['load_average_end'][0]:.2f} at the end" if m.get("load_average_end") else ""
   beam = f", JITBEAM={m['env']['JITBEAM']}" if "JITBEAM" in m["env"] else ""
   return (f"{m['platform']}, {m['cpu_count']} CPUs{load}; tinygrad {m['tinygrad']} on {m['tinygrad_backend']}{beam}; "
           f"tinyvllm {m['tinyvllm']}; Python {m['python']}")

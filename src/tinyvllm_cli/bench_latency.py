@@ -6,7 +6,7 @@ import random
 import statistics
 from dataclasses import asdict, dataclass
 
-from tinyvllm_cli.bench_common import BenchModel, Report, machine_info, machine_line, markdown_table, now, progress_bar, timestamp
+from tinyvllm_cli.bench_common import BenchModel, Report, machine_line, markdown_table, now, progress_bar, timestamp
 
 
 @dataclass
@@ -141,8 +141,9 @@ def speedup(rows: list[LatencyRow]) -> float:
   return rows[2].tokens_per_s / rows[1].tokens_per_s
 
 
-def latency_report(model: BenchModel, device: str, p: LatencyParams, rows: list[LatencyRow], command: str, notes: list[str]) -> Report:
-  machine, bound = machine_info(device), decode_bound(model, device)
+def latency_report(model: BenchModel, device: str, p: LatencyParams, rows: list[LatencyRow], command: str, notes: list[str],
+                   machine: dict) -> Report:
+  bound = decode_bound(model, device)
   data = {"preset": "latency", "command": command, "timestamp": timestamp(), "model": model.describe(), "device": device,
           "parameters": asdict(p) | {"temperature": 0.0, "ignore_eos": True, "prompts": "distinct random token ids"},
           "machine": machine, "results": [r.summary() for r in rows], "concurrent_vs_sequential_speedup": speedup(rows),

@@ -11,7 +11,7 @@ import random
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Iterator
 
-from tinyvllm_cli.bench_common import BenchError, BenchModel, Report, machine_info, machine_line, markdown_table, timestamp
+from tinyvllm_cli.bench_common import BenchError, BenchModel, Report, machine_line, markdown_table, timestamp
 
 if TYPE_CHECKING:
   from tinyvllm_core import ModelConfig
@@ -115,8 +115,7 @@ def run_memory(mc: ModelConfig, p: MemoryParams, dtype_bytes: int) -> MemoryResu
 
 
 def memory_report(model: BenchModel, device: str, dtype_bytes: int, p: MemoryParams, r: MemoryResult, command: str,
-                  notes: list[str]) -> Report:
-  machine = machine_info(device)
+                  notes: list[str], machine: dict) -> Report:
   fits = {"naive": asdict(r.naive) | {"wasted_fraction": r.naive.wasted, "block_manager_sequences": r.naive_block_manager},
           "paged": asdict(r.paged) | {"wasted_fraction": r.paged.wasted, "block_manager_sequences": r.paged_block_manager}}
   data = {"preset": "memory", "command": command, "timestamp": timestamp(), "model": model.describe(), "device": device,

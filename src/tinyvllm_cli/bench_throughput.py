@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass, field
 
-from tinyvllm_cli.bench_common import BenchModel, Report, machine_info, machine_line, markdown_table, now, progress_bar, timestamp
+from tinyvllm_cli.bench_common import BenchModel, Report, machine_line, markdown_table, now, progress_bar, timestamp
 
 
 @dataclass
@@ -125,8 +125,7 @@ def comparison_lines(results: list[BackendResult]) -> list[str]:
 
 
 def throughput_report(model: BenchModel, device: str, workload: Workload, params: dict, results: list[BackendResult],
-                      skipped: dict[str, str], command: str, notes: list[str]) -> Report:
-  machine = machine_info(device)
+                      skipped: dict[str, str], command: str, notes: list[str], machine: dict) -> Report:
   data = {"preset": "throughput", "command": command, "timestamp": timestamp(), "model": model.describe(), "device": device,
           "parameters": params, "workload": workload.describe(), "machine": machine,
           "results": {r.backend: r.summary() for r in results}, "skipped": skipped,
