@@ -122,30 +122,33 @@ def run_transformers(model: BenchModel, device: str, workload: Workload, opts: B
   order = sorted(range(n), key=lambda i: (workload.output_lens[i], len(workload.prompts[i])))
   batches = [order[i:i + bs] for i in range(0, n, bs)]
   _hf_generate(hf, torch_device, [workload.prompts[0][:8]], [16], workload.temperature, lambda k: None)  # warm-up
-  requests: dict[int, dict] = {}
   with progress_bar(f"transformers ({model.name}, {torch_device})", workload.gen_tokens) as advance:
     t0 = now()
-    for batch in batches:
-      lens = [workload.output_lens[i] for i in batch]
-      start, ticks = now() - t0, []
-      def on_step(k: int) -> None:
-        ticks.append(now() - t0)
-        advance(sum(1 for m in lens if m >= k))
-      _hf_generate(hf, torch_device, [workload.prompts[i] for i in batch], lens, workload.temperature, on_step)
-      for i, m in zip(batch, lens):
-        requests[i] = {"prompt_tokens": len(workload.prompts[i]), "output_tokens": m, "arrival": start, "first_token": ticks[0],
-                       "finish": ticks[m - 1], "batch_finish": now() - t0}
+    requests = [r for batch in batches for r in _timed_batch(hf, torch_device, workload, batch, t0, advance)]
     duration = now() - t0
+  requests = [r for _, r in sorted(zip((i for b in batches for i in b), requests), key=lambda pair: pair[0])]  # workload order
   computed = sum(len(b) * max(workload.output_lens[i] for i in b) for b in batches)
   notes.append(f"{torch.get_num_threads()} torch CPU thread(s); tinygrad's CPU backend computes on one core")
   notes.append(f"static batches of {bs} requests (sorted by output length, left-padded); {workload.gen_tokens:,} of the "
                f"{computed:,} tokens decoded were within each request's own max_tokens and are counted")
   info = {"version": version("transformers"), "torch": version("torch"), "torch_device": torch_device,
           "torch_threads": torch.get_num_threads(), "batch_size": bs, "computed_gen_tokens": computed, "notes": notes}
-  return BackendResult("transformers", n, workload.input_tokens, workload.gen_tokens, duration, [requests[i] for i in range(n)], info)
+  return BackendResult("transformers", n, workload.input_tokens, workload.gen_tokens, duration, requests, info)
 
 
-def _transformers_model(model: BenchModel, device: str):
+def _timed_batch(hf, torch_device: str, workload: Workload, batch: list[int], t0: float, advance) -> list[dict]:
+  """One generate call; a request's finish is the step that produced its own last counted token."""
+  lens, start, ticks = [workload.output_lens[i] for i in batch], now() - t0, []
+  def on_step(k: int) -> None:
+    ticks.append(now() - t0)
+    advance(sum(1 for m in lens if m >= k))
+  _hf_generate(hf, torch_device, [workload.prompts[i] for i in batch], lens, workload.temperature, on_step)
+  end = now() - t0
+  return [{"prompt_tokens": len(workload.prompts[i]), "output_tokens": m, "arrival": start, "first_token": ticks[0],
+           "finish": ticks[m - 1], "batch_finish": end} for i, m in zip(batch, lens)]
+
+
+def _transformers_model(model: BenchModel, device: str) -> tuple[object, str, list[str]]:
   import torch
   from transformers import AutoConfig, AutoModelForCausalLM
   torch_device = "cuda" if device in ("CUDA", "NV") and torch.cuda.is_available() else \
