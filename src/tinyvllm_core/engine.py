@@ -2,7 +2,6 @@ from __future__ import annotations
 import itertools, random
 from dataclasses import dataclass, field
 from pathlib import Path
-import numpy as np
 from tinygrad import Tensor, Device, dtypes
 from tinygrad.helpers import DEV
 from .block_manager import BlockManager
