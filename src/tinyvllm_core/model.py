@@ -3,6 +3,7 @@ import numpy as np
 from tinygrad import Tensor, dtypes
 from tinygrad.dtype import DType
 from tinygrad.uop.ops import UOp, Ops, KernelInfo, AxisType
+from tinygrad.codegen.opt import Opt, OptOps
 from .config import ModelConfig
 
 # Paged KV write and attention as small UOp kernels: they read through the block table instead of
@@ -34,12 +35,40 @@ def _paged_pv(out: UOp, p: UOp, v_pool: UOp, block_tables: UOp) -> UOp:
   acc = p[n, h, t].load() * vf[slot, h // (num_heads // num_kv_heads), d].load().cast(dtypes.float32)
   return out.index(n, h, d).store(acc.reduce(t, arg=Ops.ADD).cast(out.dtype)).end(n, h, d).sink(arg=KernelInfo(name="paged_pv"))
 
+# On CPU, tinygrad's default matmul keeps one scalar accumulator per output and runs at ~5 GFLOPS here. Weights are
+# stored as panels [N/8, K, 8] instead: the kernel streams one contiguous panel at a time and keeps an 8-column x
+# 4-row block of accumulators in registers (~30-40 GFLOPS, 4-5x; B=1 reaches memory speed). Other devices keep
+# [N, K] and tinygrad's own matmul heuristics.
+PANEL = 8
+
+def to_panels(w: Tensor) -> Tensor:
+  n, k = w.shape
+  return w.reshape(n // PANEL, PANEL, k).permute(0, 2, 1).contiguous()
+
+def _panel_matmul(out: UOp, x: UOp, w: UOp) -> UOp:
+  (num_panels, K, P), M = w.shape, x.shape[0]
+  t, m, j, k = UOp.range(num_panels, 0), UOp.range(M, 1), UOp.range(P, 2), UOp.range(K, 3, AxisType.REDUCE)
+  acc = (x[m, k].load().cast(dtypes.float32) * w[t, k, j].load().cast(dtypes.float32)).reduce(k, arg=Ops.ADD)
+  # register block: 4 rows x 8 columns, or 4 panels x 8 columns for one row
+  rows = 4 if M % 4 == 0 else 2 if M % 2 == 0 else 1
+  panels = min(4 // rows, max(d for d in (1, 2, 4) if num_panels % d == 0))
+  axis = [a for a, size in (("panel", num_panels), ("row", M), ("col", P)) if size > 1].index  # opts skip size-1 ranges
+  block = tuple(Opt(OptOps.UPCAST, axis(a), n) for a, n in (("col", P), ("row", rows), ("panel", panels)) if n > 1)
+  st = out.index(m, t * P + j).store(acc.cast(out.dtype)).end(t, m, j)
+  return st.sink(arg=KernelInfo(name=f"linear_{M}_{num_panels * P}_{K}", opts_to_apply=block))
+
+def linear(x: Tensor, w: Tensor) -> Tensor:
+  if w.ndim == 2: return x @ w.T
+  return Tensor.empty(x.shape[0], w.shape[0] * w.shape[2], dtype=x.dtype, device=x.device).custom_kernel(x.contiguous(), w, fxn=_panel_matmul)[0]
+
 def _gather_rows(out: UOp, table: UOp, index: UOp) -> UOp:
   i, j = UOp.range(out.shape[0], 0), UOp.range(out.shape[1], 1)
-  st = out.index(i, j).store(table[index[i].cast(dtypes.weakint), j].load())
-  return st.end(i, j).sink(arg=KernelInfo(name="gather_rows", opts_to_apply=()))
+  row = index[i].cast(dtypes.weakint)
+  value = table[row, j] if len(table.shape) == 2 else table[row // table.shape[2], j, row % table.shape[2]]
+  return out.index(i, j).store(value.load()).end(i, j).sink(arg=KernelInfo(name="gather_rows", opts_to_apply=()))
 
 def gather_rows(table: Tensor, index: Tensor) -> Tensor:
+  """Rows of a [rows, D] table, or of a [rows/8, D, 8] panel table, picked by index."""
   return Tensor.empty(index.shape[0], table.shape[1], dtype=table.dtype, device=table.device).custom_kernel(table, index, fxn=_gather_rows)[0]
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -51,6 +80,7 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
   return (x1 * cos - x2 * sin).cat(x2 * cos + x1 * sin, dim=-1)
 
 LAYER_WEIGHTS = ("attn_norm", "qkv", "qkv_bias", "q_norm", "k_norm", "o", "mlp_norm", "gate_up", "down")
+MATMUL_WEIGHTS = ("qkv", "o", "gate_up", "down", "lm_head")
 
 class Model:
   """Llama / Qwen2 / Qwen3 decoder over a flat batch of tokens with a paged KV cache.
@@ -59,6 +89,11 @@ class Model:
   every layer with that layer's weights and pools as inputs) and head separately."""
   def __init__(self, config: ModelConfig, weights: dict[str, Tensor], num_blocks: int, block_size: int, dtype: DType):
     self.config, self.weights, c = config, weights, config
+    if weights["lm_head"].device.startswith("CPU"):
+      tied = weights["lm_head"] is weights["embed"]
+      for name, w in weights.items():
+        if name.split(".")[-1] in MATMUL_WEIGHTS and w.shape[0] % PANEL == 0: weights[name] = to_panels(w).realize()
+      if tied: weights["embed"] = weights["lm_head"]  # embed gathers its rows from the lm_head panels
     self.inv_freq = Tensor(1.0 / (c.rope_theta ** (np.arange(0, c.head_dim, 2, dtype=np.float64) / c.head_dim)), dtype=dtypes.float32).realize()
     pool_shape = (num_blocks, block_size, c.num_kv_heads, c.head_dim)
     self.k_pools = [Tensor.zeros(*pool_shape, dtype=dtype).contiguous().realize() for _ in range(c.num_layers)]
@@ -75,7 +110,7 @@ class Model:
     c, N = self.config, x.shape[0]
     freqs = positions.float().reshape(-1, 1, 1) * self.inv_freq.reshape(1, 1, -1)
     cos, sin = freqs.cos(), freqs.sin()
-    qkv = rms_norm(x, w["attn_norm"], c.rms_norm_eps) @ w["qkv"].T
+    qkv = linear(rms_norm(x, w["attn_norm"], c.rms_norm_eps), w["qkv"])
     if c.qkv_bias: qkv = qkv + w["qkv_bias"]
     q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     q = qkv[:, :q_size].reshape(N, c.num_heads, c.head_dim)
@@ -88,11 +123,11 @@ class Model:
     mask = Tensor.arange(width).reshape(1, 1, width) < context_lens.reshape(N, 1, 1)
     probs = mask.where(scores, float("-inf")).softmax(-1).contiguous()
     attn = Tensor.empty(N, c.num_heads, c.head_dim, dtype=x.dtype).custom_kernel(probs, v_pool, block_tables, fxn=_paged_pv)[0]
-    x = x + attn.reshape(N, q_size) @ w["o"].T
-    gate, up = (rms_norm(x, w["mlp_norm"], c.rms_norm_eps) @ w["gate_up"].T).chunk(2, dim=-1)
-    return x + (gate.silu() * up).contiguous() @ w["down"].T
+    x = x + linear(attn.reshape(N, q_size), w["o"])
+    gate, up = linear(rms_norm(x, w["mlp_norm"], c.rms_norm_eps), w["gate_up"]).chunk(2, dim=-1)
+    return x + linear((gate.silu() * up).contiguous(), w["down"])
 
   def head(self, x: Tensor, logits_indices: Tensor) -> Tensor:
     """-> float32 logits [len(logits_indices), vocab] of the selected token rows."""
     x = rms_norm(gather_rows(x, logits_indices), self.weights["norm"], self.config.rms_norm_eps)
-    return (x @ self.weights["lm_head"].T).float()
+    return linear(x, self.weights["lm_head"]).float()
