@@ -104,6 +104,19 @@ def test_throughput_random_weights_with_a_peer_that_cannot_run(tmp_path: Path, t
   assert "| Metric | tinyvllm |" in md and "Skipped nanovllm:" in md
 
 
+def test_throughput_compares_engine_replicas_in_one_run(tmp_path: Path, tiny_config: Path):
+  out = tmp_path / "results"
+  r = bench("throughput", "--model", str(tiny_config), *SMALL_THROUGHPUT, "--replicas", "1", "--replicas", "2", "--device", "CPU",
+            "--output", str(out))
+  assert r.exit_code == 0, r.output
+  data, md = written(out, "throughput-tiny-qwen3-random-cpu-")
+  one, two = data["results"]["tinyvllm"], data["results"]["tinyvllm x2"]
+  assert one["gen_tokens"] == two["gen_tokens"] == sum(Workload.nano_vllm(**SMALL, vocab_size=512).output_lens)
+  assert two["info"]["engine"]["num_replicas"] == 2 and two["info"]["stats"]["num_replicas"] == 2
+  assert "| Metric | tinyvllm | tinyvllm x2 | tinyvllm x2 / tinyvllm |" in md
+  assert bench("throughput", "--model", str(tiny_config), "--replicas", "0").exit_code != 0
+
+
 def test_throughput_transformers_vs_a_missing_backend(tmp_path: Path, tiny_config: Path):
   pytest.importorskip("torch")
   pytest.importorskip("transformers")

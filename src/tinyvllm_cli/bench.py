@@ -1,8 +1,9 @@
-"""`tinyvllm bench latency | throughput | memory`: the seed tables, written to bench_results/ as JSON + markdown.
+"""`tinyvllm bench latency | throughput | memory | profile`: the seed tables and the decode-step profile, written
+to bench_results/ as JSON + markdown.
 
-The presets live in bench_latency.py, bench_throughput.py (+ bench_backends.py for the peers) and
-bench_memory.py; what they share (models, machine, reports) in bench_common.py. This module only
-parses options, checks them and turns every expected failure into one line."""
+The presets live in bench_latency.py, bench_throughput.py (+ bench_backends.py for the peers), bench_memory.py
+and bench_profile.py; what they share (models, machine, reports) in bench_common.py. This module only parses
+options, checks them and turns every expected failure into one line."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,7 +14,7 @@ import typer
 from tinyvllm_cli import ui
 from tinyvllm_cli.bench_common import TOY, BenchError, emit, invocation, machine_info, resolve_bench_model, resolve_device, with_end_load
 
-app = typer.Typer(help="Benchmark tinyvllm: latency (single / sequential / concurrent), throughput (vs peers), KV memory.\n\n"
+app = typer.Typer(help="Benchmark tinyvllm: latency (single / sequential / concurrent), throughput (vs peers), KV memory, decode-step profile.\n\n"
                        "Example: tinyvllm bench latency, then tinyvllm bench latency --model smollm2",
                   no_args_is_help=True)
 
@@ -74,6 +75,7 @@ def throughput(ctx: typer.Context, model: ModelOpt = None, device: DeviceOpt = N
                transformers_batch_size: Annotated[int, typer.Option("--transformers-batch-size", min=1, help="transformers: requests per generate call.")] = 8,
                torch_threads: Annotated[Optional[int], typer.Option("--torch-threads", min=1, help="transformers: torch CPU threads (default: torch's, one per core).")] = None,
                warmup: Annotated[str, typer.Option("--warmup", help="tinyvllm warm-up: `full` (the workload once, untimed, so no JIT capture is timed) or `one` (nano-vllm's one request).")] = "full",
+               replicas: Annotated[Optional[list[int]], typer.Option("--replicas", "-r", min=1, help="tinyvllm engine processes (one per CPU core); repeat to compare, e.g. -r 1 -r 2.")] = None,
                as_json: JsonOpt = False, output: OutputOpt = Path("bench_results"), note: NoteOpt = None) -> None:
   """The seed's throughput table on nano-vllm's workload (256 sequences, prompts and outputs of 100-1024 tokens).
 
@@ -93,13 +95,15 @@ def throughput(ctx: typer.Context, model: ModelOpt = None, device: DeviceOpt = N
       raise BenchError(f"--input-len MAX + --output-len MAX = {input_len[1] + output_len[1]} exceeds the model's context ({mc.max_position_embeddings})")
     workload = Workload.nano_vllm(num_seqs, input_len, output_len, mc.vocab_size, seed)
     workload.temperature = temperature
-    opts = BackendOptions(EngineOptions(kv_cache_gb, max_num_seqs, max_num_batched_tokens), transformers_batch_size, seed, warmup, torch_threads)
+    runs = [(name, BackendOptions(EngineOptions(kv_cache_gb, max_num_seqs, max_num_batched_tokens, r), transformers_batch_size, seed, warmup, torch_threads))
+            for name in names for r in (dict.fromkeys(replicas or [1]) if name == "tinyvllm" else [1])]
     results, skipped, machine = [], {}, machine_info(dev)
-    for name in names:
-      try: results.append(run_backend(name, bench_model, dev, workload, opts))
+    for name, opts in runs:
+      if name == "tinyvllm": name = opts.engine.label
+      try: results.append(run_backend("tinyvllm" if name.startswith("tinyvllm") else name, bench_model, dev, workload, opts))
       except BackendUnavailable as e: skipped[name] = str(e)
       except Exception as e:  # a peer's own failure: one line, never a traceback
-        if name == "tinyvllm": raise
+        if name.startswith("tinyvllm"): raise
         skipped[name] = f"failed ({type(e).__name__}: {ui.one_line(e)[:300]})"
       if name in skipped: ui.err.print(f"{name}: {skipped[name]}; skipped", soft_wrap=True, highlight=False, markup=False)
     if not results: raise BenchError("no backend ran: " + "; ".join(f"{n}: {why}" for n, why in skipped.items()))
@@ -129,6 +133,34 @@ def memory(ctx: typer.Context, model: Annotated[Optional[str], typer.Option("--m
     params = MemoryParams(kv_cache_gb, block_size, max_model_len, seed)
     result = run_memory(bench_model.model_config(), params, dtype_bytes)
     emit(memory_report(bench_model, dev, dtype_bytes, params, result, invocation(ctx), note or [], machine_info(dev)), output, as_json)
+  except (BenchError, ValueError) as e: ui.fail(e)
+
+
+@app.command("profile")
+def profile(ctx: typer.Context, model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model: path, pulled repo id or `smollm2`; with --random-weights a shipped config (repo id), config.json, folder or .gguf.")] = "smollm2",
+            device: DeviceOpt = None,
+            random_weights: Annotated[bool, typer.Option("--random-weights", help="The model's real shapes (shipped config, config.json path, folder or GGUF) with random weights.")] = False,
+            batch_sizes: Annotated[str, typer.Option("--batch-sizes", "-b", help="Comma-separated batch sizes (sequences decoding at once).")] = "1,8,32",
+            steps: Annotated[int, typer.Option("--steps", min=1, help="Decode steps timed per batch size.")] = 10,
+            prompt_len: Annotated[int, typer.Option("--prompt-len", min=1, help="Prompt length in tokens (random ids).")] = 32,
+            warmup_steps: Annotated[int, typer.Option("--warmup-steps", min=0, help="Untimed decode steps once all sequences decode.")] = 3,
+            seed: Annotated[int, typer.Option("--seed", help="Seed of the random prompts.")] = 0,
+            kv_cache_gb: KvOpt = 1.0, as_json: JsonOpt = False, output: OutputOpt = Path("bench_results"), note: NoteOpt = None) -> None:
+  """Profile the decode step per batch size: step time, tokens/s, the engine's phases, the kernel time per part of
+  the model (tinygrad DEBUG=2) and the Python/host share of the step.
+
+  Example: tinyvllm bench profile --model Qwen/Qwen3-0.6B --random-weights --batch-sizes 1,8"""
+  from tinyvllm_cli.bench_profile import ProfileParams, parse_batch_sizes, profile_report, run_profile
+  try:
+    params = ProfileParams(parse_batch_sizes(batch_sizes), steps, prompt_len, warmup_steps, kv_cache_gb, seed)
+    dev = resolve_device(device)
+    bench_model = resolve_bench_model(model, random_weights)
+    if prompt_len >= bench_model.model_config().max_position_embeddings:
+      raise BenchError(f"--prompt-len {prompt_len} is not shorter than the model's context ({bench_model.model_config().max_position_embeddings})")
+    dtype = "float32" if dev == "CPU" else "float16"  # the engine's default (auto) dtype
+    machine = machine_info(dev)
+    results = run_profile(bench_model, dev, params)
+    emit(profile_report(bench_model, dev, dtype, params, results, invocation(ctx), note or [], with_end_load(machine)), output, as_json)
   except (BenchError, ValueError) as e: ui.fail(e)
 
 

@@ -7,10 +7,11 @@ CUDA graphs at start-up; tinygrad captures a JIT per new batch shape on first si
 warm-up runs the workload once untimed (`--warmup one` is nano-vllm's single request)."""
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import asdict, dataclass, field
 
-from tinyvllm_cli.bench_common import BenchModel, Report, machine_line, markdown_table, now, progress_bar, timestamp
+from tinyvllm_cli.bench_common import BenchModel, Report, machine_line, markdown_table, now, progress_bar, random_model_files, timestamp
 
 
 @dataclass
@@ -43,9 +44,13 @@ class Workload:
 
 @dataclass
 class EngineOptions:
-  kv_cache_gb: float = 1.0
+  kv_cache_gb: float = 1.0  # in all: replicas split it
   max_num_seqs: int = 32
   max_num_batched_tokens: int = 512
+  num_replicas: int = 1  # engine processes (tinygrad runs a CPU kernel on one core; replicas use the others)
+
+  @property
+  def label(self) -> str: return "tinyvllm" if self.num_replicas == 1 else f"tinyvllm x{self.num_replicas}"
 
 
 @dataclass
@@ -71,20 +76,34 @@ def run_tinyvllm(model: BenchModel, device: str, workload: Workload, opts: Engin
   """warmup "full": the workload once untimed, with other token ids (so the prefix cache cannot help) and the
   same lengths, so the scheduler builds the same batches and every JIT capture happens before timing;
   "one": nano-vllm's single warm-up request (JIT captures of new batch shapes are then timed)."""
-  from tinyvllm_core import LLMEngine, SamplingParams
-  engine = LLMEngine(model.files(device), device=device, **asdict(opts))
+  from tinyvllm_core import SamplingParams, make_engine
+  engine = make_engine(_engine_source(model, device, opts.num_replicas), device=device, **asdict(opts))
+  try: return _run_tinyvllm(engine, model, device, workload, opts, warmup)
+  finally:
+    if hasattr(engine, "shutdown"): engine.shutdown()
+
+
+def _engine_source(model: BenchModel, device: str, num_replicas: int):
+  """What the engine loads: the ModelFiles here, or what each replica process loads for itself."""
+  if num_replicas == 1: return model.files(device)
+  if model.random_weights: return functools.partial(random_model_files, model.model_config(), device)
+  return model.path
+
+
+def _run_tinyvllm(engine, model: BenchModel, device: str, workload: Workload, opts: EngineOptions, warmup: str) -> BackendResult:
+  from tinyvllm_core import SamplingParams
   params = [SamplingParams(temperature=workload.temperature, max_tokens=n, ignore_eos=True) for n in workload.output_lens]
   if warmup == "full":
-    with progress_bar(f"tinyvllm warm-up ({model.name}, {device})", workload.gen_tokens) as advance:
+    with progress_bar(f"{opts.label} warm-up ({model.name}, {device})", workload.gen_tokens) as advance:
       _generate(engine, workload.other_tokens().prompts, params, advance)
   else:
     prompt = engine.encode("Benchmark: ") if engine.tokenizer else workload.prompts[0][:8]
     _generate(engine, [prompt], [SamplingParams(temperature=workload.temperature, max_tokens=16, ignore_eos=True)], lambda n: None)
-  with progress_bar(f"tinyvllm ({model.name}, {device})", workload.gen_tokens) as advance:
+  with progress_bar(f"{opts.label} ({model.name}, {device})", workload.gen_tokens) as advance:
     t0 = now()
     requests = _generate(engine, workload.prompts, params, advance)
     duration = now() - t0
-  return BackendResult("tinyvllm", len(requests), sum(r["prompt_tokens"] for r in requests), sum(r["output_tokens"] for r in requests),
+  return BackendResult(opts.label, len(requests), sum(r["prompt_tokens"] for r in requests), sum(r["output_tokens"] for r in requests),
                        duration, requests, {"engine": asdict(opts), "warmup": warmup, "max_model_len": engine.max_model_len,
                                             "stats": engine.stats()})
 

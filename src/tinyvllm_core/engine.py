@@ -1,5 +1,5 @@
 from __future__ import annotations
-import itertools, random
+import itertools, random, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from tinygrad import Tensor, Device, dtypes
@@ -86,6 +86,7 @@ class LLMEngine:
     self._base_seeds: dict[str, int] = {}
     self._counter = itertools.count()
     self.num_prompt_tokens = self.num_generated_tokens = 0
+    self.last_step_timings: dict[str, float] = {}  # seconds spent in each phase of the last step (profiling)
 
   # ---- requests ----
   def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
@@ -127,15 +128,21 @@ class LLMEngine:
 
   # ---- one step of continuous batching ----
   def step(self) -> list[RequestOutput]:
+    t0 = time.perf_counter()
     out = self.scheduler.schedule()
     if not out.scheduled: return []
     seeds = [hash((self._base_seeds[s.request_id], len(s.output_token_ids))) & 0xFFFFFFFF for s, n in out.scheduled
              if s.num_computed_tokens + n == s.num_tokens]
+    t1 = time.perf_counter()
     sampled, next_ids = self.runner.execute(out.scheduled, seeds)
+    t2 = time.perf_counter()
     for seq, n in out.scheduled:
       seq.num_computed_tokens += n
       self.block_manager.cache_full_blocks(seq)
-    return [self._append_token(seq, tok) for seq, tok in zip(sampled, next_ids)]
+    outputs = [self._append_token(seq, tok) for seq, tok in zip(sampled, next_ids)]
+    self.last_step_timings = {"schedule_s": t1 - t0, **self.runner.last_timings, "postprocess_s": time.perf_counter() - t2,
+                              "num_tokens": sum(n for _, n in out.scheduled), "num_seqs": len(sampled)}
+    return outputs
 
   def _append_token(self, seq: Sequence, token_id: int) -> RequestOutput:
     seq.output_token_ids.append(token_id)
@@ -161,8 +168,9 @@ class LLMEngine:
 
 class LLM:
   """Offline batch generation: LLM(path).generate(prompts, params)."""
-  def __init__(self, model: str | Path | ModelFiles, **kwargs):
-    self.engine = LLMEngine(model, **kwargs)
+  def __init__(self, model: str | Path | ModelFiles, num_replicas: int = 1, **kwargs):
+    from .replicas import make_engine
+    self.engine = make_engine(model, num_replicas, **kwargs)
 
   def generate(self, prompts: str | list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
     prompts = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else prompts

@@ -1,4 +1,5 @@
 from __future__ import annotations
+import time
 from dataclasses import dataclass
 import numpy as np
 from tinygrad import Tensor, TinyJit, dtypes
@@ -90,6 +91,7 @@ class ModelRunner:
     return shape, a, sampled
 
   def execute(self, scheduled: list[tuple[Sequence, int]], seeds: list[int]) -> tuple[list[Sequence], list[int]]:
+    t0 = time.perf_counter()
     shape, arrays, sampled = self.prepare(scheduled, seeds)
     if shape not in self.inputs:
       self.inputs[shape] = {k: Tensor.zeros(*arrays[k].shape, dtype=dt).contiguous().realize() for k, dt in INPUT_DTYPES.items()}
@@ -97,7 +99,10 @@ class ModelRunner:
     for k, t in bufs.items():  # update the persistent input buffers in place
       buf = t.uop.buffer
       buf.allocator._copyin(buf._buf, memoryview(np.ascontiguousarray(arrays[k], dtype=_NP[k])).cast("B"))
+    t1 = time.perf_counter()
     next_ids, self.last_logits = self._forward(shape, bufs)  # logits stay on the device; tests read them
-    return sampled, next_ids.numpy()[:len(sampled)].tolist()
+    next_ids = next_ids.numpy()[:len(sampled)].tolist()
+    self.last_timings = {"prepare_s": t1 - t0, "forward_s": time.perf_counter() - t1}  # forward: kernel launches + device time
+    return sampled, next_ids
 
 _NP = {k: np.uint32 if k == "seeds" else np.float32 if dt == dtypes.float32 else np.int32 for k, dt in INPUT_DTYPES.items()}
