@@ -280,9 +280,10 @@ def test_bounded_load_run_has_no_failures_and_frees_every_block(srv, tmp_path, c
 
 # ---- the command and the real model ------------------------------------------------------------
 
-def test_cli_serves_until_ctrl_c(checkpoints):
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_cli_serves_until_ctrl_c(checkpoints, replicas):
   cmd = [sys.executable, "-m", "tinyvllm_cli", "serve-lite", "--model", str(checkpoints["llama"][0]), "--port", "0",
-         "--device", "CPU", "--served-model-name", MODEL]
+         "--device", "CPU", "--served-model-name", MODEL, "--replicas", str(replicas)]
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
   try:
     lines = [proc.stdout.readline(), proc.stdout.readline()]
@@ -290,12 +291,15 @@ def test_cli_serves_until_ctrl_c(checkpoints):
     port = int(re.search(r"http://127\.0\.0\.1:(\d+)/v1", lines[0]).group(1))
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     conn.request("GET", "/health")
-    assert conn.getresponse().status == 200
+    health = conn.getresponse()
+    assert health.status == 200 and health.read()
+    conn.request("POST", "/v1/completions", json.dumps({"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 3}), {"Content-Type": "application/json"})
+    assert json.loads(conn.getresponse().read())["usage"]["completion_tokens"] == 3
     proc.send_signal(signal.SIGINT)
     out, errors = proc.communicate(timeout=30)
   finally:
     proc.kill()
-  assert proc.returncode == 0 and out.strip().splitlines()[-1] == "serve-lite stopped (0 requests served)" and errors == "", (lines, out, errors)
+  assert proc.returncode == 0 and out.strip().splitlines()[-1] == "serve-lite stopped (1 requests served)" and errors == "", (lines, out, errors)
   bad = subprocess.run([*cmd[:4], "--model", "/no/such/model"], capture_output=True, text=True, timeout=60)
   assert bad.returncode == 1 and bad.stderr.startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
 

@@ -79,8 +79,7 @@ def run_tinyvllm(model: BenchModel, device: str, workload: Workload, opts: Engin
   from tinyvllm_core import SamplingParams, make_engine
   engine = make_engine(_engine_source(model, device, opts.num_replicas), device=device, **asdict(opts))
   try: return _run_tinyvllm(engine, model, device, workload, opts, warmup)
-  finally:
-    if hasattr(engine, "shutdown"): engine.shutdown()
+  finally: engine.shutdown()
 
 
 def _engine_source(model: BenchModel, device: str, num_replicas: int):

@@ -125,6 +125,7 @@ class ServerState:
     deadline = time.monotonic() + grace_s
     while self.active and time.monotonic() < deadline: time.sleep(0.02)
     self.loop.shutdown()
+    self.engine.shutdown()
 
 
 # ---- request parsing -----------------------------------------------------------------------------
@@ -536,12 +537,12 @@ def _default_name(model: str | None, path: Path) -> str:
   return models.EMBEDDED_ALIAS if path == models.embedded_model_path() else path.name
 
 
-def _wait(state: ServerState, thread: threading.Thread) -> None:
+def _wait(state: ServerState, thread: threading.Thread, replicas: int = 1) -> None:
   while not state.loaded.wait(0.5): pass
   if state.load_error: return
   engine = state.engine
   say(f"ready: {state.model_name} on {engine.device}, context {engine.max_model_len} tokens, "
-      f"up to {engine.config.max_num_seqs} sequences at once (Ctrl+C stops)")
+      f"up to {engine.config.max_num_seqs} sequences at once{f' in each of {replicas} replicas' if replicas > 1 else ''} (Ctrl+C stops)")
   while thread.is_alive(): thread.join(0.5)
 
 
@@ -559,14 +560,16 @@ def serve_lite(
   kv_cache_gb: Annotated[float, typer.Option(min=0.001, help="Memory for the paged KV cache, in GiB.")] = 1.0,
   served_model_name: Annotated[str | None, typer.Option(show_default=False, help="Model id clients send (default: the --model value).")] = None,
   timeout: Annotated[float, typer.Option(min=0.1, help="Seconds a stalled client may keep its connection idle.")] = SOCKET_TIMEOUT_S,
+  replicas: Annotated[int, typer.Option("--replicas", "-r", min=1, help="Engine processes sharing the requests (CPU: one per core uses them all; "
+                      "each holds the weights, --kv-cache-gb is split).")] = 1,
 ) -> None:
   """Serve a model over an OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics."""
   try: path = models.resolve_model(model)
   except models.ModelNotFoundError as e: fail(e)
 
   def load():
-    from tinyvllm_core import LLMEngine
-    return LLMEngine(path, device=device, kv_cache_gb=kv_cache_gb, max_num_seqs=max_num_seqs, max_model_len=max_model_len)
+    from tinyvllm_core import make_engine
+    return make_engine(path, replicas, device=device, kv_cache_gb=kv_cache_gb, max_num_seqs=max_num_seqs, max_model_len=max_model_len)
 
   name = served_model_name or _default_name(model, path)
   try: server, state = make_server(load, host, port, api_key, name, timeout_s=timeout)
@@ -576,7 +579,7 @@ def serve_lite(
   thread = threading.Thread(target=server.serve_forever, name="tinyvllm-http", daemon=True)
   thread.start()
   say(f"serve-lite: http://{host}:{server.server_address[1]}/v1 serving {name}; loading {path} (/health answers 503 until ready)")
-  try: _wait(state, thread)
+  try: _wait(state, thread, replicas)
   except KeyboardInterrupt: pass
   finally:
     server.shutdown()

@@ -118,6 +118,7 @@ class LLMEngine:
     return self._output(seq, [], "")
 
   def has_unfinished_requests(self) -> bool: return self.scheduler.has_unfinished()
+  def shutdown(self) -> None: pass  # nothing to stop here; ReplicatedEngine stops its processes
 
   def stats(self) -> dict:
     bm = self.block_manager

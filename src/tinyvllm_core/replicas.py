@@ -1,5 +1,5 @@
 from __future__ import annotations
-import itertools, multiprocessing
+import itertools, multiprocessing, signal
 from pathlib import Path
 from typing import Callable
 from .engine import LLMEngine, RequestOutput
@@ -7,6 +7,7 @@ from .loader import ModelFiles
 from .sampling import SamplingParams
 
 def _serve_replica(conn, model, kwargs: dict) -> None:
+  signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the whole process group: the parent decides when replicas stop
   try: engine = LLMEngine(model() if callable(model) else model, **kwargs)  # a callable builds ModelFiles in the replica
   except Exception as e: return conn.send(("error", e))
   f = engine.files
@@ -23,10 +24,11 @@ class ReplicatedEngine:
   encode, decode, apply_chat_template = LLMEngine.encode, LLMEngine.decode, LLMEngine.apply_chat_template
 
   def __init__(self, model: str | Path | ModelFiles | Callable[[], ModelFiles], num_replicas: int, **kwargs):
-    ctx, self.conns = multiprocessing.get_context("spawn"), []
+    ctx, self.conns, self.procs = multiprocessing.get_context("spawn"), [], []
     for _ in range(num_replicas):
       parent, child = ctx.Pipe()
-      ctx.Process(target=_serve_replica, args=(child, model, kwargs), daemon=True).start()
+      self.procs.append(ctx.Process(target=_serve_replica, args=(child, model, kwargs), daemon=True))
+      self.procs[-1].start()
       self.conns.append(parent)
     try: infos = [self._recv(c) for c in self.conns]
     except BaseException: self.shutdown(); raise
@@ -82,6 +84,9 @@ class ReplicatedEngine:
     for conn in self.conns:
       try: conn.send(("close", ()))
       except OSError: pass
+    for proc in self.procs:
+      proc.join(timeout=10)
+      if proc.is_alive(): proc.kill()
 
 def make_engine(model: str | Path | ModelFiles | Callable[[], ModelFiles], num_replicas: int = 1, **kwargs) -> LLMEngine | ReplicatedEngine:
   """One engine, or num_replicas engine processes that split kv_cache_gb between them."""
