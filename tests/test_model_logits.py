@@ -34,5 +34,5 @@ def test_float16_engine_stays_close_to_reference(checkpoints):
 
 def test_bad_engine_settings(checkpoints):
   from tinyvllm_core import ConfigError
-  for kw in (dict(block_size=0), dict(kv_cache_gb=0), dict(dtype="int4"), dict(max_num_seqs=0)):
+  for kw in (dict(block_size=0), dict(kv_cache_gb=0), dict(dtype="int4"), dict(max_num_seqs=0), dict(quantize="int4")):
     with pytest.raises(ConfigError): LLMEngine(checkpoints["llama"][0], device="CPU", **kw)

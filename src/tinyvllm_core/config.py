@@ -62,6 +62,7 @@ class EngineConfig:
   max_model_len: int | None = None
   enable_prefix_caching: bool = True
   dtype: str = "auto"  # float32 | float16 | bfloat16; auto = float32 on CPU, float16 elsewhere
+  quantize: str | None = None  # int8: matmul weights as int8 + one scale per 32 (dequantized inside the matmul kernel)
 
   def __post_init__(self):
     for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -69,3 +70,4 @@ class EngineConfig:
     if self.kv_cache_gb <= 0: raise ConfigError(f"engine setting kv_cache_gb must be > 0 (got {self.kv_cache_gb})")
     if self.num_blocks is not None and self.num_blocks < 2: raise ConfigError("engine setting num_blocks must be >= 2")
     if self.dtype not in ("auto", "float32", "float16", "bfloat16"): raise ConfigError(f"dtype {self.dtype!r} is not one of auto, float32, float16, bfloat16")
+    if self.quantize not in (None, "int8"): raise ConfigError(f"quantize {self.quantize!r} is not supported (int8, or none)")

@@ -78,7 +78,7 @@ class LLMEngine:
     files.weights = {}  # the host copies are no longer needed
     self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
     self.scheduler = Scheduler(config, self.block_manager)
-    self.runner = ModelRunner(Model(mc, weights, num_blocks, bs, dtype), bs, next_power_of_2(-(-max_len // bs)))
+    self.runner = ModelRunner(Model(mc, weights, num_blocks, bs, dtype, config.quantize), bs, next_power_of_2(-(-max_len // bs)))
     self.eos_token_ids = set(files.eos_token_ids)
     self.default_params = SamplingParams.from_generation_config(files.generation_config)
     self.seqs: dict[str, Sequence] = {}

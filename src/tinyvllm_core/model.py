@@ -39,16 +39,26 @@ def _paged_pv(out: UOp, p: UOp, v_pool: UOp, block_tables: UOp) -> UOp:
 # stored as panels [N/8, K, 8] instead: the kernel streams one contiguous panel at a time and keeps an 8-column x
 # 4-row block of accumulators in registers (~30-40 GFLOPS, 4-5x; B=1 reaches memory speed). Other devices keep
 # [N, K] and tinygrad's own matmul heuristics.
-PANEL = 8
+PANEL, QBLOCK = 8, 32
 
 def to_panels(w: Tensor) -> Tensor:
   n, k = w.shape
   return w.reshape(n // PANEL, PANEL, k).permute(0, 2, 1).contiguous()
 
-def _panel_matmul(out: UOp, x: UOp, w: UOp) -> UOp:
+def quantize_panels(w: Tensor) -> tuple[Tensor, Tensor]:
+  """int8 panels and float32 scales [N/8, K/32, 8]: one symmetric scale per 32 weights along K (Q8_0's scheme)."""
+  n, k = w.shape
+  scale = w.reshape(n, k // QBLOCK, QBLOCK).abs().max(-1) / 127
+  q = (w.reshape(n, k // QBLOCK, QBLOCK) / scale.maximum(1e-30).unsqueeze(-1)).round().cast(dtypes.int8).reshape(n, k)
+  return to_panels(q).realize(), to_panels(scale).realize()
+
+def _weight(w: UOp, scale: tuple[UOp, ...], t: UOp, k: UOp, j: UOp) -> UOp:
+  return w[t, k, j].load().cast(dtypes.float32) * (scale[0][t, k // QBLOCK, j].load() if scale else 1.0)
+
+def _panel_matmul(out: UOp, x: UOp, w: UOp, *scale: UOp) -> UOp:
   (num_panels, K, P), M = w.shape, x.shape[0]
   t, m, j, k = UOp.range(num_panels, 0), UOp.range(M, 1), UOp.range(P, 2), UOp.range(K, 3, AxisType.REDUCE)
-  acc = (x[m, k].load().cast(dtypes.float32) * w[t, k, j].load().cast(dtypes.float32)).reduce(k, arg=Ops.ADD)
+  acc = (x[m, k].load().cast(dtypes.float32) * _weight(w, scale, t, k, j)).reduce(k, arg=Ops.ADD)
   # register block: 4 rows x 8 columns, or 4 panels x 8 columns for one row
   rows = 4 if M % 4 == 0 else 2 if M % 2 == 0 else 1
   panels = min(4 // rows, max(d for d in (1, 2, 4) if num_panels % d == 0))
@@ -57,19 +67,21 @@ def _panel_matmul(out: UOp, x: UOp, w: UOp) -> UOp:
   st = out.index(m, t * P + j).store(acc.cast(out.dtype)).end(t, m, j)
   return st.sink(arg=KernelInfo(name=f"linear_{M}_{num_panels * P}_{K}", opts_to_apply=block))
 
-def linear(x: Tensor, w: Tensor) -> Tensor:
+def linear(x: Tensor, w: Tensor, scale: Tensor | None = None) -> Tensor:
   if w.ndim == 2: return x @ w.T
-  return Tensor.empty(x.shape[0], w.shape[0] * w.shape[2], dtype=x.dtype, device=x.device).custom_kernel(x.contiguous(), w, fxn=_panel_matmul)[0]
+  out = Tensor.empty(x.shape[0], w.shape[0] * w.shape[2], dtype=x.dtype, device=x.device)
+  return out.custom_kernel(x.contiguous(), w, *([scale] if scale is not None else []), fxn=_panel_matmul)[0]
 
-def _gather_rows(out: UOp, table: UOp, index: UOp) -> UOp:
+def _gather_rows(out: UOp, table: UOp, index: UOp, *scale: UOp) -> UOp:
   i, j = UOp.range(out.shape[0], 0), UOp.range(out.shape[1], 1)
   row = index[i].cast(dtypes.weakint)
-  value = table[row, j] if len(table.shape) == 2 else table[row // table.shape[2], j, row % table.shape[2]]
-  return out.index(i, j).store(value.load()).end(i, j).sink(arg=KernelInfo(name="gather_rows", opts_to_apply=()))
+  value = table[row, j].load() if len(table.shape) == 2 else _weight(table, scale, row // table.shape[2], j, row % table.shape[2])
+  return out.index(i, j).store(value.cast(out.dtype)).end(i, j).sink(arg=KernelInfo(name="gather_rows", opts_to_apply=()))
 
-def gather_rows(table: Tensor, index: Tensor) -> Tensor:
-  """Rows of a [rows, D] table, or of a [rows/8, D, 8] panel table, picked by index."""
-  return Tensor.empty(index.shape[0], table.shape[1], dtype=table.dtype, device=table.device).custom_kernel(table, index, fxn=_gather_rows)[0]
+def gather_rows(table: Tensor, index: Tensor, scale: Tensor | None = None, dtype: DType | None = None) -> Tensor:
+  """Rows of a [rows, D] table, or of a [rows/8, D, 8] panel table (int8 with scales), picked by index."""
+  out = Tensor.empty(index.shape[0], table.shape[1], dtype=dtype or table.dtype, device=table.device)
+  return out.custom_kernel(table, index, *([scale] if scale is not None else []), fxn=_gather_rows)[0]
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
   xf = x.float()
@@ -79,7 +91,7 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
   x1, x2 = x.chunk(2, dim=-1)
   return (x1 * cos - x2 * sin).cat(x2 * cos + x1 * sin, dim=-1)
 
-LAYER_WEIGHTS = ("attn_norm", "qkv", "qkv_bias", "q_norm", "k_norm", "o", "mlp_norm", "gate_up", "down")
+LAYER_WEIGHTS = ("attn_norm", "qkv", "qkv_bias", "q_norm", "k_norm", "o", "mlp_norm", "gate_up", "down", "qkv_scale", "o_scale", "gate_up_scale", "down_scale")
 MATMUL_WEIGHTS = ("qkv", "o", "gate_up", "down", "lm_head")
 
 class Model:
@@ -87,30 +99,32 @@ class Model:
   Every token row carries its own block table row and context length, so prefill chunks and decode
   tokens of many sequences run in one forward pass. The runner jits embed, one layer (reused for
   every layer with that layer's weights and pools as inputs) and head separately."""
-  def __init__(self, config: ModelConfig, weights: dict[str, Tensor], num_blocks: int, block_size: int, dtype: DType):
-    self.config, self.weights, c = config, weights, config
-    if weights["lm_head"].device.startswith("CPU"):
+  def __init__(self, config: ModelConfig, weights: dict[str, Tensor], num_blocks: int, block_size: int, dtype: DType, quantize: str | None = None):
+    self.config, self.weights, self.dtype, c = config, weights, dtype, config
+    if weights["lm_head"].device.startswith("CPU") or quantize:
       tied = weights["lm_head"] is weights["embed"]
-      for name, w in weights.items():
-        if name.split(".")[-1] in MATMUL_WEIGHTS and w.shape[0] % PANEL == 0: weights[name] = to_panels(w).realize()
-      if tied: weights["embed"] = weights["lm_head"]  # embed gathers its rows from the lm_head panels
+      for name, w in list(weights.items()):
+        if name.split(".")[-1] not in MATMUL_WEIGHTS or w.shape[0] % PANEL: continue
+        if quantize and w.shape[1] % QBLOCK == 0: weights[name], weights[name + "_scale"] = quantize_panels(w)
+        else: weights[name] = to_panels(w).realize()
+      if tied: weights |= {k.replace("lm_head", "embed"): v for k, v in weights.items() if k.startswith("lm_head")}  # embed reads the panels
     self.inv_freq = Tensor(1.0 / (c.rope_theta ** (np.arange(0, c.head_dim, 2, dtype=np.float64) / c.head_dim)), dtype=dtypes.float32).realize()
     pool_shape = (num_blocks, block_size, c.num_kv_heads, c.head_dim)
     self.k_pools = [Tensor.zeros(*pool_shape, dtype=dtype).contiguous().realize() for _ in range(c.num_layers)]
     self.v_pools = [Tensor.zeros(*pool_shape, dtype=dtype).contiguous().realize() for _ in range(c.num_layers)]
 
   def layer_inputs(self, i: int) -> dict[str, Tensor]:
-    w = {n: self.weights[f"layers.{i}.{n}"] for n in LAYER_WEIGHTS if f"layers.{i}.{n}" in self.weights}
+    w = {n: self.weights[f"layers.{i}.{n}"] for n in LAYER_WEIGHTS if self.weights.get(f"layers.{i}.{n}") is not None}
     return {**w, "k_pool": self.k_pools[i], "v_pool": self.v_pools[i]}
 
-  def embed(self, token_ids: Tensor) -> Tensor: return gather_rows(self.weights["embed"], token_ids)
+  def embed(self, token_ids: Tensor) -> Tensor: return gather_rows(self.weights["embed"], token_ids, self.weights.get("embed_scale"), self.dtype)
 
   def layer(self, x: Tensor, positions: Tensor, block_tables: Tensor, context_lens: Tensor, slot_mapping: Tensor,
             k_pool: Tensor, v_pool: Tensor, **w: Tensor) -> Tensor:
     c, N = self.config, x.shape[0]
     freqs = positions.float().reshape(-1, 1, 1) * self.inv_freq.reshape(1, 1, -1)
     cos, sin = freqs.cos(), freqs.sin()
-    qkv = linear(rms_norm(x, w["attn_norm"], c.rms_norm_eps), w["qkv"])
+    qkv = linear(rms_norm(x, w["attn_norm"], c.rms_norm_eps), w["qkv"], w.get("qkv_scale"))
     if c.qkv_bias: qkv = qkv + w["qkv_bias"]
     q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     q = qkv[:, :q_size].reshape(N, c.num_heads, c.head_dim)
@@ -123,11 +137,11 @@ class Model:
     mask = Tensor.arange(width).reshape(1, 1, width) < context_lens.reshape(N, 1, 1)
     probs = mask.where(scores, float("-inf")).softmax(-1).contiguous()
     attn = Tensor.empty(N, c.num_heads, c.head_dim, dtype=x.dtype).custom_kernel(probs, v_pool, block_tables, fxn=_paged_pv)[0]
-    x = x + linear(attn.reshape(N, q_size), w["o"])
-    gate, up = linear(rms_norm(x, w["mlp_norm"], c.rms_norm_eps), w["gate_up"]).chunk(2, dim=-1)
-    return x + linear((gate.silu() * up).contiguous(), w["down"])
+    x = x + linear(attn.reshape(N, q_size), w["o"], w.get("o_scale"))
+    gate, up = linear(rms_norm(x, w["mlp_norm"], c.rms_norm_eps), w["gate_up"], w.get("gate_up_scale")).chunk(2, dim=-1)
+    return x + linear((gate.silu() * up).contiguous(), w["down"], w.get("down_scale"))
 
   def head(self, x: Tensor, logits_indices: Tensor) -> Tensor:
     """-> float32 logits [len(logits_indices), vocab] of the selected token rows."""
     x = rms_norm(gather_rows(x, logits_indices), self.weights["norm"], self.config.rms_norm_eps)
-    return linear(x, self.weights["lm_head"]).float()
+    return linear(x, self.weights["lm_head"], self.weights.get("lm_head_scale")).float()

@@ -24,13 +24,11 @@ class ReplicatedEngine:
   encode, decode, apply_chat_template = LLMEngine.encode, LLMEngine.decode, LLMEngine.apply_chat_template
 
   def __init__(self, model: str | Path | ModelFiles | Callable[[], ModelFiles], num_replicas: int, **kwargs):
-    ctx, self.conns, self.procs = multiprocessing.get_context("spawn"), [], []
-    for _ in range(num_replicas):
-      parent, child = ctx.Pipe()
-      self.procs.append(ctx.Process(target=_serve_replica, args=(child, model, kwargs), daemon=True))
-      self.procs[-1].start()
-      self.conns.append(parent)
-    try: infos = [self._recv(c) for c in self.conns]
+    ctx = multiprocessing.get_context("spawn")
+    self.conns, children = zip(*(ctx.Pipe() for _ in range(num_replicas)))
+    self.procs = [ctx.Process(target=_serve_replica, args=(c, model, kwargs), daemon=True) for c in children]
+    for p in self.procs: p.start()
+    try: infos = [self._recv(i) for i in range(num_replicas)]
     except BaseException: self.shutdown(); raise
     self.files, self.config, self.device, self.max_model_len = infos[0]
     self.model_config, self.tokenizer, self.eos_token_ids = self.files.config, self.files.tokenizer, set(self.files.eos_token_ids)
@@ -38,16 +36,15 @@ class ReplicatedEngine:
     self.owner: dict[str, int] = {}  # request id -> replica
     self.num_unfinished, self._counter = [0] * num_replicas, itertools.count()
 
-  @staticmethod
-  def _recv(conn):
-    try: status, value = conn.recv()
+  def _recv(self, i: int):
+    try: status, value = self.conns[i].recv()
     except EOFError: raise RuntimeError("an engine replica process exited") from None
     if status == "error": raise value
     return value
 
   def _call(self, i: int, method: str, *args):
     self.conns[i].send((method, args))
-    return self._recv(self.conns[i])
+    return self._recv(i)
 
   def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None) -> str:
     request_id = request_id or f"req-{next(self._counter)}"
@@ -60,33 +57,31 @@ class ReplicatedEngine:
   def step(self) -> list[RequestOutput]:
     busy = [i for i, n in enumerate(self.num_unfinished) if n]
     for i in busy: self.conns[i].send(("step", ()))
-    return [self._track(o) for i in busy for o in self._recv(self.conns[i])]  # the replicas step in parallel
+    return [self._track(o) for i in busy for o in self._recv(i)]  # the replicas step in parallel
 
   def _track(self, out: RequestOutput) -> RequestOutput:
     if out.finished: self.num_unfinished[self.owner.pop(out.request_id)] -= 1
     return out
 
   def abort(self, request_id: str) -> RequestOutput | None:
-    if request_id not in self.owner: return None
-    out = self._call(self.owner[request_id], "abort", request_id)
+    out = self._call(self.owner[request_id], "abort", request_id) if request_id in self.owner else None
     return out and self._track(out)
 
   def has_unfinished_requests(self) -> bool: return any(self.num_unfinished)
 
   def stats(self) -> dict:
     per_replica = [self._call(i, "stats") for i in range(len(self.conns))]
-    total = {k: sum(s[k] for s in per_replica) for k in per_replica[0]}
-    total["kv_cache_usage"] = 1 - total["num_free_blocks"] / total["num_total_blocks"]
-    total["prefix_cache_hit_rate"] = sum(s["prefix_cache_hit_rate"] for s in per_replica) / len(per_replica)
+    total = {k: sum(s[k] for s in per_replica) / (len(per_replica) if k in ("kv_cache_usage", "prefix_cache_hit_rate") else 1)
+             for k in per_replica[0]}
     return {**total, "num_replicas": len(self.conns)}
 
   def shutdown(self) -> None:
     for conn in self.conns:
       try: conn.send(("close", ()))
       except OSError: pass
-    for proc in self.procs:
-      proc.join(timeout=10)
-      if proc.is_alive(): proc.kill()
+    for p in self.procs:
+      p.join(timeout=10)
+      if p.is_alive(): p.kill()
 
 def make_engine(model: str | Path | ModelFiles | Callable[[], ModelFiles], num_replicas: int = 1, **kwargs) -> LLMEngine | ReplicatedEngine:
   """One engine, or num_replicas engine processes that split kv_cache_gb between them."""
