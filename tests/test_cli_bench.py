@@ -117,6 +117,16 @@ def test_throughput_compares_engine_replicas_in_one_run(tmp_path: Path, tiny_con
   assert bench("throughput", "--model", str(tiny_config), "--replicas", "0").exit_code != 0
 
 
+def test_throughput_int8_weights_column(tmp_path: Path, tiny_config: Path):
+  out = tmp_path / "results"
+  r = bench("throughput", "--model", str(tiny_config), *SMALL_THROUGHPUT, "-q", "none", "-q", "int8", "--device", "CPU", "--output", str(out))
+  assert r.exit_code == 0, r.output
+  data, md = written(out, "throughput-tiny-qwen3-random-cpu-")
+  assert list(data["results"]) == ["tinyvllm", "tinyvllm int8"] and data["results"]["tinyvllm int8"]["info"]["engine"]["quantize"] == "int8"
+  bad = bench("throughput", "--model", str(tiny_config), "-q", "int4")
+  assert bad.exit_code == 1 and "--quantize 'int4': choose none or int8" in bad.output
+
+
 def test_throughput_transformers_vs_a_missing_backend(tmp_path: Path, tiny_config: Path):
   pytest.importorskip("torch")
   pytest.importorskip("transformers")

@@ -48,9 +48,11 @@ class EngineOptions:
   max_num_seqs: int = 32
   max_num_batched_tokens: int = 512
   num_replicas: int = 1  # engine processes (tinygrad runs a CPU kernel on one core; replicas use the others)
+  quantize: str | None = None  # int8 weights
 
   @property
-  def label(self) -> str: return "tinyvllm" if self.num_replicas == 1 else f"tinyvllm x{self.num_replicas}"
+  def label(self) -> str:
+    return "tinyvllm" + (f" {self.quantize}" if self.quantize else "") + (f" x{self.num_replicas}" if self.num_replicas > 1 else "")
 
 
 @dataclass

@@ -399,6 +399,7 @@ def chat(
   verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print token counts, TTFT and tok/s after each reply")] = False,
   kv_cache_gb: Annotated[float | None, typer.Option(help="KV cache memory budget in GB")] = None,
   max_model_len: Annotated[int | None, typer.Option(help="Context length in tokens (default: the model's)")] = None,
+  quantize: Annotated[str | None, typer.Option(help="int8: matmul weights as int8 with one scale per 32 (about 1/4 of float32 memory)")] = None,
 ) -> None:
   """Chat with a model in the terminal (/help lists the commands). Piped input is answered once:
   echo "What is the capital of France?" | tinyvllm chat"""
@@ -407,7 +408,7 @@ def chat(
   try: SamplingParams(max_tokens=max_tokens, **overrides)  # bad values fail before the model loads
   except ValueError as e: fail(e)
   piped = None if sys.stdin.isatty() else _piped_message()
-  engine, label = load_engine(model, device=device, kv_cache_gb=kv_cache_gb, max_model_len=max_model_len)
+  engine, label = load_engine(model, device=device, kv_cache_gb=kv_cache_gb, max_model_len=max_model_len, quantize=quantize)
   params = dataclasses.replace(engine.default_params, max_tokens=max_tokens, **overrides)
   loop = EngineLoop(engine)
   app = ChatApp(engine, loop, out, params, system=system, model_name=label, verbose=verbose, notes=err if piped else out)

@@ -560,6 +560,7 @@ def serve_lite(
   kv_cache_gb: Annotated[float, typer.Option(min=0.001, help="Memory for the paged KV cache, in GiB.")] = 1.0,
   served_model_name: Annotated[str | None, typer.Option(show_default=False, help="Model id clients send (default: the --model value).")] = None,
   timeout: Annotated[float, typer.Option(min=0.1, help="Seconds a stalled client may keep its connection idle.")] = SOCKET_TIMEOUT_S,
+  quantize: Annotated[str | None, typer.Option(show_default=False, help="int8: matmul weights as int8 with one scale per 32 (about 1/4 of float32 memory).")] = None,
   replicas: Annotated[int, typer.Option("--replicas", "-r", min=1, help="Engine processes sharing the requests (CPU: one per core uses them all; "
                       "each holds the weights, --kv-cache-gb is split).")] = 1,
 ) -> None:
@@ -569,7 +570,8 @@ def serve_lite(
 
   def load():
     from tinyvllm_core import make_engine
-    return make_engine(path, replicas, device=device, kv_cache_gb=kv_cache_gb, max_num_seqs=max_num_seqs, max_model_len=max_model_len)
+    return make_engine(path, replicas, device=device, kv_cache_gb=kv_cache_gb, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                       quantize=quantize)
 
   name = served_model_name or _default_name(model, path)
   try: server, state = make_server(load, host, port, api_key, name, timeout_s=timeout)
