@@ -32,7 +32,14 @@ def test_float16_engine_stays_close_to_reference(checkpoints):
   ref = reference_logits(weights, config, tokens[:-1])[len(prompt) - 1:]
   assert np.abs(got - ref).max() < 2e-2 * np.abs(ref).max()
 
+def test_beam_search_keeps_greedy_tokens(checkpoints):
+  """beam > 0 captures each jit under tinygrad's BEAM search: other kernel opts, the same model."""
+  prompt = [7, 100, 42, 9, 250]
+  _, _, plain = _engine_logits(checkpoints["llama"][0], prompt, num_decode=3)
+  _, _, searched = _engine_logits(checkpoints["llama"][0], prompt, num_decode=3, beam=1)
+  assert searched == plain
+
 def test_bad_engine_settings(checkpoints):
   from tinyvllm_core import ConfigError
-  for kw in (dict(block_size=0), dict(kv_cache_gb=0), dict(dtype="int4"), dict(max_num_seqs=0), dict(quantize="int4")):
+  for kw in (dict(block_size=0), dict(kv_cache_gb=0), dict(dtype="int4"), dict(max_num_seqs=0), dict(quantize="int4"), dict(beam=-1)):
     with pytest.raises(ConfigError): LLMEngine(checkpoints["llama"][0], device="CPU", **kw)

@@ -22,30 +22,20 @@ class BlockManager:
     self.block_size, self.enable_prefix_caching = block_size, enable_prefix_caching
     self.blocks = [Block(i) for i in range(num_blocks)]
     self.free_block_ids: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, num_blocks))  # LRU first
-    self.cached_blocks: dict[int, int] = {}  # block_hash -> block_id
+    self.cached_blocks: dict[int, Block] = {}  # block_hash -> block
     self.num_queried_tokens = self.num_hit_tokens = 0
 
   @property
   def num_free_blocks(self) -> int: return len(self.free_block_ids)
   @property
   def num_total_blocks(self) -> int: return len(self.blocks) - 1
-  @property
-  def usage(self) -> float: return 1 - self.num_free_blocks / self.num_total_blocks
-  @property
-  def hit_rate(self) -> float: return self.num_hit_tokens / max(self.num_queried_tokens, 1)
 
   def _take_free_block(self) -> int:
     block_id, _ = self.free_block_ids.popitem(last=False)
     block = self.blocks[block_id]
-    if block.block_hash is not None and self.cached_blocks.get(block.block_hash) == block_id: del self.cached_blocks[block.block_hash]
+    if block.block_hash is not None and self.cached_blocks.get(block.block_hash) is block: del self.cached_blocks[block.block_hash]
     block.ref_count, block.block_hash, block.token_ids, block.parent, block.version = 1, None, (), None, block.version + 1
     return block_id
-
-  def _lookup(self, block_hash: int, token_ids: tuple[int, ...], parent: tuple[int, int] | None) -> Block | None:
-    block_id = self.cached_blocks.get(block_hash)
-    if block_id is None: return None
-    block = self.blocks[block_id]
-    return block if block.token_ids == token_ids and block.parent == parent else None  # never trust the hash alone
 
   def allocate_cached_prefix(self, seq: Sequence) -> None:
     """Admission: share the longest run of cached full blocks; the last token is always computed."""
@@ -54,8 +44,8 @@ class BlockManager:
     if self.enable_prefix_caching:
       for start in range(0, (seq.num_tokens - 1) // bs * bs, bs):
         chunk = tuple(token_ids[start:start + bs])
-        block = self._lookup(h := hash_block(parent_hash, chunk), chunk, parent)
-        if block is None: break
+        block = self.cached_blocks.get(h := hash_block(parent_hash, chunk))
+        if block is None or block.token_ids != chunk or block.parent != parent: break  # never trust the hash alone
         if block.ref_count == 0: del self.free_block_ids[block.block_id]
         block.ref_count += 1
         seq.block_table.append(block.block_id)
@@ -63,7 +53,7 @@ class BlockManager:
     seq.num_computed_tokens = len(seq.block_table) * bs
     if seq.num_preemptions == 0:  # count each request once, at its first admission
       seq.num_cached_tokens = seq.num_computed_tokens
-      self.num_queried_tokens += seq.num_prompt_tokens
+      self.num_queried_tokens += len(seq.prompt_token_ids)
       self.num_hit_tokens += seq.num_cached_tokens
 
   def num_blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
@@ -87,7 +77,7 @@ class BlockManager:
       block.token_ids = tuple(token_ids[i * bs:(i + 1) * bs])
       block.block_hash = hash_block(prev.block_hash if prev else None, block.token_ids)
       block.parent = (prev.block_id, prev.version) if prev else None
-      self.cached_blocks.setdefault(block.block_hash, block.block_id)
+      self.cached_blocks.setdefault(block.block_hash, block)
 
   def free(self, seq: Sequence) -> None:
     for block_id in reversed(seq.block_table):  # tail blocks become the first to be evicted

@@ -11,6 +11,11 @@ GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 class ConfigError(ValueError):
   """Bad model files or settings; the message names the file/field and what to do."""
 
+def read_json(path: Path) -> dict:
+  if not path.exists(): return {}
+  try: return json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
 @dataclass
 class ModelConfig:
   family: str  # llama | qwen2 | qwen3
@@ -33,13 +38,11 @@ class ModelConfig:
 
   @staticmethod
   def from_hf(path: Path) -> ModelConfig:
-    try: cfg = json.loads(path.read_text())
-    except FileNotFoundError: raise ConfigError(f"{path}: not found; a model directory needs config.json") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not path.exists(): raise ConfigError(f"{path}: not found; a model directory needs config.json")
+    cfg = read_json(path)
     archs = cfg.get("architectures") or [cfg.get("model_type", "?")]
     family = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
-    if family is None:
-      raise ConfigError(f"{path}: architecture {archs[0]!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    if family is None: raise ConfigError(f"{path}: architecture {archs[0]!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
     def need(key: str):
       if key not in cfg: raise ConfigError(f"{path}: field {key!r} is missing")
       return cfg[key]
@@ -63,10 +66,11 @@ class EngineConfig:
   enable_prefix_caching: bool = True
   dtype: str = "auto"  # float32 | float16 | bfloat16; auto = float32 on CPU, float16 elsewhere
   quantize: str | None = None  # int8: matmul weights as int8 + one scale per 32 (dequantized inside the matmul kernel)
+  beam: int = 0  # > 0: capture each new jit under tinygrad's BEAM search of this width (results are cached on disk)
 
   def __post_init__(self):
-    for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
-      if getattr(self, name) < 1: raise ConfigError(f"engine setting {name} must be >= 1 (got {getattr(self, name)})")
+    for name, low in (("block_size", 1), ("max_num_seqs", 1), ("max_num_batched_tokens", 1), ("beam", 0)):
+      if getattr(self, name) < low: raise ConfigError(f"engine setting {name} must be >= {low} (got {getattr(self, name)})")
     if self.kv_cache_gb <= 0: raise ConfigError(f"engine setting kv_cache_gb must be > 0 (got {self.kv_cache_gb})")
     if self.num_blocks is not None and self.num_blocks < 2: raise ConfigError("engine setting num_blocks must be >= 2")
     if self.dtype not in ("auto", "float32", "float16", "bfloat16"): raise ConfigError(f"dtype {self.dtype!r} is not one of auto, float32, float16, bfloat16")

@@ -1,6 +1,6 @@
 from __future__ import annotations
 import itertools, random, time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from tinygrad import Tensor, Device, dtypes
 from tinygrad.helpers import DEV
@@ -71,19 +71,17 @@ class LLMEngine:
     dtype = getattr(dtypes, config.dtype) if config.dtype != "auto" else dtypes.float32 if self.device == "CPU" else dtypes.float16
     bytes_per_block = 2 * mc.num_layers * bs * mc.num_kv_heads * mc.head_dim * dtype.itemsize
     num_blocks = config.num_blocks or max(2, int(config.kv_cache_gb * 2**30 // bytes_per_block))
-    max_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings, (num_blocks - 1) * bs)
-    self.max_model_len = max_len
+    self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings, (num_blocks - 1) * bs)
     weights = {k: (v if isinstance(v, Tensor) else Tensor(v)).cast(dtype).contiguous().realize() for k, v in files.weights.items()}
     if mc.tie_word_embeddings or files.weights["lm_head"] is files.weights["embed"]: weights["lm_head"] = weights["embed"]
     files.weights = {}  # the host copies are no longer needed
     self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
     self.scheduler = Scheduler(config, self.block_manager)
-    self.runner = ModelRunner(Model(mc, weights, num_blocks, bs, dtype, config.quantize), bs, next_power_of_2(-(-max_len // bs)))
+    self.runner = ModelRunner(Model(mc, weights, num_blocks, bs, dtype, config.quantize), bs, next_power_of_2(-(-self.max_model_len // bs)), config.beam)
     self.eos_token_ids = set(files.eos_token_ids)
     self.default_params = SamplingParams.from_generation_config(files.generation_config)
     self.seqs: dict[str, Sequence] = {}
     self._detok: dict[str, _Detokenizer] = {}
-    self._base_seeds: dict[str, int] = {}
     self._counter = itertools.count()
     self.num_prompt_tokens = self.num_generated_tokens = 0
     self.last_step_timings: dict[str, float] = {}  # seconds spent in each phase of the last step (profiling)
@@ -98,6 +96,7 @@ class LLMEngine:
 
   def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None) -> str:
     params = params or self.default_params
+    if params.seed is None: params = replace(params, seed=random.getrandbits(32))  # the request's sampling stays reproducible
     ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
     if not ids: raise ValueError("prompt is empty")
     if len(ids) >= self.max_model_len:
@@ -107,7 +106,6 @@ class LLMEngine:
     if request_id in self.seqs: raise ValueError(f"request id {request_id!r} is already in use")
     seq = Sequence(request_id, ids, params, arrival_index=next(self._counter))
     self.seqs[request_id], self._detok[request_id] = seq, _Detokenizer()
-    self._base_seeds[request_id] = params.seed if params.seed is not None else random.getrandbits(32)
     self.scheduler.add(seq)
     self.num_prompt_tokens += len(ids)
     return request_id
@@ -122,27 +120,25 @@ class LLMEngine:
 
   def stats(self) -> dict:
     bm = self.block_manager
-    return {"num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting), "kv_cache_usage": bm.usage,
-            "num_prompt_tokens": self.num_prompt_tokens, "num_generated_tokens": self.num_generated_tokens,
-            "num_cached_tokens": bm.num_hit_tokens, "prefix_cache_hit_rate": bm.hit_rate,
-            "num_free_blocks": bm.num_free_blocks, "num_total_blocks": bm.num_total_blocks}
+    return {"num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting), "kv_cache_usage": 1 - bm.num_free_blocks / bm.num_total_blocks,
+            "num_prompt_tokens": self.num_prompt_tokens, "num_generated_tokens": self.num_generated_tokens, "num_cached_tokens": bm.num_hit_tokens,
+            "prefix_cache_hit_rate": bm.num_hit_tokens / max(bm.num_queried_tokens, 1), "num_free_blocks": bm.num_free_blocks,
+            "num_total_blocks": bm.num_total_blocks}
 
   # ---- one step of continuous batching ----
   def step(self) -> list[RequestOutput]:
     t0 = time.perf_counter()
-    out = self.scheduler.schedule()
-    if not out.scheduled: return []
-    seeds = [hash((self._base_seeds[s.request_id], len(s.output_token_ids))) & 0xFFFFFFFF for s, n in out.scheduled
-             if s.num_computed_tokens + n == s.num_tokens]
+    scheduled = self.scheduler.schedule()
+    if not scheduled: return []
     t1 = time.perf_counter()
-    sampled, next_ids = self.runner.execute(out.scheduled, seeds)
+    sampled, next_ids = self.runner.execute(scheduled)
     t2 = time.perf_counter()
-    for seq, n in out.scheduled:
+    for seq, n in scheduled:
       seq.num_computed_tokens += n
       self.block_manager.cache_full_blocks(seq)
     outputs = [self._append_token(seq, tok) for seq, tok in zip(sampled, next_ids)]
     self.last_step_timings = {"schedule_s": t1 - t0, **self.runner.last_timings, "postprocess_s": time.perf_counter() - t2,
-                              "num_tokens": sum(n for _, n in out.scheduled), "num_seqs": len(sampled)}
+                              "num_tokens": sum(n for _, n in scheduled), "num_seqs": len(sampled)}
     return outputs
 
   def _append_token(self, seq: Sequence, token_id: int) -> RequestOutput:
@@ -159,11 +155,10 @@ class LLMEngine:
     return self._output(seq, [token_id], detok.take(0 if reason else _partial_stop(detok.text, p.stop)))
 
   def _output(self, seq: Sequence, delta_ids: list[int], delta_text: str) -> RequestOutput:
+    detok = self._detok[seq.request_id]
     if seq.is_finished:
-      self.seqs.pop(seq.request_id, None)
-      self._base_seeds.pop(seq.request_id, None)
-    detok = self._detok.pop(seq.request_id) if seq.is_finished else self._detok[seq.request_id]
-    if seq.is_finished: delta_text += detok.take()  # flush what was held back
+      delta_text += detok.take()  # flush what was held back
+      del self.seqs[seq.request_id], self._detok[seq.request_id]
     return RequestOutput(seq.request_id, seq.prompt_token_ids, list(seq.output_token_ids), detok.text, delta_ids, delta_text,
                          seq.is_finished, seq.finish_reason, seq.num_cached_tokens)
 

@@ -7,7 +7,6 @@ from .sampling import SamplingParams
 def _per_thread_tinygrad_cache() -> None:
   """tinygrad keeps one sqlite connection for its disk cache, usable only by the thread that opened it."""
   import tinygrad.helpers as helpers
-  if getattr(helpers.db_connection, "per_thread", False): return
   local, lock, open_connection = threading.local(), threading.Lock(), helpers.db_connection
   def db_connection():
     if getattr(local, "connection", None) is None:
@@ -15,8 +14,9 @@ def _per_thread_tinygrad_cache() -> None:
         helpers._db_connection = None
         local.connection = open_connection()
     return local.connection
-  db_connection.per_thread = True
   helpers.db_connection = db_connection
+
+_per_thread_tinygrad_cache()  # engine loops, replica loaders and server threads all compile kernels
 
 @dataclass(eq=False)
 class RequestStream:
@@ -49,7 +49,6 @@ class EngineLoop:
   """A background thread owns the engine and steps continuous batching; any thread may submit,
   read its own stream, or abort."""
   def __init__(self, engine: LLMEngine):
-    _per_thread_tinygrad_cache()
     self.engine = engine
     self._inbox: queue.Queue = queue.Queue()
     self._streams: dict[str, RequestStream] = {}
@@ -98,12 +97,10 @@ class EngineLoop:
     while not self._stopped.is_set():
       if not self.engine.has_unfinished_requests(): self._handle(self._inbox.get())  # idle: sleep until a message
       while not self._inbox.empty(): self._handle(self._inbox.get_nowait())
-      if not self.engine.has_unfinished_requests():
-        self._stats = self.engine.stats()
-        continue
-      try: outputs = self.engine.step()
-      except Exception as e:  # a failed step fails its requests, never the loop
-        outputs = [o for rid in list(self._streams) if (o := self.engine.abort(rid))]
-        for o in outputs: o.finish_reason, o.error = "error", f"engine step failed: {e!r}"
-      for out in outputs: self._deliver(out)
+      if self.engine.has_unfinished_requests():
+        try: outputs = self.engine.step()
+        except Exception as e:  # a failed step fails its requests, never the loop
+          outputs = [o for rid in list(self._streams) if (o := self.engine.abort(rid))]
+          for o in outputs: o.finish_reason, o.error = "error", f"engine step failed: {e!r}"
+        for out in outputs: self._deliver(out)
       self._stats = self.engine.stats()

@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 from tinygrad import Tensor
-from .config import ConfigError, ModelConfig, GGUF_ARCHITECTURES
+from .config import ConfigError, ModelConfig, GGUF_ARCHITECTURES, read_json
 
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
 
@@ -52,25 +52,19 @@ def canonical_weights(cfg: ModelConfig, sd: dict[str, np.ndarray], names: dict[s
   for i in range(cfg.num_layers):
     p = f"layers.{i}."
     w[p + "qkv"] = np.concatenate([get("q", i), get("k", i), get("v", i)])
-    w[p + "o"], w[p + "down"] = get("o", i), get("down", i)
     w[p + "gate_up"] = np.concatenate([get("gate", i), get("up", i)])
-    w[p + "attn_norm"], w[p + "mlp_norm"] = get("attn_norm", i), get("mlp_norm", i)
+    for key in ("o", "down", "attn_norm", "mlp_norm"): w[p + key] = get(key, i)
     if cfg.qkv_bias: w[p + "qkv_bias"] = np.concatenate([get("q_bias", i), get("k_bias", i), get("v_bias", i)])
     if cfg.qk_norm: w[p + "q_norm"], w[p + "k_norm"] = get("q_norm", i), get("k_norm", i)
   return w
 
 HF_NAMES = {"embed": "embed_tokens.weight", "norm": "norm.weight", "lm_head": "lm_head.weight",
-            **{k: f"layers.{{i}}.self_attn.{k}_proj.weight" for k in "qkvo"},
-            **{f"{k}_bias": f"layers.{{i}}.self_attn.{k}_proj.bias" for k in "qkv"},
-            **{k: f"layers.{{i}}.mlp.{k}_proj.weight" for k in ("gate", "up", "down")},
-            "q_norm": "layers.{i}.self_attn.q_norm.weight", "k_norm": "layers.{i}.self_attn.k_norm.weight",
+            **{k: f"layers.{{i}}.self_attn.{k}_proj.weight" for k in "qkvo"}, **{f"{k}_bias": f"layers.{{i}}.self_attn.{k}_proj.bias" for k in "qkv"},
+            **{k: f"layers.{{i}}.self_attn.{k}.weight" for k in ("q_norm", "k_norm")}, **{k: f"layers.{{i}}.mlp.{k}_proj.weight" for k in ("gate", "up", "down")},
             "attn_norm": "layers.{i}.input_layernorm.weight", "mlp_norm": "layers.{i}.post_attention_layernorm.weight"}
-GGUF_NAMES = {"embed": "token_embd.weight", "norm": "output_norm.weight", "lm_head": "output.weight",
-              "q": "blk.{i}.attn_q.weight", "k": "blk.{i}.attn_k.weight", "v": "blk.{i}.attn_v.weight", "o": "blk.{i}.attn_output.weight",
-              **{f"{k}_bias": f"blk.{{i}}.attn_{k}.bias" for k in "qkv"},
-              "gate": "blk.{i}.ffn_gate.weight", "up": "blk.{i}.ffn_up.weight", "down": "blk.{i}.ffn_down.weight",
-              "q_norm": "blk.{i}.attn_q_norm.weight", "k_norm": "blk.{i}.attn_k_norm.weight",
-              "attn_norm": "blk.{i}.attn_norm.weight", "mlp_norm": "blk.{i}.ffn_norm.weight"}
+GGUF_NAMES = {"embed": "token_embd.weight", "norm": "output_norm.weight", "lm_head": "output.weight", "o": "blk.{i}.attn_output.weight",
+              **{k: f"blk.{{i}}.attn_{k}.weight" for k in ("q", "k", "v", "q_norm", "k_norm")}, **{f"{k}_bias": f"blk.{{i}}.attn_{k}.bias" for k in "qkv"},
+              **{k: f"blk.{{i}}.ffn_{k}.weight" for k in ("gate", "up", "down")}, "attn_norm": "blk.{i}.attn_norm.weight", "mlp_norm": "blk.{i}.ffn_norm.weight"}
 
 @dataclass
 class ModelFiles:
@@ -87,12 +81,10 @@ def _token_str(tok) -> str | None: return tok.get("content") if isinstance(tok, 
 def load_hf(model_dir: Path) -> ModelFiles:
   from tokenizers import Tokenizer
   cfg = ModelConfig.from_hf(model_dir / "config.json")
-  raw_cfg = json.loads((model_dir / "config.json").read_text())
   if not (model_dir / "tokenizer.json").exists(): raise ConfigError(f"{model_dir}: tokenizer.json is missing")
   try: tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
   except Exception as e: raise ConfigError(f"{model_dir / 'tokenizer.json'}: cannot be read ({e})") from None
-  tok_cfg = _read_json(model_dir / "tokenizer_config.json")
-  gen_cfg = _read_json(model_dir / "generation_config.json")
+  tok_cfg, gen_cfg, raw_cfg = (read_json(model_dir / f"{name}.json") for name in ("tokenizer_config", "generation_config", "config"))
   template = tok_cfg.get("chat_template")
   if isinstance(template, list): template = next((t["template"] for t in template if t.get("name") == "default"), None)
   if template is None and (model_dir / "chat_template.jinja").exists(): template = (model_dir / "chat_template.jinja").read_text()
@@ -100,11 +92,6 @@ def load_hf(model_dir: Path) -> ModelFiles:
   eos_ids = [e for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
   special = {k: s for k in ("bos_token", "eos_token") if (s := _token_str(tok_cfg.get(k)))}
   return ModelFiles(cfg, canonical_weights(cfg, _hf_weights(model_dir), HF_NAMES, model_dir), tokenizer, template, special, eos_ids, gen_cfg)
-
-def _read_json(path: Path) -> dict:
-  if not path.exists(): return {}
-  try: return json.loads(path.read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ConfigError(f"{path}: not valid JSON ({e})") from None
 
 def _unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
   """GGUF llama q/k rows are interleaved for llama.cpp's RoPE; back to the HF rotate-half layout."""
@@ -137,9 +124,9 @@ def load_gguf(path: Path, device: str) -> ModelFiles:
   eos_ids = [kv["tokenizer.ggml.eos_token_id"]] if "tokenizer.ggml.eos_token_id" in kv else []
   return ModelFiles(cfg, canonical_weights(cfg, weights, GGUF_NAMES, path), _gguf_tokenizer(kv, path), kv.get("tokenizer.chat_template"), special, eos_ids)
 
-_PRE_SPLIT = {  # GGUF tokenizer.ggml.pre -> regex split before byte-level BPE
-  "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
-  "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"}
+# GGUF tokenizer.ggml.pre -> regex split before byte-level BPE; the two differ only in how digits group
+_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|DIGITS| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_PRE_SPLIT = {"llama-bpe": _SPLIT.replace("DIGITS", r"\p{N}{1,3}"), "qwen2": _SPLIT.replace("DIGITS", r"\p{N}")}
 
 def _gguf_tokenizer(kv: dict, path: Path):
   from tokenizers import Tokenizer, AddedToken, Regex, models, pre_tokenizers, decoders, processors

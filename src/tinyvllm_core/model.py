@@ -91,7 +91,6 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
   x1, x2 = x.chunk(2, dim=-1)
   return (x1 * cos - x2 * sin).cat(x2 * cos + x1 * sin, dim=-1)
 
-LAYER_WEIGHTS = ("attn_norm", "qkv", "qkv_bias", "q_norm", "k_norm", "o", "mlp_norm", "gate_up", "down", "qkv_scale", "o_scale", "gate_up_scale", "down_scale")
 MATMUL_WEIGHTS = ("qkv", "o", "gate_up", "down", "lm_head")
 
 class Model:
@@ -109,13 +108,12 @@ class Model:
         else: weights[name] = to_panels(w).realize()
       if tied: weights |= {k.replace("lm_head", "embed"): v for k, v in weights.items() if k.startswith("lm_head")}  # embed reads the panels
     self.inv_freq = Tensor(1.0 / (c.rope_theta ** (np.arange(0, c.head_dim, 2, dtype=np.float64) / c.head_dim)), dtype=dtypes.float32).realize()
-    pool_shape = (num_blocks, block_size, c.num_kv_heads, c.head_dim)
-    self.k_pools = [Tensor.zeros(*pool_shape, dtype=dtype).contiguous().realize() for _ in range(c.num_layers)]
-    self.v_pools = [Tensor.zeros(*pool_shape, dtype=dtype).contiguous().realize() for _ in range(c.num_layers)]
-
-  def layer_inputs(self, i: int) -> dict[str, Tensor]:
-    w = {n: self.weights[f"layers.{i}.{n}"] for n in LAYER_WEIGHTS if self.weights.get(f"layers.{i}.{n}") is not None}
-    return {**w, "k_pool": self.k_pools[i], "v_pool": self.v_pools[i]}
+    def pool() -> Tensor: return Tensor.zeros(num_blocks, block_size, c.num_kv_heads, c.head_dim, dtype=dtype).contiguous().realize()
+    self.layer_inputs = [{"k_pool": pool(), "v_pool": pool()} for _ in range(c.num_layers)]  # what the layer jit gets for layer i
+    for name, w in weights.items():
+      if name.startswith("layers."):
+        _, i, key = name.split(".")
+        self.layer_inputs[int(i)][key] = w
 
   def embed(self, token_ids: Tensor) -> Tensor: return gather_rows(self.weights["embed"], token_ids, self.weights.get("embed_scale"), self.dtype)
 

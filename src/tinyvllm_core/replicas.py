@@ -10,9 +10,7 @@ def _serve_replica(conn, model, kwargs: dict) -> None:
   signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the whole process group: the parent decides when replicas stop
   try: engine = LLMEngine(model() if callable(model) else model, **kwargs)  # a callable builds ModelFiles in the replica
   except Exception as e: return conn.send(("error", e))
-  f = engine.files
-  conn.send(("ok", (ModelFiles(f.config, {}, f.tokenizer, f.chat_template, f.special_tokens, f.eos_token_ids, f.generation_config),
-                    engine.config, engine.device, engine.max_model_len)))
+  conn.send(("ok", (engine.files, engine.config, engine.device, engine.max_model_len)))  # files without weights: the engine dropped them
   while (msg := conn.recv())[0] != "close":
     try: conn.send(("ok", getattr(engine, msg[0])(*msg[1])))
     except Exception as e: conn.send(("error", e))

@@ -1,17 +1,16 @@
 from __future__ import annotations
-import time
+import ctypes, time
 from dataclasses import dataclass
 import numpy as np
 from tinygrad import Tensor, TinyJit, dtypes
+from tinygrad.engine.realize import get_call_arg_uops, get_runtime
+from tinygrad.helpers import BEAM, DEBUG, Context
+from tinygrad.uop.ops import Ops, UOp
 from .model import Model
 from .sampling import sample
 from .sequence import Sequence
 
 def next_power_of_2(n: int) -> int: return 1 << max(0, n - 1).bit_length()
-
-INPUT_DTYPES = {"token_ids": dtypes.int32, "positions": dtypes.int32, "block_tables": dtypes.int32, "context_lens": dtypes.int32,
-                "slot_mapping": dtypes.int32, "logits_indices": dtypes.int32, "temperature": dtypes.float32, "top_k": dtypes.int32,
-                "top_p": dtypes.float32, "min_p": dtypes.float32, "seeds": dtypes.uint32}
 
 @dataclass(frozen=True)
 class BatchShape:
@@ -21,14 +20,14 @@ class BatchShape:
   greedy: bool
 
 class ModelRunner:
-  """Builds the flat token batch, keeps persistent input buffers per batch shape bucket, and runs the
-  model as jitted pieces: embed, one layer (two TinyJits alternate so a layer's input never aliases its
-  output; every layer replays them with its own weights and KV pools), and head + sampler. Capturing
-  one layer instead of the whole model keeps the cost of a new bucket small."""
-  def __init__(self, model: Model, block_size: int, max_blocks_per_seq: int):
-    self.model, self.block_size, self.max_blocks_per_seq = model, block_size, max_blocks_per_seq
+  """Builds the flat token batch into persistent input buffers per batch shape bucket and runs the model as jitted
+  pieces: embed, one layer (two TinyJits alternate so a layer's input never aliases its output; every layer replays
+  them with its own weights and KV pools: a new bucket captures one layer, not the model), and head + sampler."""
+  def __init__(self, model: Model, block_size: int, max_blocks_per_seq: int, beam: int = 0):
+    self.model, self.block_size, self.max_blocks_per_seq, self.beam = model, block_size, max_blocks_per_seq, beam
     self.jits: dict[tuple, TinyJit] = {}
     self.inputs: dict[BatchShape, dict[str, Tensor]] = {}
+    self.direct: dict[TinyJit, CPUReplay] = {}
 
   def _jit(self, key: tuple, fn) -> TinyJit:
     if key not in self.jits:
@@ -36,19 +35,24 @@ class ModelRunner:
       self.jits[key].cnt = 1  # capture on the first call: weights and pools are realized, so no warm-up run is needed
     return self.jits[key]
 
-  @staticmethod
-  def _replay(jit: TinyJit, *args: Tensor, **kwargs: Tensor):
+  def _replay(self, jit: TinyJit, *args: Tensor, **kwargs: Tensor):
     """TinyJit's own input checks rewrite every input's graph (~0.1 ms each, 17 per layer call); our inputs are
     plain realized buffers of the captured shapes, so replay the captured kernels on them directly."""
-    if jit.captured is None: return jit(*args, **kwargs)
-    return jit.captured([t.uop.base for t in (*args, *(kwargs[k] for k in sorted(kwargs)))], {})
+    if jit.captured is None:
+      with Context(BEAM=self.beam or BEAM.value): out = jit(*args, **kwargs)  # capture; beam > 0 searches the kernels' opts
+      try: self.direct[jit] = CPUReplay(jit)
+      except (NotImplementedError, AttributeError): pass  # other devices: tinygrad's replay
+      return out
+    inputs = [t.uop.base for t in (*args, *(kwargs[k] for k in sorted(kwargs)))]
+    direct = self.direct.get(jit) if DEBUG.value < 2 else None  # DEBUG=2 (per-kernel timing: bench profile) needs tinygrad's replay
+    return direct(inputs) if direct else jit.captured(inputs, {})
 
   def _forward(self, shape: BatchShape, b: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     m, N, W = self.model, shape.num_tokens, shape.num_blocks
     x = self._replay(self._jit(("embed", N), lambda token_ids: m.embed(token_ids).realize()), b["token_ids"])
     meta = {k: b[k] for k in ("positions", "block_tables", "context_lens", "slot_mapping")}
     for i in range(m.config.num_layers):
-      x = self._replay(self._jit(("layer", N, W, i % 2), lambda x, **kw: m.layer(x, **kw).realize()), x, **meta, **m.layer_inputs(i))
+      x = self._replay(self._jit(("layer", N, W, i % 2), lambda x, **kw: m.layer(x, **kw).realize()), x, **meta, **m.layer_inputs[i])
     def head(x, logits_indices, temperature, top_k, top_p, min_p, seeds):
       logits = m.head(x, logits_indices).contiguous()  # else argmax/sampling fuse and recompute the lm_head matmul
       next_ids = logits.argmax(-1) if shape.greedy else sample(logits, temperature, top_k, top_p, min_p, seeds)
@@ -56,24 +60,18 @@ class ModelRunner:
     sampling = {k: b[k] for k in ("logits_indices", "temperature", "top_k", "top_p", "min_p", "seeds")}
     return self._replay(self._jit(("head", N, shape.num_seqs, shape.greedy), head), x, **sampling)
 
-  def prepare(self, scheduled: list[tuple[Sequence, int]], seeds: list[int]) -> tuple[BatchShape, dict[str, np.ndarray], list[Sequence]]:
+  def prepare(self, scheduled: list[tuple[Sequence, int]]) -> tuple[BatchShape, dict[str, np.ndarray], list[Sequence]]:
     """Flat arrays for the scheduled chunks; the sequences whose chunk reaches their end get a sampled token."""
-    bs, rows, sampled = self.block_size, [], []
-    for seq, n in scheduled:
-      start = seq.num_computed_tokens
-      rows.append((seq, start, n))
-      if start + n == seq.num_tokens: sampled.append(seq)
-    num_tokens = sum(n for _, _, n in rows)
+    bs, rows = self.block_size, [(seq, seq.num_computed_tokens, n) for seq, n in scheduled]
+    sampled = [seq for seq, start, n in rows if start + n == seq.num_tokens]
     width = max(-(-(start + n) // bs) for _, start, n in rows)
-    shape = BatchShape(next_power_of_2(num_tokens), next_power_of_2(max(len(sampled), 1)),
+    shape = BatchShape(next_power_of_2(sum(n for _, n in scheduled)), next_power_of_2(max(len(sampled), 1)),
                        min(next_power_of_2(width), self.max_blocks_per_seq), all(s.sampling_params.temperature == 0 for s in sampled))
-    a = {k: np.zeros(n, dtype=np.float32 if k in ("temperature", "top_p", "min_p") else np.int64)
-         for k, n in (("token_ids", shape.num_tokens), ("positions", shape.num_tokens), ("slot_mapping", shape.num_tokens),
-                      ("logits_indices", shape.num_seqs), ("temperature", shape.num_seqs), ("top_k", shape.num_seqs),
-                      ("top_p", shape.num_seqs), ("min_p", shape.num_seqs), ("seeds", shape.num_seqs))}
-    a["context_lens"] = np.ones(shape.num_tokens, dtype=np.int64)  # padded rows attend to one slot of block 0
-    a["block_tables"] = np.zeros((shape.num_tokens, shape.num_blocks), dtype=np.int64)
-    a["top_p"][:] = 1.0
+    T, S = shape.num_tokens, shape.num_seqs
+    a = {"token_ids": np.zeros(T, np.int32), "positions": np.zeros(T, np.int32), "slot_mapping": np.zeros(T, np.int32),
+         "block_tables": np.zeros((T, shape.num_blocks), np.int32), "context_lens": np.ones(T, np.int32),  # padded rows attend to one slot of block 0
+         "logits_indices": np.zeros(S, np.int32), "temperature": np.zeros(S, np.float32), "top_k": np.zeros(S, np.int32),
+         "top_p": np.ones(S, np.float32), "min_p": np.zeros(S, np.float32), "seeds": np.zeros(S, np.uint32)}
     row = 0
     for seq, start, n in rows:
       pos = np.arange(start, start + n)
@@ -85,24 +83,47 @@ class ModelRunner:
       a["block_tables"][row:row + n, :len(table)] = table[:shape.num_blocks]
       row += n
       if start + n == seq.num_tokens: a["logits_indices"][sampled.index(seq)] = row - 1
-    for i, seq in enumerate(sampled):
-      p = seq.sampling_params
-      a["temperature"][i], a["top_k"][i], a["top_p"][i], a["min_p"][i], a["seeds"][i] = p.temperature, p.top_k, p.top_p, p.min_p, seeds[i]
+    for k in ("temperature", "top_k", "top_p", "min_p"): a[k][:len(sampled)] = [getattr(s.sampling_params, k) for s in sampled]
+    # a fresh seed per generated token, fixed by the request's seed: reproducible whatever the batch
+    a["seeds"][:len(sampled)] = [hash((s.sampling_params.seed, len(s.output_token_ids))) & 0xFFFFFFFF for s in sampled]
     return shape, a, sampled
 
-  def execute(self, scheduled: list[tuple[Sequence, int]], seeds: list[int]) -> tuple[list[Sequence], list[int]]:
+  def execute(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], list[int]]:
     t0 = time.perf_counter()
-    shape, arrays, sampled = self.prepare(scheduled, seeds)
+    shape, arrays, sampled = self.prepare(scheduled)
     if shape not in self.inputs:
-      self.inputs[shape] = {k: Tensor.zeros(*arrays[k].shape, dtype=dt).contiguous().realize() for k, dt in INPUT_DTYPES.items()}
-    bufs = self.inputs[shape]
-    for k, t in bufs.items():  # update the persistent input buffers in place
+      self.inputs[shape] = {k: Tensor.zeros(*a.shape, dtype=a.dtype.name).contiguous().realize() for k, a in arrays.items()}
+    for k, t in self.inputs[shape].items():  # update the persistent input buffers in place
       buf = t.uop.buffer
-      buf.allocator._copyin(buf._buf, memoryview(np.ascontiguousarray(arrays[k], dtype=_NP[k])).cast("B"))
+      buf.allocator._copyin(buf._buf, memoryview(arrays[k]).cast("B"))
     t1 = time.perf_counter()
-    next_ids, self.last_logits = self._forward(shape, bufs)  # logits stay on the device; tests read them
+    next_ids, self.last_logits = self._forward(shape, self.inputs[shape])  # logits stay on the device; tests read them
     next_ids = next_ids.numpy()[:len(sampled)].tolist()
     self.last_timings = {"prepare_s": t1 - t0, "forward_s": time.perf_counter() - t1}  # forward: kernel launches + device time
     return sampled, next_ids
 
-_NP = {k: np.uint32 if k == "seeds" else np.float32 if dt == dtypes.float32 else np.int32 for k, dt in INPUT_DTYPES.items()}
+class CPUReplay:
+  """Calls a captured TinyJit's compiled CPU kernels directly (tinygrad's replay costs ~40 us of Python per kernel, ~600
+  per decode step). Only the JIT's inputs (PARAM slots) change between calls; other arguments are fixed addresses."""
+  def __init__(self, jit: TinyJit):
+    self.ret, self.kernels = jit.captured.ret, []
+    for call in jit.captured.linear.src:
+      prg, args = call.src[0], get_call_arg_uops(call)
+      if prg.op is not Ops.PROGRAM or not call.src[1].device.startswith("CPU") or any(a.op in (Ops.MSELECT, Ops.SHRINK, Ops.MSTACK) for a in args):
+        raise NotImplementedError("only plain CPU kernels replay directly")
+      rt = get_runtime(call.src[1].device, prg)
+      argv = [0 if (a := args[i]).op is Ops.PARAM else a.buffer.ensure_allocated().get_buf(a.device).va_addr for i in prg.arg.globals]
+      argv += [v or 0 for v in prg.arg.vals({})]
+      params = [(pos, args[i].arg.slot) for pos, i in enumerate(prg.arg.globals) if args[i].op is Ops.PARAM]
+      fxn = ctypes.CFUNCTYPE(None, *[ctypes.c_uint64] * len(argv))(rt.addr)  # rt stays referenced: it owns the code
+      core_id = rt.runtimevars.get("core_id")
+      self.kernels.append((fxn, rt, argv, params, core_id, 1 if core_id is None else prg.arg.launch_dims({})[0][0]))
+
+  def __call__(self, inputs: list[UOp]):
+    addrs = [u.buffer._buf.va_addr for u in inputs]
+    for fxn, _, argv, params, core_id, num_threads in self.kernels:
+      for pos, slot in params: argv[pos] = addrs[slot]
+      for tid in range(num_threads):  # kernels split over threads take their thread index as an argument
+        if core_id is not None: argv[core_id] = tid
+        fxn(*argv)
+    return self.ret

@@ -23,10 +23,8 @@ class SamplingParams:
       if not ok: raise ValueError(f"SamplingParams: {msg}")
 
   @staticmethod
-  def from_generation_config(cfg: dict, **overrides) -> SamplingParams:
-    keys = ("temperature", "top_p", "top_k", "min_p")
-    defaults = {k: cfg[k] for k in keys if cfg.get(k) is not None}
-    return SamplingParams(**{**defaults, **{k: v for k, v in overrides.items() if v is not None}})
+  def from_generation_config(cfg: dict) -> SamplingParams:
+    return SamplingParams(**{k: cfg[k] for k in ("temperature", "top_p", "top_k", "min_p") if cfg.get(k) is not None})
 
 def _uniform(seeds: Tensor, vocab_size: int) -> Tensor:
   """Counter-based hash -> uniform (0,1) per (row, token): reproducible per request, independent of batching."""

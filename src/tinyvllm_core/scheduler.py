@@ -1,14 +1,8 @@
 from __future__ import annotations
 from collections import deque
-from dataclasses import dataclass, field
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .sequence import Sequence, SequenceStatus
-
-@dataclass
-class SchedulerOutput:
-  scheduled: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, num_new_tokens)
-  preempted: list[Sequence] = field(default_factory=list)
 
 class Scheduler:
   """Continuous batching: every step decodes the running sequences first, then fills the token budget
@@ -22,8 +16,8 @@ class Scheduler:
   def add(self, seq: Sequence) -> None: self.waiting.append(seq)
   def has_unfinished(self) -> bool: return bool(self.waiting or self.running)
 
-  def schedule(self) -> SchedulerOutput:
-    out, budget = SchedulerOutput(), self.config.max_num_batched_tokens
+  def schedule(self) -> list[tuple[Sequence, int]]:  # (sequence, num_new_tokens) to run this step
+    scheduled, budget = [], self.config.max_num_batched_tokens
     queue = sorted(self.running, key=lambda s: s.num_tokens - s.num_computed_tokens > 1)  # decodes first (stable)
     while queue and budget > 0:
       seq = queue.pop(0)
@@ -31,12 +25,12 @@ class Scheduler:
       while not self.block_manager.can_allocate(seq, num_new) and queue:
         victim = max(queue, key=lambda s: s.arrival_index)
         queue.remove(victim)
-        self._preempt(victim, out)
+        self._preempt(victim)
       if not self.block_manager.can_allocate(seq, num_new):
-        self._preempt(seq, out)
+        self._preempt(seq)
         continue
       self.block_manager.allocate(seq, num_new)
-      out.scheduled.append((seq, num_new))
+      scheduled.append((seq, num_new))
       budget -= num_new
     while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
       seq = self.waiting[0]
@@ -49,16 +43,15 @@ class Scheduler:
       self.waiting.popleft()
       seq.status = SequenceStatus.RUNNING
       self.running.append(seq)
-      out.scheduled.append((seq, num_new))
+      scheduled.append((seq, num_new))
       budget -= num_new
-    return out
+    return scheduled
 
-  def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+  def _preempt(self, seq: Sequence) -> None:
     self.block_manager.free(seq)
     self.running.remove(seq)
     seq.status, seq.num_preemptions = SequenceStatus.WAITING, seq.num_preemptions + 1
     self.waiting.appendleft(seq)
-    out.preempted.append(seq)
 
   def finish(self, seq: Sequence, reason: str) -> None:
     if seq.status is SequenceStatus.RUNNING: self.running.remove(seq)

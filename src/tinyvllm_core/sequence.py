@@ -27,6 +27,4 @@ class Sequence:
   @property
   def num_tokens(self) -> int: return len(self.prompt_token_ids) + len(self.output_token_ids)
   @property
-  def num_prompt_tokens(self) -> int: return len(self.prompt_token_ids)
-  @property
   def is_finished(self) -> bool: return self.status is SequenceStatus.FINISHED
