@@ -286,8 +286,8 @@ def test_cli_serves_until_ctrl_c(checkpoints, replicas):
          "--device", "CPU", "--served-model-name", MODEL, "--replicas", str(replicas)]
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
   try:
-    lines = [proc.stdout.readline(), proc.stdout.readline()]
-    assert lines[1].startswith("ready: tiny"), lines
+    lines = [proc.stdout.readline() for _ in range(3)]
+    assert lines[1].startswith("warming up: capturing") and lines[2].startswith("ready: tiny"), lines
     port = int(re.search(r"http://127\.0\.0\.1:(\d+)/v1", lines[0]).group(1))
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     conn.request("GET", "/health")

@@ -24,6 +24,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result JSON to 
 OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Folder for the .json and .md results.")]
 NoteOpt = Annotated[Optional[list[str]], typer.Option("--note", help="A note for the markdown (repeatable), e.g. other load on the machine.")]
 KvOpt = Annotated[float, typer.Option("--kv-cache-gb", min=0.001, help="KV cache budget in GiB.")]
+BeamOpt = Annotated[int, typer.Option("--beam", min=0, help="tinyvllm: tinygrad BEAM search width when a batch shape is captured (searched once, cached on disk; 0 = off).")]
 
 
 def _json_params(params: dict) -> dict:
@@ -40,7 +41,7 @@ def latency(ctx: typer.Context, model: ModelOpt = None, device: DeviceOpt = None
             num_requests: Annotated[int, typer.Option("--num-requests", min=1, help="Requests in the sequential and concurrent rows.")] = 5,
             prompt_len: Annotated[int, typer.Option("--prompt-len", min=1, help="Prompt length in tokens (random ids).")] = 16,
             max_tokens: Annotated[int, typer.Option("--max-tokens", min=2, help="Tokens generated per request.")] = 20,
-            kv_cache_gb: KvOpt = 1.0, as_json: JsonOpt = False, output: OutputOpt = Path("bench_results"), note: NoteOpt = None) -> None:
+            kv_cache_gb: KvOpt = 1.0, beam: BeamOpt = 0, as_json: JsonOpt = False, output: OutputOpt = Path("bench_results"), note: NoteOpt = None) -> None:
   """The seed's latency table: single_request, sequential_N, concurrent_N (continuous batching) and the speedup.
 
   Without --model it runs the seed's toy model (random weights, dim=64, 4 layers, 4 heads), in seconds.
@@ -50,7 +51,7 @@ def latency(ctx: typer.Context, model: ModelOpt = None, device: DeviceOpt = None
   try:
     dev = resolve_device(device)
     bench_model = resolve_bench_model(model or TOY, random_weights=False)
-    params = LatencyParams(num_requests, prompt_len, max_tokens, kv_cache_gb)
+    params = LatencyParams(num_requests, prompt_len, max_tokens, kv_cache_gb, beam=beam)
     if prompt_len + max_tokens > bench_model.model_config().max_position_embeddings:
       raise BenchError(f"--prompt-len + --max-tokens exceed the model's context ({bench_model.model_config().max_position_embeddings})")
     machine = machine_info(dev)
@@ -76,6 +77,7 @@ def throughput(ctx: typer.Context, model: ModelOpt = None, device: DeviceOpt = N
                torch_threads: Annotated[Optional[int], typer.Option("--torch-threads", min=1, help="transformers: torch CPU threads (default: torch's, one per core).")] = None,
                warmup: Annotated[str, typer.Option("--warmup", help="tinyvllm warm-up: `full` (the workload once, untimed, so no JIT capture is timed) or `one` (nano-vllm's one request).")] = "full",
                replicas: Annotated[Optional[list[int]], typer.Option("--replicas", "-r", min=1, help="tinyvllm engine processes (one per CPU core); repeat to compare, e.g. -r 1 -r 2.")] = None,
+               beam: BeamOpt = 0,
                quantize: Annotated[Optional[list[str]], typer.Option("--quantize", "-q", help="tinyvllm weights: none or int8; repeat to compare, e.g. -q none -q int8.")] = None,
                as_json: JsonOpt = False, output: OutputOpt = Path("bench_results"), note: NoteOpt = None) -> None:
   """The seed's throughput table on nano-vllm's workload (256 sequences, prompts and outputs of 100-1024 tokens).
@@ -98,7 +100,7 @@ def throughput(ctx: typer.Context, model: ModelOpt = None, device: DeviceOpt = N
     workload = Workload.nano_vllm(num_seqs, input_len, output_len, mc.vocab_size, seed)
     workload.temperature = temperature
     variants = [(r, None if q == "none" else q) for q in dict.fromkeys(quantize or ["none"]) for r in dict.fromkeys(replicas or [1])]
-    runs = [(name, BackendOptions(EngineOptions(kv_cache_gb, max_num_seqs, max_num_batched_tokens, r, q), transformers_batch_size, seed, warmup, torch_threads))
+    runs = [(name, BackendOptions(EngineOptions(kv_cache_gb, max_num_seqs, max_num_batched_tokens, r, q, beam), transformers_batch_size, seed, warmup, torch_threads))
             for name in names for r, q in (variants if name == "tinyvllm" else [(1, None)])]
     results, skipped, machine = [], {}, machine_info(dev)
     for name, opts in runs:

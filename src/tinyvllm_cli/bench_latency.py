@@ -16,6 +16,7 @@ class LatencyParams:
   max_tokens: int = 20
   kv_cache_gb: float = 1.0
   seed: int = 0
+  beam: int = 0  # tinygrad BEAM width while capturing (searched once, cached on disk)
 
 
 @dataclass
@@ -91,7 +92,7 @@ def run_row(engine, name: str, prompts: list[list[int]], params, concurrent: boo
 def run_latency(model: BenchModel, device: str, p: LatencyParams) -> list[LatencyRow]:
   """Warm up with the same shapes (one request, then N at once), then time the three rows."""
   from tinyvllm_core import LLMEngine, SamplingParams
-  engine = LLMEngine(model.files(device), device=device, kv_cache_gb=p.kv_cache_gb)
+  engine = LLMEngine(model.files(device), device=device, kv_cache_gb=p.kv_cache_gb, beam=p.beam)
   params = SamplingParams(temperature=0.0, max_tokens=p.max_tokens, ignore_eos=True)
   prompts = PromptSource(engine.model_config.vocab_size, p.prompt_len, p.seed)
   n = p.num_requests

@@ -49,6 +49,7 @@ class EngineOptions:
   max_num_batched_tokens: int = 512
   num_replicas: int = 1  # engine processes (tinygrad runs a CPU kernel on one core; replicas use the others)
   quantize: str | None = None  # int8 weights
+  beam: int = 0  # tinygrad BEAM width while capturing
 
   @property
   def label(self) -> str:

@@ -23,6 +23,7 @@ from rich.text import Text
 from tinyvllm_cli import models
 from tinyvllm_cli.conversation import Conversation
 from tinyvllm_cli.ui import err, fail, one_line, out
+from tinyvllm_cli.warmup import warm_up_with_progress
 
 if TYPE_CHECKING:
   from tinyvllm_core import EngineLoop, LLMEngine, RequestOutput, RequestStream, SamplingParams
@@ -400,6 +401,9 @@ def chat(
   kv_cache_gb: Annotated[float | None, typer.Option(help="KV cache memory budget in GB")] = None,
   max_model_len: Annotated[int | None, typer.Option(help="Context length in tokens (default: the model's)")] = None,
   quantize: Annotated[str | None, typer.Option(help="int8: matmul weights as int8 with one scale per 32 (about 1/4 of float32 memory)")] = None,
+  beam: Annotated[int, typer.Option(min=0, help="Search kernel optimizations (tinygrad BEAM) of this width when a batch shape is first "
+                                     "captured; slow once, cached on disk for later runs (0 = off)")] = 0,
+  warmup: Annotated[bool, typer.Option(help="Capture the first reply's batch shapes at start, with a progress bar (not for piped input)")] = True,
 ) -> None:
   """Chat with a model in the terminal (/help lists the commands). Piped input is answered once:
   echo "What is the capital of France?" | tinyvllm chat"""
@@ -408,7 +412,10 @@ def chat(
   try: SamplingParams(max_tokens=max_tokens, **overrides)  # bad values fail before the model loads
   except ValueError as e: fail(e)
   piped = None if sys.stdin.isatty() else _piped_message()
-  engine, label = load_engine(model, device=device, kv_cache_gb=kv_cache_gb, max_model_len=max_model_len, quantize=quantize)
+  engine, label = load_engine(model, device=device, kv_cache_gb=kv_cache_gb, max_model_len=max_model_len, quantize=quantize, beam=beam or None)
+  if warmup and piped is None:
+    try: warm_up_with_progress(engine, err)
+    except KeyboardInterrupt: err.print("warm-up skipped", highlight=False)
   params = dataclasses.replace(engine.default_params, max_tokens=max_tokens, **overrides)
   loop = EngineLoop(engine)
   app = ChatApp(engine, loop, out, params, system=system, model_name=label, verbose=verbose, notes=err if piped else out)

@@ -561,6 +561,8 @@ def serve_lite(
   served_model_name: Annotated[str | None, typer.Option(show_default=False, help="Model id clients send (default: the --model value).")] = None,
   timeout: Annotated[float, typer.Option(min=0.1, help="Seconds a stalled client may keep its connection idle.")] = SOCKET_TIMEOUT_S,
   quantize: Annotated[str | None, typer.Option(show_default=False, help="int8: matmul weights as int8 with one scale per 32 (about 1/4 of float32 memory).")] = None,
+  beam: Annotated[int, typer.Option(min=0, help="Search kernel optimizations (tinygrad BEAM) of this width while capturing (cached on disk; 0 = off).")] = 0,
+  warmup: Annotated[bool, typer.Option(help="Capture the common batch shapes before answering /health with 200.")] = True,
   replicas: Annotated[int, typer.Option("--replicas", "-r", min=1, help="Engine processes sharing the requests (CPU: one per core uses them all; "
                       "each holds the weights, --kv-cache-gb is split).")] = 1,
 ) -> None:
@@ -570,8 +572,13 @@ def serve_lite(
 
   def load():
     from tinyvllm_core import make_engine
-    return make_engine(path, replicas, device=device, kv_cache_gb=kv_cache_gb, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                       quantize=quantize)
+    from tinyvllm_cli.warmup import warm_up
+    engine = make_engine(path, replicas, device=device, kv_cache_gb=kv_cache_gb, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                         quantize=quantize, beam=beam)
+    if warmup:
+      say(f"warming up: capturing the common batch shapes{f' with BEAM={beam} search' if beam else ''} ...")
+      warm_up(engine, max_num_seqs)
+    return engine
 
   name = served_model_name or _default_name(model, path)
   try: server, state = make_server(load, host, port, api_key, name, timeout_s=timeout)
