@@ -17,6 +17,10 @@ def _kv_write(k_pool: UOp, v_pool: UOp, k: UOp, v: UOp, slot_mapping: UOp) -> UO
   st = UOp.group(kf.index(slot, j).store(k[i, j].load()), vf.index(slot, j).store(v[i, j].load()))
   return st.end(i, j).sink(arg=KernelInfo(name="kv_write", opts_to_apply=()))
 
+def _upcast(ranges: dict[str, int], *amounts: tuple[str, int]) -> tuple[Opt, ...]:  # by range name: opts number only ranges > 1
+  names = [name for name, size in ranges.items() if size > 1]
+  return tuple(Opt(OptOps.UPCAST, names.index(name), amount) for name, amount in amounts if amount > 1 and name in names)
+
 def _paged_qk(out: UOp, q: UOp, k_pool: UOp, block_tables: UOp) -> UOp:
   (num_tokens, num_heads, width), (_, block_size, num_kv_heads, head_dim) = out.shape, k_pool.shape
   kf = k_pool.reshape((k_pool.shape[0] * block_size, num_kv_heads, head_dim))
@@ -33,7 +37,10 @@ def _paged_pv(out: UOp, p: UOp, v_pool: UOp, block_tables: UOp) -> UOp:
   t = UOp.range(p.shape[2], 3, AxisType.REDUCE)
   slot = block_tables[n, t // block_size].cast(dtypes.weakint) * block_size + t % block_size
   acc = p[n, h, t].load() * vf[slot, h // (num_heads // num_kv_heads), d].load().cast(dtypes.float32)
-  return out.index(n, h, d).store(acc.reduce(t, arg=Ops.ADD).cast(out.dtype)).end(n, h, d).sink(arg=KernelInfo(name="paged_pv"))
+  # 16 head dims (contiguous in the pool) x the heads sharing one KV head per register block: 4x faster than default here
+  group = num_heads // num_kv_heads
+  opts = _upcast({"n": num_tokens, "h": num_heads, "d": head_dim}, ("d", 16 if head_dim % 16 == 0 else 1), ("h", group if group <= 3 else 1))
+  return out.index(n, h, d).store(acc.reduce(t, arg=Ops.ADD).cast(out.dtype)).end(n, h, d).sink(arg=KernelInfo(name="paged_pv", opts_to_apply=opts))
 
 # On CPU, tinygrad's default matmul keeps one scalar accumulator per output and runs at ~5 GFLOPS here. Weights are
 # stored as panels [N/8, K, 8] instead: the kernel streams one contiguous panel at a time and keeps an 8-column x
@@ -41,15 +48,13 @@ def _paged_pv(out: UOp, p: UOp, v_pool: UOp, block_tables: UOp) -> UOp:
 # [N, K] and tinygrad's own matmul heuristics.
 PANEL, QBLOCK = 8, 32
 
-def to_panels(w: Tensor) -> Tensor:
-  n, k = w.shape
-  return w.reshape(n // PANEL, PANEL, k).permute(0, 2, 1).contiguous()
+def to_panels(w: Tensor) -> Tensor: return w.reshape(w.shape[0] // PANEL, PANEL, w.shape[1]).permute(0, 2, 1).contiguous()
 
 def quantize_panels(w: Tensor) -> tuple[Tensor, Tensor]:
   """int8 panels and float32 scales [N/8, K/32, 8]: one symmetric scale per 32 weights along K (Q8_0's scheme)."""
-  n, k = w.shape
-  scale = w.reshape(n, k // QBLOCK, QBLOCK).abs().max(-1) / 127
-  q = (w.reshape(n, k // QBLOCK, QBLOCK) / scale.maximum(1e-30).unsqueeze(-1)).round().cast(dtypes.int8).reshape(n, k)
+  blocks = w.reshape(w.shape[0], -1, QBLOCK)
+  scale = blocks.abs().max(-1) / 127
+  q = (blocks / scale.maximum(1e-30).unsqueeze(-1)).round().cast(dtypes.int8).reshape(w.shape)
   return to_panels(q).realize(), to_panels(scale).realize()
 
 def _weight(w: UOp, scale: tuple[UOp, ...], t: UOp, k: UOp, j: UOp) -> UOp:
@@ -62,10 +67,8 @@ def _panel_matmul(out: UOp, x: UOp, w: UOp, *scale: UOp) -> UOp:
   # register block: 4 rows x 8 columns, or 4 panels x 8 columns for one row
   rows = 4 if M % 4 == 0 else 2 if M % 2 == 0 else 1
   panels = min(4 // rows, max(d for d in (1, 2, 4) if num_panels % d == 0))
-  axis = [a for a, size in (("panel", num_panels), ("row", M), ("col", P)) if size > 1].index  # opts skip size-1 ranges
-  block = tuple(Opt(OptOps.UPCAST, axis(a), n) for a, n in (("col", P), ("row", rows), ("panel", panels)) if n > 1)
-  st = out.index(m, t * P + j).store(acc.cast(out.dtype)).end(t, m, j)
-  return st.sink(arg=KernelInfo(name=f"linear_{M}_{num_panels * P}_{K}", opts_to_apply=block))
+  block = _upcast({"panel": num_panels, "row": M, "col": P}, ("col", P), ("row", rows), ("panel", panels))
+  return out.index(m, t * P + j).store(acc.cast(out.dtype)).end(t, m, j).sink(arg=KernelInfo(name=f"linear_{M}_{num_panels * P}_{K}", opts_to_apply=block))
 
 def linear(x: Tensor, w: Tensor, scale: Tensor | None = None) -> Tensor:
   if w.ndim == 2: return x @ w.T
