@@ -34,3 +34,11 @@ def test_int8_weights_keep_smollm2_sensible_in_under_a_third_of_the_memory(smoll
   assert np.abs(logits[1] - logits[0]).max() / np.ptp(logits[0]) < 0.03
   def weight_bytes(llm) -> int: return sum(t.nbytes() for t in {id(t): t for t in llm.engine.runner.model.weights.values()}.values())
   assert weight_bytes(q8) * 3 <= weight_bytes(smollm2)
+
+def test_replicas_give_the_single_engine_tokens_on_smollm2(smollm2, smollm2_path):
+  from tinyvllm_core import LLM
+  p = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+  prompts = ["The capital of France is", "Once upon a time,", "1, 2, 3, 4,", "def fibonacci(n):"]
+  replicated = LLM(smollm2_path, num_replicas=2, device="CPU", kv_cache_gb=0.1)
+  try: assert [o.token_ids for o in replicated.generate(prompts, p)] == [o.token_ids for o in smollm2.generate(prompts, p)]
+  finally: replicated.engine.shutdown()

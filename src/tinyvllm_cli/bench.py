@@ -104,13 +104,13 @@ def throughput(ctx: typer.Context, model: ModelOpt = None, device: DeviceOpt = N
             for name in names for r, q in (variants if name == "tinyvllm" else [(1, None)])]
     results, skipped, machine = [], {}, machine_info(dev)
     for name, opts in runs:
-      if name == "tinyvllm": name = opts.engine.label
-      try: results.append(run_backend("tinyvllm" if name.startswith("tinyvllm") else name, bench_model, dev, workload, opts))
-      except BackendUnavailable as e: skipped[name] = str(e)
+      label = opts.engine.label if name == "tinyvllm" else name
+      try: results.append(run_backend(name, bench_model, dev, workload, opts))
+      except BackendUnavailable as e: skipped[label] = str(e)
       except Exception as e:  # a peer's own failure: one line, never a traceback
-        if name.startswith("tinyvllm"): raise
-        skipped[name] = f"failed ({type(e).__name__}: {ui.one_line(e)[:300]})"
-      if name in skipped: ui.err.print(f"{name}: {skipped[name]}; skipped", soft_wrap=True, highlight=False, markup=False)
+        if name == "tinyvllm": raise
+        skipped[label] = f"failed ({type(e).__name__}: {ui.one_line(e)[:300]})"
+      if label in skipped: ui.err.print(f"{label}: {skipped[label]}; skipped", soft_wrap=True, highlight=False, markup=False)
     if not results: raise BenchError("no backend ran: " + "; ".join(f"{n}: {why}" for n, why in skipped.items()))
     report = throughput_report(bench_model, dev, workload, _json_params(ctx.params), results, skipped, invocation(ctx), note or [],
                                 with_end_load(machine))

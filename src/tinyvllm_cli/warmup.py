@@ -41,7 +41,7 @@ def warm_up_with_progress(engine, console, max_num_seqs: int = 1) -> None:
   """warm_up with a progress bar on `console` (stderr for chat and serve-lite)."""
   from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
   columns = (TextColumn("warming up: capturing batch shapes{task.fields[beam]}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-  beam = getattr(engine.config, "beam", 0)
+  beam = engine.config.beam
   with Progress(*columns, console=console, transient=True) as progress:
     task = progress.add_task("warm-up", total=len(warmup_plan(engine.max_model_len, max_num_seqs)), beam=f" (BEAM={beam} search)" if beam else "")
     warm_up(engine, max_num_seqs, lambda done, total: progress.update(task, completed=done))
