@@ -99,6 +99,7 @@ def test_throughput_random_weights_with_a_peer_that_cannot_run(tmp_path: Path, t
   assert [q["output_tokens"] for q in res["requests"]] == expected.output_lens
   assert res["gen_throughput"] == pytest.approx(res["gen_tokens"] / res["duration"])
   assert data["parameters"]["input_len"] == [4, 8] and data["model"]["random_weights"] is True
+  assert data["parameters"]["dtype"] == "auto" and res["info"]["engine"]["dtype"] == "auto" and res["info"]["dtype"] == "float32"
   for row in ("Total Sequences", "Total Input Tokens", "Total Gen Tokens", "Total Duration", "Gen Throughput", "Total Throughput"):
     assert f"| **{row}** |" in md
   assert "| Metric | tinyvllm |" in md and "Skipped nanovllm:" in md
@@ -125,6 +126,23 @@ def test_throughput_int8_weights_column(tmp_path: Path, tiny_config: Path):
   assert list(data["results"]) == ["tinyvllm", "tinyvllm int8"] and data["results"]["tinyvllm int8"]["info"]["engine"]["quantize"] == "int8"
   bad = bench("throughput", "--model", str(tiny_config), "-q", "int4")
   assert bad.exit_code == 1 and "--quantize 'int4': choose none or int8" in bad.output
+
+
+def test_throughput_float16_reaches_the_engine_and_the_report(tmp_path: Path, tiny_config: Path, monkeypatch: pytest.MonkeyPatch):
+  import tinyvllm_core
+  from tinygrad import dtypes
+  make_engine, engines = tinyvllm_core.make_engine, []
+  monkeypatch.setattr(tinyvllm_core, "make_engine", lambda *a, **kw: engines.append(make_engine(*a, **kw)) or engines[-1])
+  out = tmp_path / "results"
+  r = bench("throughput", "--model", str(tiny_config), *SMALL_THROUGHPUT, "--dtype", "float16", "--device", "CPU", "--output", str(out))
+  assert r.exit_code == 0, r.output
+  data, md = written(out, "throughput-tiny-qwen3-random-cpu-")
+  res = data["results"]["tinyvllm float16"]
+  assert list(data["results"]) == ["tinyvllm float16"] and data["parameters"]["dtype"] == "float16"
+  assert res["info"]["engine"]["dtype"] == res["info"]["dtype"] == "float16" and res["gen_tokens"] == sum(Workload.nano_vllm(**SMALL, vocab_size=512).output_lens)
+  model = engines[0].runner.model
+  assert model.dtype == dtypes.float16 and model.layer_inputs[0]["k_pool"].dtype == dtypes.float16
+  assert "| Metric | tinyvllm float16 |" in md
 
 
 def test_throughput_transformers_vs_a_missing_backend(tmp_path: Path, tiny_config: Path):
@@ -187,6 +205,7 @@ def test_shipped_configs_parse_and_build_random_weights():
   (("throughput", "--random-weights", "--model", "nobody/nothing"), "nobody/nothing is not downloaded"),
   (("throughput", "--model", "Qwen/Qwen3-0.6B"), "--random-weights"),
   (("throughput", "--random-weights", "--warmup", "some"), "--warmup"),
+  (("throughput", "--random-weights", "--dtype", "fp16"), "--dtype 'fp16': choose auto, float32, float16 or bfloat16"),
   (("latency", "--model", "/no/such/model.gguf"), "no such model folder or .gguf file"),
   (("latency", "--device", "NO_SUCH_DEVICE"), "is not available"),
   (("memory", "--model", "/no/such/config.json"), "no such config file"),

@@ -180,10 +180,45 @@ def test_piped_errors_are_one_line(tmp_path):
   cmd = [exe] if exe else [sys.executable, "-m", "tinyvllm_cli"]
   env = {**os.environ, "TINYVLLM_HOME": str(tmp_path)}
   for args, stdin, expected in [(["--temperature", "-1"], "hi", "temperature must be >= 0"), ([], "  \n", "stdin is empty"),
-                                (["--model", str(tmp_path / "none.gguf")], "hi", "no such model")]:
+                                (["--model", str(tmp_path / "none.gguf")], "hi", "no such model"),
+                                (["--dtype", "half"], "hi", "--dtype 'half': choose auto, float32, float16 or bfloat16")]:
     done = subprocess.run([*cmd, "chat", *args], input=stdin, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.startswith("error:") and expected in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_piped_one_shot_in_float16_reaches_the_engine(checkpoints, monkeypatch):
+  """--dtype float16: the engine's weights and KV pools are float16 and the piped reply completes (in-process)."""
+  from tinygrad import dtypes
+  from typer.testing import CliRunner
+  from tinyvllm_cli import chat as chat_module
+  from tinyvllm_cli.main import app
+  load, engines = chat_module.load_engine, []
+  def spy(*args, **kwargs):
+    engines.append(load(*args, **kwargs)[0])
+    return engines[-1], "tiny"
+  monkeypatch.setattr(chat_module, "load_engine", spy)
+  r = CliRunner().invoke(app, ["chat", "--model", str(checkpoints["llama"][0]), "--device", "CPU", "--dtype", "float16",
+                               "--temperature", "0", "--max-tokens", "4", "--kv-cache-gb", "0.01", "-v"], input="hello there\n",
+                         env={"COLUMNS": "200", "NO_COLOR": "1"})
+  assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+  model = engines[0].runner.model
+  assert engines[0].config.dtype == "float16" and model.dtype == dtypes.float16
+  assert model.layer_inputs[0]["k_pool"].dtype == model.layer_inputs[0]["v_pool"].dtype == dtypes.float16
+  assert {w.dtype for name, w in model.weights.items() if not name.endswith("_scale")} == {dtypes.float16}
+  assert re.search(r"prompt \d+ tokens \(0 cached\) · 4 generated", r.stderr), r.stderr
+
+
+def test_a_dtype_the_backend_cannot_compile_is_one_line(capfd):
+  """bfloat16 does not compile for every CPU (clang: __bf16 is not supported on this target): one ValueError line
+  naming the fix, and the compiler's messages stay off the terminal. Where it compiles, nothing is raised."""
+  from tinyvllm_cli.engine_options import check_dtype_compiles
+  for dtype in ("auto", "float32", "float16", "bfloat16"):
+    try: check_dtype_compiles(dtype, "CPU")
+    except ValueError as e:
+      assert dtype == "bfloat16" and str(e).startswith("--dtype bfloat16 does not work on CPU here (") and "\n" not in str(e), e
+      assert str(e).endswith("use float32 or float16 (or auto)")
+  assert capfd.readouterr().err == ""
 
 
 # ---- pieces ------------------------------------------------------------------------------------

@@ -43,3 +43,15 @@ def test_bad_engine_settings(checkpoints):
   from tinyvllm_core import ConfigError
   for kw in (dict(block_size=0), dict(kv_cache_gb=0), dict(dtype="int4"), dict(max_num_seqs=0), dict(quantize="int4"), dict(beam=-1)):
     with pytest.raises(ConfigError): LLMEngine(checkpoints["llama"][0], device="CPU", **kw)
+
+def test_kernels_split_over_threads_match_reference(checkpoints, monkeypatch):
+  """With 2 CPU threads the big kernels are split in two and the runner runs the parts on two threads at once."""
+  from tinygrad.helpers import NUM_CPU_THREADS
+  monkeypatch.setattr(NUM_CPU_THREADS, "value", 2)
+  path, weights, config = checkpoints["qwen3"]
+  prompt = [(i * 37) % 200 + 3 for i in range(40)]
+  engine, got, tokens = _engine_logits(path, prompt, num_decode=3)
+  assert len(engine.runner.workers) == 1
+  assert any(core_id is not None for replay in engine.runner.direct.values() for *_, core_id, _ in replay.kernels)
+  ref = reference_logits(weights, config, tokens[:-1])[len(prompt) - 1:]
+  np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())

@@ -84,3 +84,19 @@ def test_bad_paths_and_devices(tmp_path, checkpoints):
   (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\x00" * 64)
   with pytest.raises(ConfigError, match="GGUF"): LLMEngine(tmp_path / "bad.gguf", device="CPU")
   with pytest.raises(ConfigError, match="available"): LLMEngine(checkpoints["llama"][0], device="NOSUCHDEV")
+
+def test_sampler_without_top_k_top_p_search_picks_the_same_tokens():
+  """The head variant that skips the top-k/top-p search (no row uses them) must not change any token."""
+  import numpy as np
+  from tinygrad import Tensor, dtypes
+  from tinyvllm_core.sampling import sample
+  rng = np.random.default_rng(0)
+  logits = Tensor(rng.standard_normal((6, 300), dtype=np.float32) * 3)
+  rows = dict(temperature=Tensor([0.0, 0.5, 1.0, 1.5, 0.7, 2.0]), top_k=Tensor.zeros(6, dtype=dtypes.int32), top_p=Tensor.ones(6),
+              min_p=Tensor([0.0, 0.0, 0.1, 0.0, 0.3, 0.05]))
+  for seed in range(5):
+    seeds = Tensor(np.arange(6, dtype=np.uint32) * 1000 + seed)
+    full, plain = (sample(logits, **rows, seeds=seeds, filtered=f).numpy() for f in (True, False))
+    np.testing.assert_array_equal(full, plain)
+  with_top_k = sample(logits, **{**rows, "top_k": Tensor([0, 1, 1, 1, 1, 1], dtype=dtypes.int32)}, seeds=seeds).numpy()
+  assert (with_top_k[1:] == logits.numpy()[1:].argmax(-1)).all()  # top_k=1 rows take the argmax: the search did run

@@ -304,6 +304,25 @@ def test_cli_serves_until_ctrl_c(checkpoints, replicas):
   assert bad.returncode == 1 and bad.stderr.startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
 
 
+def test_cli_dtype_reaches_the_engine_and_a_bad_one_is_one_line(checkpoints, monkeypatch):
+  from typer.testing import CliRunner
+  import tinyvllm_core
+  from tinyvllm_cli.main import app
+  seen = {}
+  def make_engine(path, replicas, **kwargs):
+    seen.update(kwargs, replicas=replicas)
+    raise ConfigError("stopped by the test")
+  monkeypatch.setattr(tinyvllm_core, "make_engine", make_engine)
+  r = CliRunner().invoke(app, ["serve-lite", "--model", str(checkpoints["llama"][0]), "--port", "0", "--device", "CPU", "--dtype", "float16"],
+                         env={"COLUMNS": "200", "NO_COLOR": "1"})
+  assert r.exit_code == 1 and "could not load" in r.stderr and "stopped by the test" in r.stderr, r.output
+  assert seen["dtype"] == "float16" and seen["replicas"] == 1 and seen["device"] == "CPU"
+  bad = subprocess.run([sys.executable, "-m", "tinyvllm_cli", "serve-lite", "--model", str(checkpoints["llama"][0]), "--port", "0",
+                        "--dtype", "half"], capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
+  assert bad.returncode == 1 and bad.stdout == "", bad.stderr  # refused before the port is bound or the model loads
+  assert bad.stderr.strip() == "error: --dtype 'half': choose auto, float32, float16 or bfloat16"
+
+
 def test_real_smollm2_through_the_server(smollm2_path):
   s = Running(lambda: LLMEngine(smollm2_path, device="CPU", kv_cache_gb=0.25, max_num_seqs=4), model_name="smollm2")
   try:

@@ -330,8 +330,10 @@ def noise_line(r: dict) -> str:
 
 def profile_report(model: BenchModel, device: str, dtype: str, p: ProfileParams, results: list[dict], command: str,
                    notes: list[str], machine: dict) -> Report:
-  g = goal(results)
+  from tinygrad.helpers import NUM_CPU_THREADS
+  g, threads = goal(results), NUM_CPU_THREADS.value if device.startswith("CPU") else None
   data = {"preset": "profile", "command": command, "timestamp": timestamp(), "model": model.describe(), "device": device, "dtype": dtype,
+          "cpu_threads": threads,
           "parameters": asdict(p) | {"debug_steps": DEBUG_STEPS, "temperature": 0.0, "ignore_eos": True,
                                      "prompts": "distinct random token ids"},
           "machine": machine, "results": results, "python_goal": g, "notes": notes}
@@ -352,5 +354,9 @@ def profile_report(model: BenchModel, device: str, dtype: str, p: ProfileParams,
                   f"under {OTHER}."]
   if any("graph batches" in r["kernels"]["categories"] for r in results):
     lines += ["", "Some kernels ran inside JIT graphs (`batched N` lines), which DEBUG=2 times as one entry: see graph batches."]
+  if threads:
+    lines += ["", f"CPU kernels split over {threads} thread(s) (tinygrad's NUM_CPU_THREADS); the runner runs the parts at once, the "
+                  "DEBUG=2 steps one after another, so the kernel times are one core's" + ("" if threads == 1 else ": with more than one "
+                  "thread they exceed the forward phase; NUM_CPU_THREADS=1 gives a one-core breakdown with the host share") + "."]
   lines += [f"\nNote: {n}" for n in notes]
   return Report("profile", model.slug, device, data, "\n".join(lines))

@@ -12,6 +12,7 @@ import random
 from dataclasses import asdict, dataclass, field
 
 from tinyvllm_cli.bench_common import BenchModel, Report, machine_line, markdown_table, now, progress_bar, random_model_files, timestamp
+from tinyvllm_cli.engine_options import resolved_dtype
 
 
 @dataclass
@@ -47,13 +48,15 @@ class EngineOptions:
   kv_cache_gb: float = 1.0  # in all: replicas split it
   max_num_seqs: int = 32
   max_num_batched_tokens: int = 512
-  num_replicas: int = 1  # engine processes (tinygrad runs a CPU kernel on one core; replicas use the others)
+  num_replicas: int = 1  # engine processes; on CPU each splits its big kernels over its share of the cores
   quantize: str | None = None  # int8 weights
   beam: int = 0  # tinygrad BEAM width while capturing
+  dtype: str = "auto"  # float32 | float16 | bfloat16; auto = float32 on CPU, float16 elsewhere
 
   @property
   def label(self) -> str:
-    return "tinyvllm" + (f" {self.quantize}" if self.quantize else "") + (f" x{self.num_replicas}" if self.num_replicas > 1 else "")
+    return ("tinyvllm" + (f" {self.dtype}" if self.dtype != "auto" else "") + (f" {self.quantize}" if self.quantize else "")
+            + (f" x{self.num_replicas}" if self.num_replicas > 1 else ""))
 
 
 @dataclass
@@ -106,7 +109,7 @@ def _run_tinyvllm(engine, model: BenchModel, device: str, workload: Workload, op
     requests = _generate(engine, workload.prompts, params, advance)
     duration = now() - t0
   return BackendResult(opts.label, len(requests), sum(r["prompt_tokens"] for r in requests), sum(r["output_tokens"] for r in requests),
-                       duration, requests, {"engine": asdict(opts), "warmup": warmup, "max_model_len": engine.max_model_len,
+                       duration, requests, {"engine": asdict(opts), "dtype": resolved_dtype(opts.dtype, device), "warmup": warmup, "max_model_len": engine.max_model_len,
                                             "stats": engine.stats()})
 
 

@@ -22,6 +22,7 @@ from rich.text import Text
 
 from tinyvllm_cli import models
 from tinyvllm_cli.conversation import Conversation
+from tinyvllm_cli.engine_options import DTYPE_HELP, DTYPE_METAVAR, check_dtype, check_dtype_compiles
 from tinyvllm_cli.ui import err, fail, one_line, out
 from tinyvllm_cli.warmup import warm_up_with_progress
 
@@ -401,6 +402,7 @@ def chat(
   kv_cache_gb: Annotated[float | None, typer.Option(help="KV cache memory budget in GB")] = None,
   max_model_len: Annotated[int | None, typer.Option(help="Context length in tokens (default: the model's)")] = None,
   quantize: Annotated[str | None, typer.Option(help="int8: matmul weights as int8 with one scale per 32 (about 1/4 of float32 memory)")] = None,
+  dtype: Annotated[str, typer.Option(metavar=DTYPE_METAVAR, help=DTYPE_HELP)] = "auto",
   beam: Annotated[int, typer.Option(min=0, help="Search kernel optimizations (tinygrad BEAM) of this width when a batch shape is first "
                                      "captured; slow once, cached on disk for later runs (0 = off)")] = 0,
   warmup: Annotated[bool, typer.Option(help="Capture the first reply's batch shapes at start, with a progress bar (not for piped input)")] = True,
@@ -409,10 +411,15 @@ def chat(
   echo "What is the capital of France?" | tinyvllm chat"""
   from tinyvllm_core import EngineLoop, SamplingParams
   overrides = {k: v for k, v in dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed).items() if v is not None}
-  try: SamplingParams(max_tokens=max_tokens, **overrides)  # bad values fail before the model loads
+  try:  # bad values fail before the model loads
+    SamplingParams(max_tokens=max_tokens, **overrides)
+    check_dtype(dtype)
   except ValueError as e: fail(e)
   piped = None if sys.stdin.isatty() else _piped_message()
-  engine, label = load_engine(model, device=device, kv_cache_gb=kv_cache_gb, max_model_len=max_model_len, quantize=quantize, beam=beam or None)
+  try: check_dtype_compiles(dtype, device)
+  except ValueError as e: fail(e)
+  engine, label = load_engine(model, device=device, kv_cache_gb=kv_cache_gb, max_model_len=max_model_len, quantize=quantize, dtype=dtype,
+                              beam=beam or None)
   if warmup and piped is None:
     try: warm_up_with_progress(engine, err)
     except KeyboardInterrupt: err.print("warm-up skipped", highlight=False)

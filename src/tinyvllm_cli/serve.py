@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import typer
 
 from tinyvllm_cli import models
+from tinyvllm_cli.engine_options import DTYPE_HELP, DTYPE_METAVAR, check_dtype, check_dtype_compiles
 from tinyvllm_cli.ui import err, fail, one_line, say
 
 MAX_BODY_BYTES = 4 << 20
@@ -561,20 +562,24 @@ def serve_lite(
   served_model_name: Annotated[str | None, typer.Option(show_default=False, help="Model id clients send (default: the --model value).")] = None,
   timeout: Annotated[float, typer.Option(min=0.1, help="Seconds a stalled client may keep its connection idle.")] = SOCKET_TIMEOUT_S,
   quantize: Annotated[str | None, typer.Option(show_default=False, help="int8: matmul weights as int8 with one scale per 32 (about 1/4 of float32 memory).")] = None,
+  dtype: Annotated[str, typer.Option(metavar=DTYPE_METAVAR, help=DTYPE_HELP)] = "auto",
   beam: Annotated[int, typer.Option(min=0, help="Search kernel optimizations (tinygrad BEAM) of this width while capturing (cached on disk; 0 = off).")] = 0,
   warmup: Annotated[bool, typer.Option(help="Capture the common batch shapes before answering /health with 200.")] = True,
-  replicas: Annotated[int, typer.Option("--replicas", "-r", min=1, help="Engine processes sharing the requests (CPU: one per core uses them all; "
-                      "each holds the weights, --kv-cache-gb is split).")] = 1,
+  replicas: Annotated[int, typer.Option("--replicas", "-r", min=1, help="Engine processes sharing the requests (CPU: one engine already splits big "
+                      "kernels over all cores; one per core adds ~25% batched throughput, each holds the weights, --kv-cache-gb is split).")] = 1,
 ) -> None:
   """Serve a model over an OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics."""
-  try: path = models.resolve_model(model)
-  except models.ModelNotFoundError as e: fail(e)
+  try:
+    check_dtype(dtype)  # before the port is bound or the model loads
+    path = models.resolve_model(model)
+    check_dtype_compiles(dtype, device)  # here in the main thread: it briefly redirects stderr
+  except (ValueError, models.ModelNotFoundError) as e: fail(e)
 
   def load():
     from tinyvllm_core import make_engine
     from tinyvllm_cli.warmup import warm_up
     engine = make_engine(path, replicas, device=device, kv_cache_gb=kv_cache_gb, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                         quantize=quantize, beam=beam)
+                         quantize=quantize, dtype=dtype, beam=beam)
     if warmup:
       say(f"warming up: capturing the common batch shapes{f' with BEAM={beam} search' if beam else ''} ...")
       warm_up(engine, max_num_seqs)

@@ -9,15 +9,16 @@ import dataclasses
 from typing import Callable
 
 PROMPT_LENS = (8, 24, 56, 120)  # prefill buckets 8, 32, 64, 128 and decode widths of 1, 2, 4, 8 blocks
+HEADS = ("greedy", "sample", "top_p")  # the engine's three sampling heads: argmax, plain sampling, with the top-k/top-p search
 
 
-def warmup_plan(max_len: int, max_num_seqs: int = 1) -> list[tuple[int, int, bool]]:
-  """(number of sequences, prompt length, greedy) per warm-up round: greedy and sampling heads are both captured,
-  since a request may pick either."""
-  rounds = [(1, n, greedy) for n in PROMPT_LENS if n + 2 < max_len for greedy in (True, False)]
+def warmup_plan(max_len: int, max_num_seqs: int = 1) -> list[tuple[int, int, str]]:
+  """(number of sequences, prompt length, head) per warm-up round: every head is captured, since a request may
+  pick any."""
+  rounds = [(1, n, head) for n in PROMPT_LENS if n + 2 < max_len for head in HEADS]
   batch = 2
   while batch <= min(max_num_seqs, 32):
-    rounds += [(batch, 8, True), (batch, 8, False)]
+    rounds += [(batch, 8, head) for head in HEADS]
     batch *= 2
   return rounds
 
@@ -27,11 +28,11 @@ def warm_up(engine, max_num_seqs: int = 1, on_round: Callable[[int, int], None] 
   rounds = warmup_plan(engine.max_model_len, max_num_seqs)
   vocab = engine.model_config.vocab_size
   base = dataclasses.replace(engine.default_params, max_tokens=2, ignore_eos=True, stop=[], stop_token_ids=[], seed=0)
-  sampled = dataclasses.replace(base, temperature=base.temperature or 0.7)
-  for i, (num_seqs, prompt_len, greedy) in enumerate(rounds):
+  sampled = dataclasses.replace(base, temperature=base.temperature or 0.7, top_k=0, top_p=1.0)
+  params = {"greedy": dataclasses.replace(base, temperature=0.0), "sample": sampled, "top_p": dataclasses.replace(sampled, top_p=0.95)}
+  for i, (num_seqs, prompt_len, head) in enumerate(rounds):
     for k in range(num_seqs):  # token ids distinct across prompts: no prefix-cache hit shrinks a prefill
-      engine.add_request([(7919 * (i * 64 + k) + j) % vocab for j in range(prompt_len)],
-                         dataclasses.replace(base, temperature=0.0) if greedy else sampled)
+      engine.add_request([(7919 * (i * 64 + k) + j) % vocab for j in range(prompt_len)], params[head])
     while engine.has_unfinished_requests(): engine.step()
     if on_round: on_round(i + 1, len(rounds))
   return len(rounds)

@@ -3,8 +3,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from .sequence import Sequence
 
-def hash_block(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
-  return hash((parent_hash, token_ids))
+def hash_block(parent_hash: int | None, token_ids: tuple[int, ...]) -> int: return hash((parent_hash, token_ids))
 
 @dataclass(eq=False)
 class Block:
@@ -59,8 +58,7 @@ class BlockManager:
   def num_blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
     return max(0, -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size) - len(seq.block_table))
 
-  def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
-    return self.num_blocks_needed(seq, num_new_tokens) <= self.num_free_blocks
+  def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool: return self.num_blocks_needed(seq, num_new_tokens) <= self.num_free_blocks
 
   def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
     for _ in range(self.num_blocks_needed(seq, num_new_tokens)): seq.block_table.append(self._take_free_block())

@@ -4,8 +4,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # HF `architectures` entry -> our model family
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama",
-                           "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
 class ConfigError(ValueError):
@@ -49,10 +48,9 @@ class ModelConfig:
     heads = need("num_attention_heads")
     return ModelConfig(family=family, vocab_size=need("vocab_size"), hidden_size=need("hidden_size"),
                        intermediate_size=need("intermediate_size"), num_layers=need("num_hidden_layers"), num_heads=heads,
-                       num_kv_heads=cfg.get("num_key_value_heads") or heads,
-                       head_dim=cfg.get("head_dim") or need("hidden_size") // heads, rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-                       rope_theta=cfg.get("rope_theta", 10000.0), max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-                       tie_word_embeddings=cfg.get("tie_word_embeddings", False))
+                       num_kv_heads=cfg.get("num_key_value_heads") or heads, head_dim=cfg.get("head_dim") or need("hidden_size") // heads,
+                       rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=cfg.get("rope_theta", 10000.0),
+                       max_position_embeddings=cfg.get("max_position_embeddings", 2048), tie_word_embeddings=cfg.get("tie_word_embeddings", False))
 
 @dataclass
 class EngineConfig:

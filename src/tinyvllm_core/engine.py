@@ -18,8 +18,7 @@ def resolve_device(name: str | None) -> str:
   name = (name or Device.DEFAULT).upper()
   try: Device[name]
   except Exception:
-    available = ", ".join(Device.get_available_devices()) or "none"
-    raise ConfigError(f"device {name!r} is not available on this machine (available: {available})") from None
+    raise ConfigError(f"device {name!r} is not available on this machine (available: {', '.join(Device.get_available_devices()) or 'none'})") from None
   DEV.value = name
   return name
 
@@ -66,7 +65,7 @@ class LLMEngine:
     self.config = config = EngineConfig(**kwargs)
     self.device = resolve_device(config.device)
     files = model if isinstance(model, ModelFiles) else load_model_files(model, self.device)
-    self.model_config, self.tokenizer, self.files = files.config, files.tokenizer, files
+    self.model_config, self.tokenizer, self.files, self.eos_token_ids = files.config, files.tokenizer, files, set(files.eos_token_ids)
     mc, bs = files.config, config.block_size
     dtype = getattr(dtypes, config.dtype) if config.dtype != "auto" else dtypes.float32 if self.device == "CPU" else dtypes.float16
     bytes_per_block = 2 * mc.num_layers * bs * mc.num_kv_heads * mc.head_dim * dtype.itemsize
@@ -78,7 +77,6 @@ class LLMEngine:
     self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
     self.scheduler = Scheduler(config, self.block_manager)
     self.runner = ModelRunner(Model(mc, weights, num_blocks, bs, dtype, config.quantize), bs, next_power_of_2(-(-self.max_model_len // bs)), config.beam)
-    self.eos_token_ids = set(files.eos_token_ids)
     self.default_params = SamplingParams.from_generation_config(files.generation_config)
     self.seqs: dict[str, Sequence] = {}
     self._detok: dict[str, _Detokenizer] = {}
@@ -128,8 +126,7 @@ class LLMEngine:
   # ---- one step of continuous batching ----
   def step(self) -> list[RequestOutput]:
     t0 = time.perf_counter()
-    scheduled = self.scheduler.schedule()
-    if not scheduled: return []
+    if not (scheduled := self.scheduler.schedule()): return []
     t1 = time.perf_counter()
     sampled, next_ids = self.runner.execute(scheduled)
     t2 = time.perf_counter()
@@ -144,8 +141,7 @@ class LLMEngine:
   def _append_token(self, seq: Sequence, token_id: int) -> RequestOutput:
     seq.output_token_ids.append(token_id)
     self.num_generated_tokens += 1
-    p = seq.sampling_params
-    detok, reason = self._detok[seq.request_id], None
+    p, detok, reason = seq.sampling_params, self._detok[seq.request_id], None
     if self.tokenizer: detok.update(self.tokenizer, seq.output_token_ids)
     if (token_id in self.eos_token_ids and not p.ignore_eos) or token_id in p.stop_token_ids: reason = "stop"
     elif (hit := min((i for s in p.stop if (i := detok.text.find(s, detok.emitted)) >= 0), default=None)) is not None:
@@ -170,12 +166,9 @@ class LLM:
 
   def generate(self, prompts: str | list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
     prompts = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else prompts
-    params_list = params if isinstance(params, list) else [params] * len(prompts)
-    ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+    ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params if isinstance(params, list) else [params] * len(prompts))]
     final: dict[str, RequestOutput] = {}
-    while self.engine.has_unfinished_requests():
-      for o in self.engine.step():
-        if o.finished: final[o.request_id] = o
+    while self.engine.has_unfinished_requests(): final.update((o.request_id, o) for o in self.engine.step() if o.finished)
     return [final[i] for i in ids]
 
   def chat(self, messages: list[dict], params: SamplingParams | None = None, **template_kwargs) -> RequestOutput:

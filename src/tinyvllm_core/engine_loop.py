@@ -36,24 +36,18 @@ class RequestStream:
     except queue.Empty: return None
 
   def __iter__(self):
-    while True:
-      out: RequestOutput = self._queue.get()
-      yield out
-      if out.finished: return
+    while not (out := self._queue.get()).finished: yield out
+    yield out  # the final output
 
-  def result(self) -> RequestOutput:
-    for out in self: pass
-    return out
+  def result(self) -> RequestOutput: return list(self)[-1]
 
 class EngineLoop:
-  """A background thread owns the engine and steps continuous batching; any thread may submit,
-  read its own stream, or abort."""
+  """A background thread owns the engine and steps continuous batching; any thread may submit, read its own stream, or abort."""
   def __init__(self, engine: LLMEngine):
     self.engine = engine
     self._inbox: queue.Queue = queue.Queue()
     self._streams: dict[str, RequestStream] = {}
-    self._ids = itertools.count()
-    self._stopped = threading.Event()
+    self._ids, self._stopped = itertools.count(), threading.Event()
     self._stats = engine.stats()
     self._thread = threading.Thread(target=self._run, name="tinyvllm-engine", daemon=True)
     self._thread.start()
@@ -83,8 +77,7 @@ class EngineLoop:
         self._streams[stream.request_id] = stream
       except ValueError as e:
         stream._queue.put(RequestOutput(stream.request_id, [], finished=True, finish_reason="error", error=str(e)))
-    elif msg[0] == "abort" and (out := self.engine.abort(msg[1])) is not None:
-      self._deliver(out)
+    elif msg[0] == "abort" and (out := self.engine.abort(msg[1])) is not None: self._deliver(out)
 
   def _deliver(self, out: RequestOutput) -> None:
     if (stream := self._streams.get(out.request_id)) is None: return

@@ -30,11 +30,9 @@ def _hf_weights(model_dir: Path) -> dict[str, np.ndarray]:
   index = model_dir / "model.safetensors.index.json"
   files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else sorted(p.name for p in model_dir.glob("*.safetensors"))
   if not files: raise ConfigError(f"{model_dir}: no *.safetensors weights found")
-  weights: dict[str, np.ndarray] = {}
-  for f in files:
-    if not (model_dir / f).exists(): raise ConfigError(f"{model_dir / f}: missing weight shard listed in model.safetensors.index.json")
-    weights.update(read_safetensors(model_dir / f))
-  return {k.removeprefix("model."): v for k, v in weights.items()}
+  if (missing := next((f for f in files if not (model_dir / f).exists()), None)):
+    raise ConfigError(f"{model_dir / missing}: missing weight shard listed in model.safetensors.index.json")
+  return {k.removeprefix("model."): v for f in files for k, v in read_safetensors(model_dir / f).items()}
 
 def canonical_weights(cfg: ModelConfig, sd: dict[str, np.ndarray], names: dict[str, str], source: Path) -> dict[str, np.ndarray]:
   """Fuse q/k/v and gate/up; `names` maps our names to the checkpoint's ({i} = layer)."""
@@ -119,8 +117,7 @@ def load_gguf(path: Path, device: str) -> ModelFiles:
     for i in range(cfg.num_layers):
       for name, n in ((f"blk.{i}.attn_q.weight", cfg.num_heads), (f"blk.{i}.attn_k.weight", cfg.num_kv_heads)):
         if name in weights: weights[name] = _unpermute_rope(weights[name], n)
-  tokens = kv["tokenizer.ggml.tokens"]
-  special = {k: tokens[kv[f"tokenizer.ggml.{k}_id"]] for k in ("bos_token", "eos_token") if f"tokenizer.ggml.{k}_id" in kv}
+  special = {k: kv["tokenizer.ggml.tokens"][kv[f"tokenizer.ggml.{k}_id"]] for k in ("bos_token", "eos_token") if f"tokenizer.ggml.{k}_id" in kv}
   eos_ids = [kv["tokenizer.ggml.eos_token_id"]] if "tokenizer.ggml.eos_token_id" in kv else []
   return ModelFiles(cfg, canonical_weights(cfg, weights, GGUF_NAMES, path), _gguf_tokenizer(kv, path), kv.get("tokenizer.chat_template"), special, eos_ids)
 
@@ -135,10 +132,9 @@ def _gguf_tokenizer(kv: dict, path: Path):
   tokens, merges = kv["tokenizer.ggml.tokens"], [tuple(m.split(" ", 1)) for m in kv.get("tokenizer.ggml.merges", [])]
   tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
   pre = kv.get("tokenizer.ggml.pre", "gpt2")
-  byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre not in _PRE_SPLIT)
   splits = [pre_tokenizers.Split(Regex(_PRE_SPLIT[pre]), "isolated")] if pre in _PRE_SPLIT else []
   if pre == "smollm": splits = [pre_tokenizers.Digits(individual_digits=True)]
-  tok.pre_tokenizer = pre_tokenizers.Sequence([*splits, byte_level])
+  tok.pre_tokenizer = pre_tokenizers.Sequence([*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre not in _PRE_SPLIT)])
   tok.decoder = decoders.ByteLevel()
   types = kv.get("tokenizer.ggml.token_type", [])
   tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if t in (3, 4)])
@@ -150,17 +146,14 @@ def _gguf_tokenizer(kv: dict, path: Path):
 def load_model_files(path: str | Path, device: str) -> ModelFiles:
   path = Path(path).expanduser()
   if not path.exists(): raise ConfigError(f"{path}: no such file or directory")
-  if path.is_file():
-    if path.suffix != ".gguf": raise ConfigError(f"{path}: expected a model directory or a .gguf file")
-    return load_gguf(path, device)
-  return load_hf(path)
+  if path.is_file() and path.suffix != ".gguf": raise ConfigError(f"{path}: expected a model directory or a .gguf file")
+  return load_gguf(path, device) if path.is_file() else load_hf(path)
 
 def render_chat(template: str | None, messages: list[dict], special_tokens: dict[str, str], add_generation_prompt: bool = True, **kwargs) -> str:
-  import jinja2
-  from jinja2.sandbox import ImmutableSandboxedEnvironment
+  import jinja2.sandbox
   if not template: raise ConfigError("this model has no chat template; send a plain prompt instead")
   def raise_exception(msg: str): raise ValueError(f"chat template: {msg}")
-  env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+  env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
   env.globals["raise_exception"] = raise_exception
   env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent, ensure_ascii=ensure_ascii)
   try: return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **{"bos_token": "", "eos_token": "", **special_tokens}, **kwargs)

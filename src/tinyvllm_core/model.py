@@ -2,6 +2,7 @@ from __future__ import annotations
 import numpy as np
 from tinygrad import Tensor, dtypes
 from tinygrad.dtype import DType
+from tinygrad.helpers import NUM_CPU_THREADS
 from tinygrad.uop.ops import UOp, Ops, KernelInfo, AxisType
 from tinygrad.codegen.opt import Opt, OptOps
 from .config import ModelConfig
@@ -19,7 +20,11 @@ def _kv_write(k_pool: UOp, v_pool: UOp, k: UOp, v: UOp, slot_mapping: UOp) -> UO
 
 def _upcast(ranges: dict[str, int], *amounts: tuple[str, int]) -> tuple[Opt, ...]:  # by range name: opts number only ranges > 1
   names = [name for name, size in ranges.items() if size > 1]
-  return tuple(Opt(OptOps.UPCAST, names.index(name), amount) for name, amount in amounts if amount > 1 and name in names)
+  opts = tuple(Opt(OptOps.UPCAST, names.index(name), amount) for name, amount in amounts if amount > 1 and name in names)
+  # the first range is split over the CPU's threads (the runner runs the parts in parallel)
+  first, threads = next(iter(ranges)), NUM_CPU_THREADS.value
+  splits = threads > 1 and names[:1] == [first] and ranges[first] // dict(amounts).get(first, 1) % threads == 0
+  return opts + ((Opt(OptOps.THREAD, 0, threads),) if splits else ())
 
 def _paged_qk(out: UOp, q: UOp, k_pool: UOp, block_tables: UOp) -> UOp:
   (num_tokens, num_heads, width), (_, block_size, num_kv_heads, head_dim) = out.shape, k_pool.shape
@@ -29,6 +34,16 @@ def _paged_qk(out: UOp, q: UOp, k_pool: UOp, block_tables: UOp) -> UOp:
   slot = block_tables[n, t // block_size].cast(dtypes.weakint) * block_size + t % block_size
   acc = (q[n, h, d].load().cast(dtypes.float32) * kf[slot, h // (num_heads // num_kv_heads), d].load().cast(dtypes.float32))
   return out.index(n, h, t).store(acc.reduce(d, arg=Ops.ADD) * (head_dim ** -0.5)).end(n, h, t).sink(arg=KernelInfo(name="paged_qk"))
+
+def _masked_softmax(out: UOp, scores: UOp, context_lens: UOp) -> UOp:
+  """Softmax over each row's first context_len scores (zero past them): one kernel instead of tinygrad's three."""
+  (num_tokens, num_heads, width), log2e = scores.shape, 1.4426950408889634
+  n, h, t = UOp.range(num_tokens, 0), UOp.range(num_heads, 1), UOp.range(width, 2)
+  (t1, t2), ctx = (UOp.range(width, i, AxisType.REDUCE) for i in (3, 4)), context_lens[n].load()
+  row_max = (t1 < ctx).where(scores[n, h, t1].load(), -float("inf")).reduce(t1, arg=Ops.MAX)
+  def exp(t: UOp) -> UOp: return (t < ctx).where(((scores[n, h, t].load() - row_max) * log2e).exp2(), 0.0)
+  opts = _upcast({"n": num_tokens, "h": num_heads, "t": width})
+  return out.index(n, h, t).store(exp(t) / exp(t2).reduce(t2, arg=Ops.ADD)).end(n, h, t).sink(arg=KernelInfo(name="masked_softmax", opts_to_apply=opts))
 
 def _paged_pv(out: UOp, p: UOp, v_pool: UOp, block_tables: UOp) -> UOp:
   (num_tokens, num_heads, head_dim), (_, block_size, num_kv_heads, _) = out.shape, v_pool.shape
@@ -135,8 +150,7 @@ class Model:
     k_pool, v_pool = k_pool.custom_kernel(v_pool, k.contiguous(), qkv[:, q_size + kv_size:].contiguous(), slot_mapping, fxn=_kv_write)[:2]
     width = block_tables.shape[1] * k_pool.shape[1]
     scores = Tensor.empty(N, c.num_heads, width, dtype=dtypes.float32).custom_kernel(q.contiguous(), k_pool, block_tables, fxn=_paged_qk)[0]
-    mask = Tensor.arange(width).reshape(1, 1, width) < context_lens.reshape(N, 1, 1)
-    probs = mask.where(scores, float("-inf")).softmax(-1).contiguous()
+    probs = Tensor.empty(N, c.num_heads, width, dtype=dtypes.float32).custom_kernel(scores, context_lens, fxn=_masked_softmax)[0]
     attn = Tensor.empty(N, c.num_heads, c.head_dim, dtype=x.dtype).custom_kernel(probs, v_pool, block_tables, fxn=_paged_pv)[0]
     x = x + linear(attn.reshape(N, q_size), w["o"], w.get("o_scale"))
     gate, up = linear(rms_norm(x, w["mlp_norm"], c.rms_norm_eps), w["gate_up"], w.get("gate_up_scale")).chunk(2, dim=-1)

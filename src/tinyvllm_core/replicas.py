@@ -2,12 +2,14 @@ from __future__ import annotations
 import itertools, multiprocessing, signal
 from pathlib import Path
 from typing import Callable
+from tinygrad.helpers import NUM_CPU_THREADS
 from .engine import LLMEngine, RequestOutput
 from .loader import ModelFiles
 from .sampling import SamplingParams
 
-def _serve_replica(conn, model, kwargs: dict) -> None:
+def _serve_replica(conn, model, kwargs: dict, num_threads: int) -> None:
   signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the whole process group: the parent decides when replicas stop
+  NUM_CPU_THREADS.value = num_threads  # the replicas share the cores: kernels split over fewer threads
   try: engine = LLMEngine(model() if callable(model) else model, **kwargs)  # a callable builds ModelFiles in the replica
   except Exception as e: return conn.send(("error", e))
   conn.send(("ok", (engine.files, engine.config, engine.device, engine.max_model_len)))  # files without weights: the engine dropped them
@@ -16,15 +18,15 @@ def _serve_replica(conn, model, kwargs: dict) -> None:
     except Exception as e: conn.send(("error", e))
 
 class ReplicatedEngine:
-  """LLMEngine's interface over one engine process per replica. tinygrad runs each CPU kernel on one thread, so
-  replicas are how a CPU's cores all serve: a request stays on the replica that had the fewest unfinished requests
-  when it arrived, and step() steps every busy replica at once. Greedy outputs equal one engine's."""
+  """LLMEngine's interface over one engine process per replica, the CPU's cores split between them (one engine splits its big kernels over
+  all cores; replicas also skip the per-kernel thread handoff): a request stays on the replica that had the fewest unfinished requests when
+  it arrived, and step() steps every busy replica at once. Greedy outputs equal one engine's."""
   encode, decode, apply_chat_template = LLMEngine.encode, LLMEngine.decode, LLMEngine.apply_chat_template
 
   def __init__(self, model: str | Path | ModelFiles | Callable[[], ModelFiles], num_replicas: int, **kwargs):
     ctx = multiprocessing.get_context("spawn")
     self.conns, children = zip(*(ctx.Pipe() for _ in range(num_replicas)))
-    self.procs = [ctx.Process(target=_serve_replica, args=(c, model, kwargs), daemon=True) for c in children]
+    self.procs = [ctx.Process(target=_serve_replica, args=(c, model, kwargs, max(1, NUM_CPU_THREADS.value // num_replicas)), daemon=True) for c in children]
     for p in self.procs: p.start()
     try: infos = [self._recv(i) for i in range(num_replicas)]
     except BaseException: self.shutdown(); raise
@@ -69,8 +71,7 @@ class ReplicatedEngine:
 
   def stats(self) -> dict:
     per_replica = [self._call(i, "stats") for i in range(len(self.conns))]
-    total = {k: sum(s[k] for s in per_replica) / (len(per_replica) if k in ("kv_cache_usage", "prefix_cache_hit_rate") else 1)
-             for k in per_replica[0]}
+    total = {k: sum(s[k] for s in per_replica) / (len(per_replica) if k in ("kv_cache_usage", "prefix_cache_hit_rate") else 1) for k in per_replica[0]}
     return {**total, "num_replicas": len(self.conns)}
 
   def shutdown(self) -> None:

@@ -1,5 +1,5 @@
 from __future__ import annotations
-import ctypes, time
+import ctypes, queue, threading, time
 from dataclasses import dataclass
 import numpy as np
 from tinygrad import Tensor, TinyJit, dtypes
@@ -18,6 +18,7 @@ class BatchShape:
   num_seqs: int    # sampled rows (bucketed)
   num_blocks: int  # block-table width (bucketed): attention cost follows the real context lengths
   greedy: bool
+  filtered: bool  # a sampling row uses top-k or top-p
 
 class ModelRunner:
   """Builds the flat token batch into persistent input buffers per batch shape bucket and runs the model as jitted
@@ -28,6 +29,7 @@ class ModelRunner:
     self.jits: dict[tuple, TinyJit] = {}
     self.inputs: dict[BatchShape, dict[str, Tensor]] = {}
     self.direct: dict[TinyJit, CPUReplay] = {}
+    self.workers: list[Worker] = []  # threads that run the other parts of kernels split over the CPU's cores
 
   def _jit(self, key: tuple, fn) -> TinyJit:
     if key not in self.jits:
@@ -40,7 +42,7 @@ class ModelRunner:
     plain realized buffers of the captured shapes, so replay the captured kernels on them directly."""
     if jit.captured is None:
       with Context(BEAM=self.beam or BEAM.value): out = jit(*args, **kwargs)  # capture; beam > 0 searches the kernels' opts
-      try: self.direct[jit] = CPUReplay(jit)
+      try: self.direct[jit] = CPUReplay(jit, self.workers)
       except (NotImplementedError, AttributeError): pass  # other devices: tinygrad's replay
       return out
     inputs = [t.uop.base for t in (*args, *(kwargs[k] for k in sorted(kwargs)))]
@@ -55,10 +57,10 @@ class ModelRunner:
       x = self._replay(self._jit(("layer", N, W, i % 2), lambda x, **kw: m.layer(x, **kw).realize()), x, **meta, **m.layer_inputs[i])
     def head(x, logits_indices, temperature, top_k, top_p, min_p, seeds):
       logits = m.head(x, logits_indices).contiguous()  # else argmax/sampling fuse and recompute the lm_head matmul
-      next_ids = logits.argmax(-1) if shape.greedy else sample(logits, temperature, top_k, top_p, min_p, seeds)
+      next_ids = logits.argmax(-1) if shape.greedy else sample(logits, temperature, top_k, top_p, min_p, seeds, shape.filtered)
       return next_ids.cast(dtypes.int32).realize(), logits.realize()
     sampling = {k: b[k] for k in ("logits_indices", "temperature", "top_k", "top_p", "min_p", "seeds")}
-    return self._replay(self._jit(("head", N, shape.num_seqs, shape.greedy), head), x, **sampling)
+    return self._replay(self._jit(("head", N, shape.num_seqs, shape.greedy, shape.filtered), head), x, **sampling)
 
   def prepare(self, scheduled: list[tuple[Sequence, int]]) -> tuple[BatchShape, dict[str, np.ndarray], list[Sequence]]:
     """Flat arrays for the scheduled chunks; the sequences whose chunk reaches their end get a sampled token."""
@@ -66,7 +68,8 @@ class ModelRunner:
     sampled = [seq for seq, start, n in rows if start + n == seq.num_tokens]
     width = max(-(-(start + n) // bs) for _, start, n in rows)
     shape = BatchShape(next_power_of_2(sum(n for _, n in scheduled)), next_power_of_2(max(len(sampled), 1)),
-                       min(next_power_of_2(width), self.max_blocks_per_seq), all(s.sampling_params.temperature == 0 for s in sampled))
+                       min(next_power_of_2(width), self.max_blocks_per_seq), all(s.sampling_params.temperature == 0 for s in sampled),
+                       any(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1) for p in (s.sampling_params for s in sampled)))
     T, S = shape.num_tokens, shape.num_seqs
     a = {"token_ids": np.zeros(T, np.int32), "positions": np.zeros(T, np.int32), "slot_mapping": np.zeros(T, np.int32),
          "block_tables": np.zeros((T, shape.num_blocks), np.int32), "context_lens": np.ones(T, np.int32),  # padded rows attend to one slot of block 0
@@ -105,8 +108,8 @@ class ModelRunner:
 class CPUReplay:
   """Calls a captured TinyJit's compiled CPU kernels directly (tinygrad's replay costs ~40 us of Python per kernel, ~600
   per decode step). Only the JIT's inputs (PARAM slots) change between calls; other arguments are fixed addresses."""
-  def __init__(self, jit: TinyJit):
-    self.ret, self.kernels = jit.captured.ret, []
+  def __init__(self, jit: TinyJit, workers: list[Worker]):
+    self.ret, self.kernels, self.workers = jit.captured.ret, [], workers
     for call in jit.captured.linear.src:
       prg, args = call.src[0], get_call_arg_uops(call)
       if prg.op is not Ops.PROGRAM or not call.src[1].device.startswith("CPU") or any(a.op in (Ops.MSELECT, Ops.SHRINK, Ops.MSTACK) for a in args):
@@ -117,13 +120,28 @@ class CPUReplay:
       params = [(pos, args[i].arg.slot) for pos, i in enumerate(prg.arg.globals) if args[i].op is Ops.PARAM]
       fxn = ctypes.CFUNCTYPE(None, *[ctypes.c_uint64] * len(argv))(rt.addr)  # rt stays referenced: it owns the code
       core_id = rt.runtimevars.get("core_id")
-      self.kernels.append((fxn, rt, argv, params, core_id, 1 if core_id is None else prg.arg.launch_dims({})[0][0]))
+      self.kernels.append((fxn, rt, argv, params, core_id, num_threads := 1 if core_id is None else prg.arg.launch_dims({})[0][0]))
+      workers.extend(Worker() for _ in range(num_threads - 1 - len(workers)))
 
   def __call__(self, inputs: list[UOp]):
     addrs = [u.buffer._buf.va_addr for u in inputs]
     for fxn, _, argv, params, core_id, num_threads in self.kernels:
       for pos, slot in params: argv[pos] = addrs[slot]
-      for tid in range(num_threads):  # kernels split over threads take their thread index as an argument
-        if core_id is not None: argv[core_id] = tid
+      if core_id is None: fxn(*argv)
+      else:  # a kernel split over threads takes its thread index as an argument: part 0 here, the others on workers
+        for tid in range(1, num_threads): self.workers[tid - 1].jobs.put((fxn, [*argv[:core_id], tid, *argv[core_id + 1:]]))
+        argv[core_id] = 0
         fxn(*argv)
+        for tid in range(1, num_threads): self.workers[tid - 1].done.acquire()
     return self.ret
+
+class Worker:
+  """Runs one part of kernels split over threads; ctypes calls release the GIL, so the parts run on different cores."""
+  def __init__(self):
+    self.jobs, self.done = queue.SimpleQueue(), threading.Semaphore(0)
+    threading.Thread(target=self._run, daemon=True).start()
+  def _run(self):
+    while True:
+      fxn, argv = self.jobs.get()
+      fxn(*argv)
+      self.done.release()

@@ -5,9 +5,8 @@ from .config import EngineConfig
 from .sequence import Sequence, SequenceStatus
 
 class Scheduler:
-  """Continuous batching: every step decodes the running sequences first, then fills the token budget
-  with prefill chunks (running ones, then waiting ones). Out of blocks, the newest unscheduled running
-  sequence is preempted: its blocks are freed and it is recomputed later."""
+  """Continuous batching: every step decodes the running sequences first, then fills the token budget with prefill chunks (running ones, then
+  waiting ones). Out of blocks, the newest unscheduled running sequence is preempted: its blocks are freed and it is recomputed later."""
   def __init__(self, config: EngineConfig, block_manager: BlockManager):
     self.config, self.block_manager = config, block_manager
     self.waiting: deque[Sequence] = deque()
@@ -23,8 +22,7 @@ class Scheduler:
       seq = queue.pop(0)
       num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
       while not self.block_manager.can_allocate(seq, num_new) and queue:
-        victim = max(queue, key=lambda s: s.arrival_index)
-        queue.remove(victim)
+        queue.remove(victim := max(queue, key=lambda s: s.arrival_index))
         self._preempt(victim)
       if not self.block_manager.can_allocate(seq, num_new):
         self._preempt(seq)
@@ -40,9 +38,8 @@ class Scheduler:
         self.block_manager.free(seq)
         break
       self.block_manager.allocate(seq, num_new)
-      self.waiting.popleft()
       seq.status = SequenceStatus.RUNNING
-      self.running.append(seq)
+      self.running.append(self.waiting.popleft())
       scheduled.append((seq, num_new))
       budget -= num_new
     return scheduled

@@ -1,0 +1,70 @@
+"""Engine settings that several commands expose the same way: `--dtype` (chat, serve-lite, bench throughput).
+
+Checked here, before any model loads, so a bad value is one `error:` line (typer's own choice check prints a
+multi-line box); the engine's EngineConfig checks it again. tinygrad is imported only to probe an explicit
+dtype, so `tinyvllm --help` stays fast."""
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import BinaryIO
+
+from tinyvllm_cli.ui import one_line
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+DTYPE_METAVAR = "DTYPE"
+DTYPE_HELP = ("Dtype of the weights, activations and KV cache: auto (float32 on CPU, float16 elsewhere), float32, float16 or bfloat16. "
+              "float16 halves weight and KV memory; on CPU float32 is fastest (tinygrad's clang backend computes float16 "
+              "through conversions) and bfloat16 may not compile on every CPU.")
+
+
+def check_dtype(value: str) -> str:
+  """`value` if it is one of DTYPES, else ValueError with a one-line message naming the option."""
+  if value not in DTYPES: raise ValueError(f"--dtype {value!r}: choose {', '.join(DTYPES[:-1])} or {DTYPES[-1]}")
+  return value
+
+
+def resolved_dtype(dtype: str, device: str) -> str:
+  """What the engine runs in on `device` (a resolved name such as CPU): auto is float32 on CPU, float16 elsewhere."""
+  if dtype != "auto": return dtype
+  return "float32" if device == "CPU" else "float16"
+
+
+def check_dtype_compiles(dtype: str, device: str | None) -> None:
+  """Store and load a few values in an explicit half dtype on `device` (None: the engine's default), so one the
+  backend cannot compile (bfloat16 on a CPU whose clang target lacks __bf16) is one ValueError line now instead of a
+  compiler traceback while the model loads. The compiler's own messages are kept off the terminal.
+  Run it from the main thread before other threads write to stderr (fd 2 is redirected meanwhile)."""
+  if dtype in ("auto", "float32"): return
+  from tinygrad import Tensor, dtypes
+  from tinyvllm_core.engine import resolve_device  # ConfigError (a ValueError) for a device that is not there
+  dev = resolve_device(device)
+  with tempfile.TemporaryFile() as log:
+    try:
+      with _stderr_to(log):
+        values = Tensor([1.0, 2.0, 3.0, 4.0], device=dev).cast(getattr(dtypes, dtype)).contiguous().realize().cast(dtypes.float32).tolist()
+      if values == [1.0, 2.0, 3.0, 4.0]: return
+      reason = f"it computed {values} for [1, 2, 3, 4]"
+    except Exception as e:  # the compiler's failure (CalledProcessError for clang), or the runtime's
+      log.seek(0)
+      found = re.search(r"error: (.+)", log.read().decode(errors="replace"))
+      reason = found.group(1).strip() if found else f"{type(e).__name__}: {one_line(e)}"
+  fallback = "float32 or float16" if dtype == "bfloat16" else "float32"
+  raise ValueError(f"--dtype {dtype} does not work on {dev} here ({reason[:200]}); use {fallback} (or auto)")
+
+
+@contextmanager
+def _stderr_to(file: BinaryIO) -> Iterator[None]:
+  """Point file descriptor 2 (where a compiler subprocess writes) at `file` for the duration."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  os.dup2(file.fileno(), 2)
+  try: yield
+  finally:
+    sys.stderr.flush()
+    os.dup2(saved, 2)
+    os.close(saved)
