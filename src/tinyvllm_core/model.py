@@ -1,6 +1,6 @@
 from __future__ import annotations
 import numpy as np
-from tinygrad import Tensor, dtypes
+from tinygrad import Device, Tensor, dtypes
 from tinygrad.dtype import DType
 from tinygrad.helpers import NUM_CPU_THREADS
 from tinygrad.uop.ops import UOp, Ops, KernelInfo, AxisType
@@ -22,7 +22,7 @@ def _upcast(ranges: dict[str, int], *amounts: tuple[str, int]) -> tuple[Opt, ...
   names = [name for name, size in ranges.items() if size > 1]
   opts = tuple(Opt(OptOps.UPCAST, names.index(name), amount) for name, amount in amounts if amount > 1 and name in names)
   # the first range is split over the CPU's threads (the runner runs the parts in parallel)
-  first, threads = next(iter(ranges)), NUM_CPU_THREADS.value
+  first, threads = next(iter(ranges)), NUM_CPU_THREADS.value if Device[Device.DEFAULT].renderer.has_threads else 1
   splits = threads > 1 and names[:1] == [first] and ranges[first] // dict(amounts).get(first, 1) % threads == 0
   return opts + ((Opt(OptOps.THREAD, 0, threads),) if splits else ())
 
