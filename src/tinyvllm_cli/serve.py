@@ -565,8 +565,8 @@ def serve_lite(
   dtype: Annotated[str, typer.Option(metavar=DTYPE_METAVAR, help=DTYPE_HELP)] = "auto",
   beam: Annotated[int, typer.Option(min=0, help="Search kernel optimizations (tinygrad BEAM) of this width while capturing (cached on disk; 0 = off).")] = 0,
   warmup: Annotated[bool, typer.Option(help="Capture the common batch shapes before answering /health with 200.")] = True,
-  replicas: Annotated[int, typer.Option("--replicas", "-r", min=1, help="Engine processes sharing the requests (CPU: one engine already splits big "
-                      "kernels over all cores; one per core adds ~25% batched throughput, each holds the weights, --kv-cache-gb is split).")] = 1,
+  replicas: Annotated[int, typer.Option("--replicas", "-r", min=1, help="Engine processes sharing the requests, each on its share of the CPU cores "
+                      "(one engine already uses them all); each holds the weights, --kv-cache-gb is split.")] = 1,
 ) -> None:
   """Serve a model over an OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics."""
   try:
