@@ -63,8 +63,8 @@ def latency(ctx: typer.Context, model: ModelOpt = None, device: DeviceOpt = None
 
 @app.command("throughput")
 def throughput(ctx: typer.Context, model: ModelOpt = None, device: DeviceOpt = None,
-               backend: Annotated[str, typer.Option("--backend", "-b", help="First backend: tinyvllm, vllm, nanovllm or transformers.")] = "tinyvllm",
-               compare: Annotated[Optional[list[str]], typer.Option("--compare", "-c", help="Another backend on the same workload (repeatable).")] = None,
+               backend: Annotated[str, typer.Option("--backend", "-b", help="First backend: tinyvllm, vllm, nanovllm, transformers or llamacpp.")] = "tinyvllm",
+               compare: Annotated[Optional[list[str]], typer.Option("--compare", "-c", help="Another backend on the same workload (repeatable): vllm, nanovllm, transformers, llamacpp (GGUF models), tinyvllm.")] = None,
                random_weights: Annotated[bool, typer.Option("--random-weights", help="The model's real shapes (shipped config, config.json path, folder or GGUF) with random weights.")] = False,
                num_seqs: Annotated[int, typer.Option("--num-seqs", min=1, help="Number of sequences.")] = 256,
                input_len: Annotated[tuple[int, int], typer.Option("--input-len", help="Prompt length range MIN MAX (tokens).")] = (100, 1024),

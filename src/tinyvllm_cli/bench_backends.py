@@ -1,22 +1,25 @@
 """The peers `tinyvllm bench throughput --compare` runs on the same workload: vLLM and nano-vLLM through
-their Python APIs (as in nano-vllm's bench.py) and Hugging Face transformers (batched `generate`).
+their Python APIs (as in nano-vllm's bench.py), Hugging Face transformers (batched `generate`) and llama.cpp
+through llama-cpp-python (one sequence at a time, on the same GGUF file).
 A backend that is not installed or cannot run this model raises BackendUnavailable: one line, skipped."""
 from __future__ import annotations
 
 import importlib.util
 import inspect
 import json
+import os
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from tinyvllm_cli.bench_common import SHIPPED_ALIASES, BenchModel, hf_config_from, now, progress_bar, shipped_configs, version
+from tinyvllm_cli.bench_common import SHIPPED_ALIASES, TOY, BenchModel, hf_config_from, now, progress_bar, shipped_configs, version
 from tinyvllm_cli.bench_throughput import BackendResult, EngineOptions, Workload, run_tinyvllm
 
-BACKENDS = ("tinyvllm", "vllm", "nanovllm", "transformers")
-PIP_NAMES = {"vllm": "vllm", "nanovllm": "nano-vllm", "transformers": "transformers torch"}
+BACKENDS = ("tinyvllm", "vllm", "nanovllm", "transformers", "llamacpp")
+PIP_NAMES = {"vllm": "vllm", "nanovllm": "nano-vllm", "transformers": "transformers torch", "llamacpp": "llama-cpp-python"}
+MODULES = {"vllm": "vllm", "nanovllm": "nanovllm", "transformers": "transformers", "llamacpp": "llama_cpp"}
 
 
 class BackendUnavailable(Exception):
@@ -34,10 +37,10 @@ class BackendOptions:
 
 def run_backend(name: str, model: BenchModel, device: str, workload: Workload, opts: BackendOptions) -> BackendResult:
   if name == "tinyvllm": return run_tinyvllm(model, device, workload, opts.engine, opts.warmup)
-  module = {"vllm": "vllm", "nanovllm": "nanovllm", "transformers": "transformers"}[name]
-  if importlib.util.find_spec(module) is None or (name == "transformers" and importlib.util.find_spec("torch") is None):
+  if name == "llamacpp": check_gguf(model)  # first: installing llama-cpp-python would not help
+  if importlib.util.find_spec(MODULES[name]) is None or (name == "transformers" and importlib.util.find_spec("torch") is None):
     raise BackendUnavailable(f"not installed (pip install {PIP_NAMES[name]})")
-  runner = {"vllm": run_vllm, "nanovllm": run_nanovllm, "transformers": run_transformers}[name]
+  runner = {"vllm": run_vllm, "nanovllm": run_nanovllm, "transformers": run_transformers, "llamacpp": run_llamacpp}[name]
   return runner(model, device, workload, opts)
 
 
@@ -189,3 +192,87 @@ def _hf_generate(hf, torch_device: str, prompts: list[list[int]], max_tokens: li
   with torch.inference_mode():
     hf.generate(input_ids=ids.to(torch_device), attention_mask=mask.to(torch_device), generation_config=config,
                 stopping_criteria=StoppingCriteriaList([Tick()]))
+
+
+# ---- llama.cpp (llama-cpp-python, one sequence at a time, on the same GGUF file) ------------
+
+LLAMA_FTYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M",
+                13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}  # general.file_type
+
+
+def check_gguf(model: BenchModel) -> None:
+  """llama.cpp loads the model's own GGUF file; anything else is one line of why not."""
+  if model.random_weights:
+    what = "the toy model (random weights)" if model.name == TOY else "random weights (--random-weights)"
+  elif model.path is None: what = "not a file"
+  elif model.path.is_dir(): what = f"a Hugging Face model folder ({model.path})"
+  elif model.path.suffix != ".gguf": what = f"not a .gguf file ({model.path})"
+  else: return
+  raise BackendUnavailable(f"llama.cpp runs GGUF files; this model is {what}")
+
+
+def run_llamacpp(model: BenchModel, device: str, workload: Workload, opts: BackendOptions) -> BackendResult:
+  """The requests one after another (a Llama object holds one sequence), each from an empty KV cache: prefill
+  the prompt, then sample at the workload's temperature (top_k/top_p/min_p off) until its own max_tokens;
+  `Llama.generate` never stops at EOS, so EOS is ignored as for the other backends."""
+  import llama_cpp
+  check_gguf(model)
+  threads = os.cpu_count() or 1
+  gpu = device != "CPU" and bool(llama_cpp.llama_supports_gpu_offload())
+  n_ctx = max(len(p) + n for p, n in zip(workload.prompts, workload.output_lens))
+  llm = llama_cpp.Llama(model_path=str(model.path), n_ctx=max(n_ctx, 64), n_batch=512, n_threads=threads, n_threads_batch=threads,
+                        n_gpu_layers=-1 if gpu else 0, seed=opts.seed, verbose=False)
+  llm.set_seed(opts.seed)  # Llama(seed=0) means "random seed"; set_seed keeps 0
+  try:
+    desc, ftype = _llama_model_desc(llm)
+    sizes = {"n_ctx": llm.n_ctx(), "n_batch": llm.n_batch}  # as llama.cpp took them (n_batch is capped at n_ctx)
+    _llama_request(llm, workload.other_tokens().prompts[0][:8], 16, workload.temperature, 0.0, lambda n=1: None)  # warm-up
+    with progress_bar(f"llamacpp ({model.name}, {'GPU' if gpu else 'CPU'})", workload.gen_tokens) as advance:
+      t0 = now()
+      requests = [_llama_request(llm, p, n, workload.temperature, t0, advance) for p, n in zip(workload.prompts, workload.output_lens)]
+      duration = now() - t0
+  finally: llm.close()
+  gen = sum(r["output_tokens"] for r in requests)
+  prefill_s = sum(r["first_token"] - r["arrival"] for r in requests)
+  decode_s = sum(r["finish"] - r["first_token"] for r in requests)
+  decoded = gen - len(requests)  # the first token of each request comes with its prefill
+  notes = ["requests run one at a time: llama-cpp-python's Llama serves one sequence (no batching); each starts from an empty KV cache",
+           f"reads the GGUF's own quantized weights ({ftype}) with llama.cpp's own kernels, "
+           + ("all layers offloaded to the GPU" if gpu else f"on the CPU with {threads} thread(s) (n_threads = the CPU cores)"),
+           f"prefill {workload.input_tokens / prefill_s:,.1f} tok/s, decode {decoded / decode_s:,.1f} tok/s" if prefill_s > 0 and decode_s > 0
+           else "prefill/decode split not measurable"]
+  version_ = version("llama_cpp_python") or version("llama-cpp-python") or getattr(llama_cpp, "__version__", None)
+  info = {"version": version_, "n_threads": threads, "n_threads_batch": threads, "n_gpu_layers": -1 if gpu else 0,
+          **sizes, "model_desc": desc,
+          "weights": ftype, "seed": opts.seed, "prefill_s": prefill_s, "decode_s": decode_s, "notes": notes}
+  return BackendResult("llamacpp", len(requests), sum(r["prompt_tokens"] for r in requests), gen, duration, requests, info)
+
+
+def _llama_model_desc(llm) -> tuple[str, str]:
+  """llama.cpp's model description (e.g. "llama ?B Q4_1") and the GGUF's weight type from general.file_type."""
+  import ctypes
+
+  import llama_cpp
+  try:
+    buf = ctypes.create_string_buffer(256)
+    llama_cpp.llama_model_desc(llm.model, buf, len(buf))
+    desc = buf.value.decode("utf-8", "replace")
+  except (AttributeError, TypeError, ValueError, ctypes.ArgumentError): desc = ""  # an API change must not fail the run
+  try: ftype = LLAMA_FTYPES.get(int(llm.metadata["general.file_type"]), f"file type {llm.metadata['general.file_type']}")
+  except (AttributeError, KeyError, ValueError): ftype = desc.split(" ")[-1] if desc else "quantized"
+  return desc, ftype
+
+
+def _llama_request(llm, prompt: list[int], max_tokens: int, temperature: float, t0: float, advance) -> dict:
+  """One request; only its own max_tokens are drawn from the generator (EOS does not stop it)."""
+  llm.reset()  # no prefix reuse from the previous request
+  arrival, first, count = now() - t0, None, 0
+  tokens = llm.generate(prompt, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, temp=temperature, repeat_penalty=1.0, reset=True)
+  try:
+    for _ in tokens:
+      count += 1
+      if first is None: first = now() - t0
+      advance(1)
+      if count == max_tokens: break
+  finally: tokens.close()
+  return {"prompt_tokens": len(prompt), "output_tokens": count, "arrival": arrival, "first_token": first, "finish": now() - t0}

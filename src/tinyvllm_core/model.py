@@ -35,15 +35,15 @@ def _paged_qk(out: UOp, q: UOp, k_pool: UOp, block_tables: UOp) -> UOp:
   acc = (q[n, h, d].load().cast(dtypes.float32) * kf[slot, h // (num_heads // num_kv_heads), d].load().cast(dtypes.float32))
   return out.index(n, h, t).store(acc.reduce(d, arg=Ops.ADD) * (head_dim ** -0.5)).end(n, h, t).sink(arg=KernelInfo(name="paged_qk"))
 
-def _masked_softmax(out: UOp, scores: UOp, context_lens: UOp) -> UOp:
-  """Softmax over each row's first context_len scores (zero past them): one kernel instead of tinygrad's three."""
+def _masked_exp(out: UOp, scores: UOp, context_lens: UOp) -> UOp:
+  """exp(score - row max) over each row's first context_len scores, 0 past them: a softmax divided after PV (one exp)."""
   (num_tokens, num_heads, width), log2e = scores.shape, 1.4426950408889634
-  n, h, t = UOp.range(num_tokens, 0), UOp.range(num_heads, 1), UOp.range(width, 2)
-  (t1, t2), ctx = (UOp.range(width, i, AxisType.REDUCE) for i in (3, 4)), context_lens[n].load()
+  n, h, t, t1 = UOp.range(num_tokens, 0), UOp.range(num_heads, 1), UOp.range(width, 2), UOp.range(width, 3, AxisType.REDUCE)
+  ctx = context_lens[n].load()  # scores past a row's context (other sequences' padding, the causal future) are dropped
   row_max = (t1 < ctx).where(scores[n, h, t1].load(), -float("inf")).reduce(t1, arg=Ops.MAX)
-  def exp(t: UOp) -> UOp: return (t < ctx).where(((scores[n, h, t].load() - row_max) * log2e).exp2(), 0.0)
+  exp = (t < ctx).where(((scores[n, h, t].load() - row_max) * log2e).exp2(), 0.0)
   opts = _upcast({"n": num_tokens, "h": num_heads, "t": width})
-  return out.index(n, h, t).store(exp(t) / exp(t2).reduce(t2, arg=Ops.ADD)).end(n, h, t).sink(arg=KernelInfo(name="masked_softmax", opts_to_apply=opts))
+  return out.index(n, h, t).store(exp).end(n, h, t).sink(arg=KernelInfo(name="masked_exp", opts_to_apply=opts))
 
 def _paged_pv(out: UOp, p: UOp, v_pool: UOp, block_tables: UOp) -> UOp:
   (num_tokens, num_heads, head_dim), (_, block_size, num_kv_heads, _) = out.shape, v_pool.shape
@@ -150,8 +150,9 @@ class Model:
     k_pool, v_pool = k_pool.custom_kernel(v_pool, k.contiguous(), qkv[:, q_size + kv_size:].contiguous(), slot_mapping, fxn=_kv_write)[:2]
     width = block_tables.shape[1] * k_pool.shape[1]
     scores = Tensor.empty(N, c.num_heads, width, dtype=dtypes.float32).custom_kernel(q.contiguous(), k_pool, block_tables, fxn=_paged_qk)[0]
-    probs = Tensor.empty(N, c.num_heads, width, dtype=dtypes.float32).custom_kernel(scores, context_lens, fxn=_masked_softmax)[0]
-    attn = Tensor.empty(N, c.num_heads, c.head_dim, dtype=x.dtype).custom_kernel(probs, v_pool, block_tables, fxn=_paged_pv)[0]
+    probs = Tensor.empty(N, c.num_heads, width, dtype=dtypes.float32).custom_kernel(scores, context_lens, fxn=_masked_exp)[0]
+    attn = Tensor.empty(N, c.num_heads, c.head_dim, dtype=dtypes.float32).custom_kernel(probs, v_pool, block_tables, fxn=_paged_pv)[0]
+    attn = (attn / probs.sum(-1, keepdim=True)).cast(x.dtype)
     x = x + linear(attn.reshape(N, q_size), w["o"], w.get("o_scale"))
     gate, up = linear(rms_norm(x, w["mlp_norm"], c.rms_norm_eps), w["gate_up"], w.get("gate_up_scale")).chunk(2, dim=-1)
     return x + linear((gate.silu() * up).contiguous(), w["down"], w.get("down_scale"))
