@@ -239,8 +239,8 @@ def run_llamacpp(model: BenchModel, device: str, workload: Workload, opts: Backe
   notes = ["requests run one at a time: llama-cpp-python's Llama serves one sequence (no batching); each starts from an empty KV cache",
            f"reads the GGUF's own quantized weights ({ftype}) with llama.cpp's own kernels, "
            + ("all layers offloaded to the GPU" if gpu else f"on the CPU with {threads} thread(s) (n_threads = the CPU cores)"),
-           f"prefill {workload.input_tokens / prefill_s:,.1f} tok/s, decode {decoded / decode_s:,.1f} tok/s" if prefill_s > 0 and decode_s > 0
-           else "prefill/decode split not measurable"]
+           f"prefill {workload.input_tokens / prefill_s:,.1f} tok/s" + (f", decode {decoded / decode_s:,.1f} tok/s" if decoded and decode_s > 0 else "")
+           if prefill_s > 0 else "prefill/decode split not measurable"]
   version_ = version("llama_cpp_python") or version("llama-cpp-python") or getattr(llama_cpp, "__version__", None)
   info = {"version": version_, "n_threads": threads, "n_threads_batch": threads, "n_gpu_layers": -1 if gpu else 0,
           **sizes, "model_desc": desc,
