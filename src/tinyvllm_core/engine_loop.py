@@ -1,5 +1,5 @@
 from __future__ import annotations
-import itertools, queue, threading, time
+import collections, itertools, queue, threading, time
 from dataclasses import dataclass, field
 from .engine import LLMEngine, RequestOutput
 from .sampling import SamplingParams
@@ -39,7 +39,7 @@ class RequestStream:
     while not (out := self._queue.get()).finished: yield out
     yield out  # the final output
 
-  def result(self) -> RequestOutput: return list(self)[-1]
+  def result(self) -> RequestOutput: return collections.deque(self, maxlen=1)[0]  # the final output; earlier ones are dropped as they come
 
 class EngineLoop:
   """A background thread owns the engine and steps continuous batching; any thread may submit, read its own stream, or abort."""
