@@ -18,7 +18,7 @@ class BlockManager:
   """Fixed-size KV blocks with ref counts; full blocks are findable by a chained hash (prefix cache).
   Block 0 is never handed out: padded token rows write into it."""
   def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
-    self.block_size, self.enable_prefix_caching = block_size, enable_prefix_caching
+    self.block_size, self.enable_prefix_caching, self.num_total_blocks = block_size, enable_prefix_caching, num_blocks - 1  # block 0 is reserved
     self.blocks = [Block(i) for i in range(num_blocks)]
     self.free_block_ids: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, num_blocks))  # LRU first
     self.cached_blocks: dict[int, Block] = {}  # block_hash -> block
@@ -26,29 +26,19 @@ class BlockManager:
 
   @property
   def num_free_blocks(self) -> int: return len(self.free_block_ids)
-  @property
-  def num_total_blocks(self) -> int: return len(self.blocks) - 1
-
-  def _take_free_block(self) -> int:
-    block_id, _ = self.free_block_ids.popitem(last=False)
-    block = self.blocks[block_id]
-    if block.block_hash is not None and self.cached_blocks.get(block.block_hash) is block: del self.cached_blocks[block.block_hash]
-    block.ref_count, block.block_hash, block.token_ids, block.parent, block.version = 1, None, (), None, block.version + 1
-    return block_id
 
   def allocate_cached_prefix(self, seq: Sequence) -> None:
     """Admission: share the longest run of cached full blocks; the last token is always computed."""
     assert not seq.block_table
     bs, token_ids, parent_hash, parent = self.block_size, seq.token_ids, None, None
-    if self.enable_prefix_caching:
-      for start in range(0, (seq.num_tokens - 1) // bs * bs, bs):
-        chunk = tuple(token_ids[start:start + bs])
-        block = self.cached_blocks.get(h := hash_block(parent_hash, chunk))
-        if block is None or block.token_ids != chunk or block.parent != parent: break  # never trust the hash alone
-        if block.ref_count == 0: del self.free_block_ids[block.block_id]
-        block.ref_count += 1
-        seq.block_table.append(block.block_id)
-        parent_hash, parent = h, (block.block_id, block.version)
+    for start in range(0, (seq.num_tokens - 1) // bs * bs, bs):  # without prefix caching nothing is ever cached: it stops at once
+      chunk = tuple(token_ids[start:start + bs])
+      block = self.cached_blocks.get(h := hash_block(parent_hash, chunk))
+      if block is None or block.token_ids != chunk or block.parent != parent: break  # never trust the hash alone
+      if block.ref_count == 0: del self.free_block_ids[block.block_id]
+      block.ref_count += 1
+      seq.block_table.append(block.block_id)
+      parent_hash, parent = h, (block.block_id, block.version)
     seq.num_computed_tokens = len(seq.block_table) * bs
     if seq.num_preemptions == 0:  # count each request once, at its first admission
       seq.num_cached_tokens = seq.num_computed_tokens
@@ -61,7 +51,11 @@ class BlockManager:
   def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool: return self.num_blocks_needed(seq, num_new_tokens) <= self.num_free_blocks
 
   def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
-    for _ in range(self.num_blocks_needed(seq, num_new_tokens)): seq.block_table.append(self._take_free_block())
+    for _ in range(self.num_blocks_needed(seq, num_new_tokens)):
+      block = self.blocks[self.free_block_ids.popitem(last=False)[0]]  # the least recently freed block
+      if self.cached_blocks.get(block.block_hash) is block: del self.cached_blocks[block.block_hash]  # it leaves the prefix cache
+      block.ref_count, block.block_hash, block.token_ids, block.parent, block.version = 1, None, (), None, block.version + 1
+      seq.block_table.append(block.block_id)
 
   def cache_full_blocks(self, seq: Sequence) -> None:
     """Make the sequence's computed full blocks findable by later requests."""

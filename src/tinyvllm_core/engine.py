@@ -50,14 +50,12 @@ class _Detokenizer:
     self.prefix_offset, self.read_offset = self.read_offset, len(ids)
     self.text += full[len(prefix):]
 
-  def take(self, held_back: int = 0) -> str:
+  def take(self, stops: list[str] | tuple[str, ...] = ()) -> str:
+    """The text not streamed yet, less its longest tail that could still grow into one of the stop strings."""
+    held_back = max((k for s in stops for k in range(min(len(s) - 1, len(self.text)), 0, -1) if s.startswith(self.text[-k:])), default=0)
     delta = self.text[self.emitted:len(self.text) - held_back]
     self.emitted += len(delta)
     return delta
-
-def _partial_stop(text: str, stops: list[str]) -> int:
-  """Length of the longest tail of text that could still grow into a stop string."""
-  return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if s.startswith(text[-k:])), default=0)
 
 class LLMEngine:
   """add_request / step / abort over continuous batching. Not thread-safe: one thread drives it."""
@@ -111,7 +109,7 @@ class LLMEngine:
   def abort(self, request_id: str) -> RequestOutput | None:
     if (seq := self.seqs.get(request_id)) is None: return None
     self.scheduler.finish(seq, "abort")
-    return self._output(seq, [], "")
+    return self._output(seq, [])
 
   def has_unfinished_requests(self) -> bool: return self.scheduler.has_unfinished()
   def shutdown(self) -> None: pass  # nothing to stop here; ReplicatedEngine stops its processes
@@ -148,13 +146,12 @@ class LLMEngine:
       detok.text, reason = detok.text[:hit], "stop"
     elif len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len: reason = "length"
     if reason: self.scheduler.finish(seq, reason)
-    return self._output(seq, [token_id], detok.take(0 if reason else _partial_stop(detok.text, p.stop)))
+    return self._output(seq, [token_id])
 
-  def _output(self, seq: Sequence, delta_ids: list[int], delta_text: str) -> RequestOutput:
+  def _output(self, seq: Sequence, delta_ids: list[int]) -> RequestOutput:
     detok = self._detok[seq.request_id]
-    if seq.is_finished:
-      delta_text += detok.take()  # flush what was held back
-      del self.seqs[seq.request_id], self._detok[seq.request_id]
+    delta_text = detok.take(() if seq.is_finished else seq.sampling_params.stop)  # a finished request flushes what was held back
+    if seq.is_finished: del self.seqs[seq.request_id], self._detok[seq.request_id]
     return RequestOutput(seq.request_id, seq.prompt_token_ids, list(seq.output_token_ids), detok.text, delta_ids, delta_text,
                          seq.is_finished, seq.finish_reason, seq.num_cached_tokens)
 

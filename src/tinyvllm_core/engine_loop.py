@@ -66,17 +66,13 @@ class EngineLoop:
     self._inbox.put(("wake",))
     self._thread.join()
     while not self._inbox.empty(): self._handle(self._inbox.get_nowait())
-    for request_id in list(self._streams):
-      if (out := self.engine.abort(request_id)) is not None: self._deliver(out)
+    for out in [o for rid in list(self._streams) if (o := self.engine.abort(rid))]: self._deliver(out)
 
   def _handle(self, msg: tuple) -> None:
     if msg[0] == "add":
       _, stream, prompt, params = msg
-      try:
-        self.engine.add_request(prompt, params, stream.request_id)
-        self._streams[stream.request_id] = stream
-      except ValueError as e:
-        stream._queue.put(RequestOutput(stream.request_id, [], finished=True, finish_reason="error", error=str(e)))
+      try: self._streams[self.engine.add_request(prompt, params, stream.request_id)] = stream
+      except ValueError as e: stream._queue.put(RequestOutput(stream.request_id, [], finished=True, finish_reason="error", error=str(e)))
     elif msg[0] == "abort" and (out := self.engine.abort(msg[1])) is not None: self._deliver(out)
 
   def _deliver(self, out: RequestOutput) -> None:

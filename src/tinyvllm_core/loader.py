@@ -74,8 +74,6 @@ class ModelFiles:
   eos_token_ids: list[int] = field(default_factory=list)
   generation_config: dict = field(default_factory=dict)
 
-def _token_str(tok) -> str | None: return tok.get("content") if isinstance(tok, dict) else tok
-
 def load_hf(model_dir: Path) -> ModelFiles:
   from tokenizers import Tokenizer
   cfg = ModelConfig.from_hf(model_dir / "config.json")
@@ -88,7 +86,7 @@ def load_hf(model_dir: Path) -> ModelFiles:
   if template is None and (model_dir / "chat_template.jinja").exists(): template = (model_dir / "chat_template.jinja").read_text()
   eos = gen_cfg.get("eos_token_id", raw_cfg.get("eos_token_id"))
   eos_ids = [e for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
-  special = {k: s for k in ("bos_token", "eos_token") if (s := _token_str(tok_cfg.get(k)))}
+  special = {k: s for k, t in tok_cfg.items() if k in ("bos_token", "eos_token") and (s := t.get("content") if isinstance(t, dict) else t)}
   return ModelFiles(cfg, canonical_weights(cfg, _hf_weights(model_dir), HF_NAMES, model_dir), tokenizer, template, special, eos_ids, gen_cfg)
 
 def _unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:

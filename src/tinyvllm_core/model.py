@@ -2,7 +2,7 @@ from __future__ import annotations
 import numpy as np
 from tinygrad import Device, Tensor, dtypes
 from tinygrad.dtype import DType
-from tinygrad.helpers import NUM_CPU_THREADS
+from tinygrad.helpers import NUM_CPU_THREADS, getenv
 from tinygrad.uop.ops import UOp, Ops, KernelInfo, AxisType
 from tinygrad.codegen.opt import Opt, OptOps
 from .config import ModelConfig
@@ -11,12 +11,14 @@ from .config import ModelConfig
 # materialising a gather, and write only the new slots (a tensor-index setitem rewrites the whole pool).
 
 def _kv_write(k_pool: UOp, v_pool: UOp, k: UOp, v: UOp, slot_mapping: UOp) -> UOp:
-  num_slots, width = k_pool.shape[0] * k_pool.shape[1], k_pool.shape[2] * k_pool.shape[3]
-  kf, vf = k_pool.reshape((num_slots, width)), v_pool.reshape((num_slots, width))
-  i, j = UOp.range(k.shape[0], 0), UOp.range(width, 1)
-  slot = slot_mapping[i].cast(dtypes.weakint)
-  st = UOp.group(kf.index(slot, j).store(k[i, j].load()), vf.index(slot, j).store(v[i, j].load()))
+  (num_blocks, width, block_size), i, j = k_pool.shape, UOp.range(k.shape[0], 0), UOp.range(k.shape[1], 1)
+  slot, vf = slot_mapping[i].cast(dtypes.weakint), v_pool.reshape((num_blocks * block_size, width))
+  st = UOp.group(k_pool.index(slot // block_size, j, slot % block_size).store(k[i, j].load()), vf.index(slot, j).store(v[i, j].load()))
   return st.end(i, j).sink(arg=KernelInfo(name="kv_write", opts_to_apply=()))
+
+# With clang >= 19, tinyvllm_core/__init__ sets tinygrad's DMC=1 (no float4 grouping of loads and stores): clang then
+# turns the scalar register blocks below into 8-wide FMAs, 2x the float4 code. Blocks are sized for the mode in use.
+WIDE = bool(getenv("DMC"))
 
 def _upcast(ranges: dict[str, int], *amounts: tuple[str, int]) -> tuple[Opt, ...]:  # by range name: opts number only ranges > 1
   names = [name for name, size in ranges.items() if size > 1]
@@ -27,13 +29,14 @@ def _upcast(ranges: dict[str, int], *amounts: tuple[str, int]) -> tuple[Opt, ...
   return opts + ((Opt(OptOps.THREAD, 0, threads),) if splits else ())
 
 def _paged_qk(out: UOp, q: UOp, k_pool: UOp, block_tables: UOp) -> UOp:
-  (num_tokens, num_heads, width), (_, block_size, num_kv_heads, head_dim) = out.shape, k_pool.shape
-  kf = k_pool.reshape((k_pool.shape[0] * block_size, num_kv_heads, head_dim))
-  n, h, t = UOp.range(num_tokens, 0), UOp.range(num_heads, 1), UOp.range(width, 2)
-  d = UOp.range(head_dim, 3, AxisType.REDUCE)
-  slot = block_tables[n, t // block_size].cast(dtypes.weakint) * block_size + t % block_size
-  acc = (q[n, h, d].load().cast(dtypes.float32) * kf[slot, h // (num_heads // num_kv_heads), d].load().cast(dtypes.float32))
-  return out.index(n, h, t).store(acc.reduce(d, arg=Ops.ADD) * (head_dim ** -0.5)).end(n, h, t).sink(arg=KernelInfo(name="paged_qk"))
+  """K blocks are stored transposed, [blocks, kv_heads * head_dim, block_size]: one register block is 16 tokens x a head group."""
+  (num_tokens, num_heads, width), (_, kv_width, block_size), head_dim = out.shape, k_pool.shape, q.shape[2]
+  n, h, b, p = UOp.range(num_tokens, 0), UOp.range(num_heads, 1), UOp.range(width // block_size, 2), UOp.range(block_size, 3)
+  d, group = UOp.range(head_dim, 4, AxisType.REDUCE), num_heads * head_dim // kv_width
+  k = k_pool[block_tables[n, b].cast(dtypes.weakint).maximum(0).minimum(k_pool.shape[0] - 1), h // group * head_dim + d, p].load().cast(dtypes.float32)
+  acc = (q[n, h, d].load().cast(dtypes.float32) * k).reduce(d, arg=Ops.ADD) * (head_dim ** -0.5)
+  opts = _upcast({"n": num_tokens, "h": num_heads, "b": width // block_size, "p": block_size}, ("p", 16 if block_size % 16 == 0 else 1), ("h", group if group <= 3 else 1))
+  return out.index(n, h, b * block_size + p).store(acc).end(n, h, b, p).sink(arg=KernelInfo(name="paged_qk", opts_to_apply=opts))
 
 def _masked_exp(out: UOp, scores: UOp, context_lens: UOp) -> UOp:
   """exp(score - row max) over each row's first context_len scores, 0 past them: a softmax divided after PV (one exp)."""
@@ -50,7 +53,7 @@ def _paged_pv(out: UOp, p: UOp, v_pool: UOp, block_tables: UOp) -> UOp:
   vf = v_pool.reshape((v_pool.shape[0] * block_size, num_kv_heads, head_dim))
   n, h, d = UOp.range(num_tokens, 0), UOp.range(num_heads, 1), UOp.range(head_dim, 2)
   t = UOp.range(p.shape[2], 3, AxisType.REDUCE)
-  slot = block_tables[n, t // block_size].cast(dtypes.weakint) * block_size + t % block_size
+  slot = block_tables[n, t // block_size].cast(dtypes.weakint).maximum(0).minimum(v_pool.shape[0] - 1) * block_size + t % block_size
   acc = p[n, h, t].load() * vf[slot, h // (num_heads // num_kv_heads), d].load().cast(dtypes.float32)
   # 16 head dims (contiguous in the pool) x the heads sharing one KV head per register block: 4x faster than default here
   group = num_heads // num_kv_heads
@@ -79,9 +82,9 @@ def _panel_matmul(out: UOp, x: UOp, w: UOp, *scale: UOp) -> UOp:
   (num_panels, K, P), M = w.shape, x.shape[0]
   t, m, j, k = UOp.range(num_panels, 0), UOp.range(M, 1), UOp.range(P, 2), UOp.range(K, 3, AxisType.REDUCE)
   acc = (x[m, k].load().cast(dtypes.float32) * _weight(w, scale, t, k, j)).reduce(k, arg=Ops.ADD)
-  # register block: 4 rows x 8 columns, or 4 panels x 8 columns for one row
-  rows = 4 if M % 4 == 0 else 2 if M % 2 == 0 else 1
-  panels = min(4 // rows, max(d for d in (1, 2, 4) if num_panels % d == 0))
+  # register block: rows x panels x 8 columns, 4 float4 or 8 ymm accumulators (one FMA chain each)
+  rows, most = (4 if M % 4 == 0 else 2 if M % 2 == 0 else 1), 8 if WIDE else 4
+  panels = max(d for d in (1, 2, 4) if num_panels % d == 0 and d * rows <= most)
   block = _upcast({"panel": num_panels, "row": M, "col": P}, ("col", P), ("row", rows), ("panel", panels))
   return out.index(m, t * P + j).store(acc.cast(out.dtype)).end(t, m, j).sink(arg=KernelInfo(name=f"linear_{M}_{num_panels * P}_{K}", opts_to_apply=block))
 
@@ -126,20 +129,22 @@ class Model:
         else: weights[name] = to_panels(w).realize()
       if tied: weights |= {k.replace("lm_head", "embed"): v for k, v in weights.items() if k.startswith("lm_head")}  # embed reads the panels
     self.inv_freq = Tensor(1.0 / (c.rope_theta ** (np.arange(0, c.head_dim, 2, dtype=np.float64) / c.head_dim)), dtype=dtypes.float32).realize()
-    def pool() -> Tensor: return Tensor.zeros(num_blocks, block_size, c.num_kv_heads, c.head_dim, dtype=dtype).contiguous().realize()
-    self.layer_inputs = [{"k_pool": pool(), "v_pool": pool()} for _ in range(c.num_layers)]  # what the layer jit gets for layer i
+    def pool(*shape: int) -> Tensor: return Tensor.zeros(num_blocks, *shape, dtype=dtype).contiguous().realize()
+    kv_width = c.num_kv_heads * c.head_dim  # what the layer jit gets for layer i; K is transposed per block (paged_qk)
+    self.layer_inputs = [{"k_pool": pool(kv_width, block_size), "v_pool": pool(block_size, c.num_kv_heads, c.head_dim)} for _ in range(c.num_layers)]
     for name, w in weights.items():
       if name.startswith("layers."):
         _, i, key = name.split(".")
         self.layer_inputs[int(i)][key] = w
 
-  def embed(self, token_ids: Tensor) -> Tensor: return gather_rows(self.weights["embed"], token_ids, self.weights.get("embed_scale"), self.dtype)
+  def embed(self, token_ids: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """-> the token rows and the RoPE cos/sin tables of their positions (computed once per step, read by every layer)."""
+    freqs = positions.float().reshape(-1, 1, 1) * self.inv_freq.reshape(1, 1, -1)
+    return gather_rows(self.weights["embed"], token_ids, self.weights.get("embed_scale"), self.dtype), freqs.cos(), freqs.sin()
 
-  def layer(self, x: Tensor, positions: Tensor, block_tables: Tensor, context_lens: Tensor, slot_mapping: Tensor,
+  def layer(self, x: Tensor, cos: Tensor, sin: Tensor, block_tables: Tensor, context_lens: Tensor, slot_mapping: Tensor,
             k_pool: Tensor, v_pool: Tensor, **w: Tensor) -> Tensor:
     c, N = self.config, x.shape[0]
-    freqs = positions.float().reshape(-1, 1, 1) * self.inv_freq.reshape(1, 1, -1)
-    cos, sin = freqs.cos(), freqs.sin()
     qkv = linear(rms_norm(x, w["attn_norm"], c.rms_norm_eps), w["qkv"], w.get("qkv_scale"))
     if c.qkv_bias: qkv = qkv + w["qkv_bias"]
     q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
@@ -148,7 +153,7 @@ class Model:
     if c.qk_norm: q, k = rms_norm(q, w["q_norm"], c.rms_norm_eps), rms_norm(k, w["k_norm"], c.rms_norm_eps)
     q, k = rope(q, cos, sin), rope(k, cos, sin).reshape(N, kv_size)
     k_pool, v_pool = k_pool.custom_kernel(v_pool, k.contiguous(), qkv[:, q_size + kv_size:].contiguous(), slot_mapping, fxn=_kv_write)[:2]
-    width = block_tables.shape[1] * k_pool.shape[1]
+    width = block_tables.shape[1] * v_pool.shape[1]
     scores = Tensor.empty(N, c.num_heads, width, dtype=dtypes.float32).custom_kernel(q.contiguous(), k_pool, block_tables, fxn=_paged_qk)[0]
     probs = Tensor.empty(N, c.num_heads, width, dtype=dtypes.float32).custom_kernel(scores, context_lens, fxn=_masked_exp)[0]
     attn = Tensor.empty(N, c.num_heads, c.head_dim, dtype=dtypes.float32).custom_kernel(probs, v_pool, block_tables, fxn=_paged_pv)[0]

@@ -51,8 +51,9 @@ class ModelRunner:
 
   def _forward(self, shape: BatchShape, b: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     m, N, W = self.model, shape.num_tokens, shape.num_blocks
-    x = self._replay(self._jit(("embed", N), lambda token_ids: m.embed(token_ids).realize()), b["token_ids"])
-    meta = {k: b[k] for k in ("positions", "block_tables", "context_lens", "slot_mapping")}
+    embed = self._jit(("embed", N), lambda token_ids, positions: tuple(t.realize() for t in m.embed(token_ids, positions)))
+    x, cos, sin = self._replay(embed, b["token_ids"], b["positions"])
+    meta = {"cos": cos, "sin": sin} | {k: b[k] for k in ("block_tables", "context_lens", "slot_mapping")}
     for i in range(m.config.num_layers):
       x = self._replay(self._jit(("layer", N, W, i % 2), lambda x, **kw: m.layer(x, **kw).realize()), x, **meta, **m.layer_inputs[i])
     def head(x, logits_indices, temperature, top_k, top_p, min_p, seeds):
