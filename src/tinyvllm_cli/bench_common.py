@@ -202,7 +202,7 @@ def machine_info(device: str) -> dict:
           "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
           "tinygrad_backend": device, "python": platform.python_version(),
           "tinyvllm": version("tinyvllm"), "tinygrad": version("tinygrad"),
-          "env": {k: v for k in ("DEV", "JITBEAM", "BEAM", "DEBUG", "OMP_NUM_THREADS", "NUM_CPU_THREADS", "CC", "DMC") if (v := os.environ.get(k)) is not None}}
+          "env": {k: v for k in ("DEV", "JITBEAM", "BEAM", "DEBUG", "OMP_NUM_THREADS", "NUM_CPU_THREADS", "CC", "TINYVLLM_WIDE") if (v := os.environ.get(k)) is not None}}
 
 
 def with_end_load(machine: dict) -> dict:
@@ -214,8 +214,8 @@ def machine_line(m: dict) -> str:
   load = f", load average {m['load_average'][0]:.2f} at start" if m.get("load_average") else ""
   load += f" and {m['load_average_end'][0]:.2f} at the end" if m.get("load_average_end") else ""
   beam = f", JITBEAM={m['env']['JITBEAM']}" if "JITBEAM" in m["env"] else ""
-  if m["tinygrad_backend"].startswith("CPU"):  # CC=clang-19 with DMC=1 is the 8-wide kernel mode (tinyvllm_core/__init__.py)
-    beam += f", compiler {m['env'].get('CC', 'clang')}" + (" with DMC=1 (8-wide kernels)" if m["env"].get("DMC", "0") != "0" else " (float4 kernels)")
+  if m["tinygrad_backend"].startswith("CPU"):  # clang-19 or newer compiles the 8-wide kernels (README, How it works)
+    beam += f", compiler {m['env'].get('CC', 'clang')}" + (f" (TINYVLLM_WIDE={m['env']['TINYVLLM_WIDE']})" if "TINYVLLM_WIDE" in m["env"] else "")
   return (f"{m['platform']}, {m['cpu_count']} CPUs{load}; tinygrad {m['tinygrad']} on {m['tinygrad_backend']}{beam}; "
           f"tinyvllm {m['tinyvllm']}; Python {m['python']}")
 

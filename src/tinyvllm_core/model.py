@@ -1,4 +1,5 @@
 from __future__ import annotations
+import functools, re
 import numpy as np
 from tinygrad import Device, Tensor, dtypes
 from tinygrad.dtype import DType
@@ -16,9 +17,13 @@ def _kv_write(k_pool: UOp, v_pool: UOp, k: UOp, v: UOp, slot_mapping: UOp) -> UO
   st = UOp.group(k_pool.index(slot // block_size, j, slot % block_size).store(k[i, j].load()), vf.index(slot, j).store(v[i, j].load()))
   return st.end(i, j).sink(arg=KernelInfo(name="kv_write", opts_to_apply=()))
 
-# With clang >= 19, tinyvllm_core/__init__ sets tinygrad's DMC=1 (no float4 grouping of loads and stores): clang then
-# turns the scalar register blocks below into 8-wide FMAs, 2x the float4 code. Blocks are sized for the mode in use.
-WIDE = bool(getenv("DMC"))
+@functools.cache
+def wide_vectors() -> bool:
+  """CPU with CC=clang-N, N >= 19, or TINYVLLM_WIDE=1: 8-wide register blocks, float4 grouping off (README: How it works)."""
+  renderer, cc = Device[Device.DEFAULT].renderer, re.fullmatch(r"clang-(\d+)", getenv("CC", "clang"))
+  if wide := type(renderer).__name__ == "ClangRenderer" and bool(getenv("TINYVLLM_WIDE", int(cc is not None and int(cc.group(1)) >= 19))):
+    renderer.supports_float4 = False
+  return wide
 
 def _upcast(ranges: dict[str, int], *amounts: tuple[str, int]) -> tuple[Opt, ...]:  # by range name: opts number only ranges > 1
   names = [name for name, size in ranges.items() if size > 1]
@@ -83,7 +88,7 @@ def _panel_matmul(out: UOp, x: UOp, w: UOp, *scale: UOp) -> UOp:
   t, m, j, k = UOp.range(num_panels, 0), UOp.range(M, 1), UOp.range(P, 2), UOp.range(K, 3, AxisType.REDUCE)
   acc = (x[m, k].load().cast(dtypes.float32) * _weight(w, scale, t, k, j)).reduce(k, arg=Ops.ADD)
   # register block: rows x panels x 8 columns, 4 float4 or 8 ymm accumulators (one FMA chain each)
-  rows, most = (4 if M % 4 == 0 else 2 if M % 2 == 0 else 1), 8 if WIDE else 4
+  rows, most = (4 if M % 4 == 0 else 2 if M % 2 == 0 else 1), 8 if wide_vectors() else 4
   panels = max(d for d in (1, 2, 4) if num_panels % d == 0 and d * rows <= most)
   block = _upcast({"panel": num_panels, "row": M, "col": P}, ("col", P), ("row", rows), ("panel", panels))
   return out.index(m, t * P + j).store(acc.cast(out.dtype)).end(t, m, j).sink(arg=KernelInfo(name=f"linear_{M}_{num_panels * P}_{K}", opts_to_apply=block))

@@ -4,9 +4,9 @@ from dataclasses import dataclass
 import numpy as np
 from tinygrad import Tensor, TinyJit, dtypes
 from tinygrad.engine.realize import get_call_arg_uops, get_runtime
-from tinygrad.helpers import BEAM, DEBUG, Context
+from tinygrad.helpers import BEAM, DEBUG, PARALLEL, Context
 from tinygrad.uop.ops import Ops, UOp
-from .model import Model
+from .model import Model, wide_vectors
 from .sampling import sample
 from .sequence import Sequence
 
@@ -41,7 +41,7 @@ class ModelRunner:
     """TinyJit's own input checks rewrite every input's graph (~0.1 ms each, 17 per layer call); our inputs are
     plain realized buffers of the captured shapes, so replay the captured kernels on them directly."""
     if jit.captured is None:
-      with Context(BEAM=self.beam or BEAM.value): out = jit(*args, **kwargs)  # capture; beam > 0 searches the kernels' opts
+      with Context(BEAM=self.beam or BEAM.value, PARALLEL=0 if wide_vectors() else PARALLEL.value): out = jit(*args, **kwargs)  # capture; beam > 0 searches the kernels' opts
       try: self.direct[jit] = CPUReplay(jit, self.workers)
       except (NotImplementedError, AttributeError): pass  # other devices: tinygrad's replay
       return out
