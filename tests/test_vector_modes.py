@@ -1,6 +1,7 @@
 """The CPU kernels have two register-block layouts: 8-wide, when tinygrad does not group loads into float4 (chosen
-with CC=clang-19 or newer, or TINYVLLM_WIDE=1), and float4 otherwise. The test process uses one of them; this runs the kernel tests and the
-logits-vs-NumPy tests again in a fresh process under the other, so CI checks both whatever clang it has."""
+with CC=clang-19 or newer, or TINYVLLM_WIDE=1), and float4 otherwise. The test process uses one of them; this runs
+the kernel tests and the logits-vs-NumPy tests again in a fresh process under the other, so CI checks both whatever
+clang it has."""
 import os
 import subprocess
 import sys

@@ -66,7 +66,7 @@ class EngineLoop:
     self._inbox.put(("wake",))
     self._thread.join()
     while not self._inbox.empty(): self._handle(self._inbox.get_nowait())
-    for out in [o for rid in list(self._streams) if (o := self.engine.abort(rid))]: self._deliver(out)
+    for out in [o for rid in list(self._streams) if (o := self.engine.abort(rid)) is not None]: self._deliver(out)
 
   def _handle(self, msg: tuple) -> None:
     if msg[0] == "add":
@@ -89,7 +89,7 @@ class EngineLoop:
       if self.engine.has_unfinished_requests():
         try: outputs = self.engine.step()
         except Exception as e:  # a failed step fails its requests, never the loop
-          outputs = [o for rid in list(self._streams) if (o := self.engine.abort(rid))]
+          outputs = [o for rid in list(self._streams) if (o := self.engine.abort(rid)) is not None]
           for o in outputs: o.finish_reason, o.error = "error", f"engine step failed: {e!r}"
         for out in outputs: self._deliver(out)
       self._stats = self.engine.stats()

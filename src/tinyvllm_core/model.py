@@ -1,5 +1,5 @@
 from __future__ import annotations
-import functools, re
+import functools, os, re
 import numpy as np
 from tinygrad import Device, Tensor, dtypes
 from tinygrad.dtype import DType
@@ -21,7 +21,7 @@ def _kv_write(k_pool: UOp, v_pool: UOp, k: UOp, v: UOp, slot_mapping: UOp) -> UO
 def wide_vectors() -> bool:
   """CPU with CC=clang-N, N >= 19, or TINYVLLM_WIDE=1: 8-wide register blocks, float4 grouping off (README: How it works)."""
   renderer, cc = Device[Device.DEFAULT].renderer, re.fullmatch(r"clang-(\d+)", getenv("CC", "clang"))
-  if wide := type(renderer).__name__ == "ClangRenderer" and bool(getenv("TINYVLLM_WIDE", int(cc is not None and int(cc.group(1)) >= 19))):
+  if wide := type(renderer).__name__ == "ClangRenderer" and os.environ.get("TINYVLLM_WIDE", str(int(cc is not None and int(cc.group(1)) >= 19))) != "0":
     renderer.supports_float4 = False
   return wide
 
@@ -38,6 +38,7 @@ def _paged_qk(out: UOp, q: UOp, k_pool: UOp, block_tables: UOp) -> UOp:
   (num_tokens, num_heads, width), (_, kv_width, block_size), head_dim = out.shape, k_pool.shape, q.shape[2]
   n, h, b, p = UOp.range(num_tokens, 0), UOp.range(num_heads, 1), UOp.range(width // block_size, 2), UOp.range(block_size, 3)
   d, group = UOp.range(head_dim, 4, AxisType.REDUCE), num_heads * head_dim // kv_width
+  # block ids clamped to the pool: with that bound tinygrad drops the %-wrap it puts on every load through a loaded index (3x)
   k = k_pool[block_tables[n, b].cast(dtypes.weakint).maximum(0).minimum(k_pool.shape[0] - 1), h // group * head_dim + d, p].load().cast(dtypes.float32)
   acc = (q[n, h, d].load().cast(dtypes.float32) * k).reduce(d, arg=Ops.ADD) * (head_dim ** -0.5)
   opts = _upcast({"n": num_tokens, "h": num_heads, "b": width // block_size, "p": block_size}, ("p", 16 if block_size % 16 == 0 else 1), ("h", group if group <= 3 else 1))
@@ -58,7 +59,7 @@ def _paged_pv(out: UOp, p: UOp, v_pool: UOp, block_tables: UOp) -> UOp:
   vf = v_pool.reshape((v_pool.shape[0] * block_size, num_kv_heads, head_dim))
   n, h, d = UOp.range(num_tokens, 0), UOp.range(num_heads, 1), UOp.range(head_dim, 2)
   t = UOp.range(p.shape[2], 3, AxisType.REDUCE)
-  slot = block_tables[n, t // block_size].cast(dtypes.weakint).maximum(0).minimum(v_pool.shape[0] - 1) * block_size + t % block_size
+  slot = block_tables[n, t // block_size].cast(dtypes.weakint).maximum(0).minimum(v_pool.shape[0] - 1) * block_size + t % block_size  # clamped: see _paged_qk
   acc = p[n, h, t].load() * vf[slot, h // (num_heads // num_kv_heads), d].load().cast(dtypes.float32)
   # 16 head dims (contiguous in the pool) x the heads sharing one KV head per register block: 4x faster than default here
   group = num_heads // num_kv_heads
