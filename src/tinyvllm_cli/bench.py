@@ -77,9 +77,8 @@ def throughput(ctx: typer.Context, model: ModelOpt = None, device: DeviceOpt = N
                transformers_batch_size: Annotated[int, typer.Option("--transformers-batch-size", min=1, help="transformers: requests per generate call.")] = 8,
                torch_threads: Annotated[Optional[int], typer.Option("--torch-threads", min=1, help="transformers: torch CPU threads (default: torch's, one per core).")] = None,
                warmup: Annotated[str, typer.Option("--warmup", help="tinyvllm warm-up: `full` (the workload once, untimed, so no JIT capture is timed) or `one` (nano-vllm's one request).")] = "full",
-               replicas: Annotated[Optional[list[int]], typer.Option("--replicas", "-r", min=1, help="tinyvllm engine processes (each splits kernels over its share of the CPU cores); repeat to compare, e.g. -r 1 -r 2.")] = None,
                beam: BeamOpt = 0,
-               quantize: Annotated[Optional[list[str]], typer.Option("--quantize", "-q", help="tinyvllm weights: none or int8; repeat to compare, e.g. -q none -q int8.")] = None,
+               quantize: Annotated[Optional[list[str]], typer.Option("--quantize", "-q", help="tinyvllm weights: none, int8, or gguf (a GGUF's Q8_0/Q4_0/Q4_1 blocks as stored); repeat to compare, e.g. -q none -q gguf.")] = None,
                dtype: Annotated[str, typer.Option("--dtype", metavar=DTYPE_METAVAR, help="tinyvllm (every variant): " + DTYPE_HELP[0].lower() + DTYPE_HELP[1:])] = "auto",
                as_json: JsonOpt = False, output: OutputOpt = Path("bench_results"), note: NoteOpt = None) -> None:
   """The seed's throughput table on nano-vllm's workload (256 sequences, prompts and outputs of 100-1024 tokens).
@@ -91,7 +90,7 @@ def throughput(ctx: typer.Context, model: ModelOpt = None, device: DeviceOpt = N
     names = list(dict.fromkeys([backend, *(compare or [])]))
     if (bad := [n for n in names if n not in BACKENDS]): raise BenchError(f"unknown backend {bad[0]!r} (choose from {', '.join(BACKENDS)})")
     if warmup not in ("full", "one"): raise BenchError(f"--warmup {warmup!r}: choose full or one")
-    if (bad_q := [q for q in quantize or [] if q not in ("none", "int8")]): raise BenchError(f"--quantize {bad_q[0]!r}: choose none or int8")
+    if (bad_q := [q for q in quantize or [] if q not in ("none", "int8", "gguf")]): raise BenchError(f"--quantize {bad_q[0]!r}: choose none, int8 or gguf")
     check_dtype(dtype)
     _check_range("--input-len", input_len)
     _check_range("--output-len", output_len)
@@ -103,9 +102,9 @@ def throughput(ctx: typer.Context, model: ModelOpt = None, device: DeviceOpt = N
       raise BenchError(f"--input-len MAX + --output-len MAX = {input_len[1] + output_len[1]} exceeds the model's context ({mc.max_position_embeddings})")
     workload = Workload.nano_vllm(num_seqs, input_len, output_len, mc.vocab_size, seed)
     workload.temperature = temperature
-    variants = [(r, None if q == "none" else q) for q in dict.fromkeys(quantize or ["none"]) for r in dict.fromkeys(replicas or [1])]
-    runs = [(name, BackendOptions(EngineOptions(kv_cache_gb, max_num_seqs, max_num_batched_tokens, r, q, beam, dtype), transformers_batch_size, seed, warmup, torch_threads))
-            for name in names for r, q in (variants if name == "tinyvllm" else [(1, None)])]
+    variants = [None if q == "none" else q for q in dict.fromkeys(quantize or ["none"])]
+    runs = [(name, BackendOptions(EngineOptions(kv_cache_gb, max_num_seqs, max_num_batched_tokens, q, beam, dtype), transformers_batch_size, seed, warmup, torch_threads))
+            for name in names for q in (variants if name == "tinyvllm" else [None])]
     results, skipped, machine = [], {}, machine_info(dev)
     for name, opts in runs:
       label = opts.engine.label if name == "tinyvllm" else name

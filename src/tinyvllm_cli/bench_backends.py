@@ -131,8 +131,7 @@ def run_transformers(model: BenchModel, device: str, workload: Workload, opts: B
     duration = now() - t0
   requests = [r for _, r in sorted(zip((i for b in batches for i in b), requests), key=lambda pair: pair[0])]  # workload order
   computed = sum(len(b) * max(workload.output_lens[i] for i in b) for b in batches)
-  notes.append(f"{torch.get_num_threads()} torch CPU thread(s); tinyvllm splits its big CPU kernels over the same cores "
-               "(each replica over its share)")
+  notes.append(f"{torch.get_num_threads()} torch CPU thread(s); tinyvllm splits its big CPU kernels over the same cores")
   notes.append(f"static batches of {bs} requests (sorted by output length, left-padded); {workload.gen_tokens:,} of the "
                f"{computed:,} tokens decoded were within each request's own max_tokens and are counted")
   info = {"version": version("transformers"), "torch": version("torch"), "torch_device": torch_device,

@@ -7,11 +7,10 @@ CUDA graphs at start-up; tinygrad captures a JIT per new batch shape on first si
 warm-up runs the workload once untimed (`--warmup one` is nano-vllm's single request)."""
 from __future__ import annotations
 
-import functools
 import random
 from dataclasses import asdict, dataclass, field
 
-from tinyvllm_cli.bench_common import BenchModel, Report, machine_line, markdown_table, now, progress_bar, random_model_files, timestamp
+from tinyvllm_cli.bench_common import BenchModel, Report, machine_line, markdown_table, now, progress_bar, timestamp
 from tinyvllm_cli.engine_options import resolved_dtype
 
 
@@ -45,18 +44,16 @@ class Workload:
 
 @dataclass
 class EngineOptions:
-  kv_cache_gb: float = 1.0  # in all: replicas split it
+  kv_cache_gb: float = 1.0
   max_num_seqs: int = 32
   max_num_batched_tokens: int = 512
-  num_replicas: int = 1  # engine processes; on CPU each splits its big kernels over its share of the cores
-  quantize: str | None = None  # int8 weights
+  quantize: str | None = None  # int8 or gguf weights
   beam: int = 0  # tinygrad BEAM width while capturing
   dtype: str = "auto"  # float32 | float16 | bfloat16; auto = float32 on CPU, float16 elsewhere
 
   @property
   def label(self) -> str:
-    return ("tinyvllm" + (f" {self.dtype}" if self.dtype != "auto" else "") + (f" {self.quantize}" if self.quantize else "")
-            + (f" x{self.num_replicas}" if self.num_replicas > 1 else ""))
+    return "tinyvllm" + (f" {self.dtype}" if self.dtype != "auto" else "") + (f" {self.quantize}" if self.quantize else "")
 
 
 @dataclass
@@ -82,17 +79,8 @@ def run_tinyvllm(model: BenchModel, device: str, workload: Workload, opts: Engin
   """warmup "full": the workload once untimed, with other token ids (so the prefix cache cannot help) and the
   same lengths, so the scheduler builds the same batches and every JIT capture happens before timing;
   "one": nano-vllm's single warm-up request (JIT captures of new batch shapes are then timed)."""
-  from tinyvllm_core import SamplingParams, make_engine
-  engine = make_engine(_engine_source(model, device, opts.num_replicas), device=device, **asdict(opts))
-  try: return _run_tinyvllm(engine, model, device, workload, opts, warmup)
-  finally: engine.shutdown()
-
-
-def _engine_source(model: BenchModel, device: str, num_replicas: int):
-  """What the engine loads: the ModelFiles here, or what each replica process loads for itself."""
-  if num_replicas == 1: return model.files(device)
-  if model.random_weights: return functools.partial(random_model_files, model.model_config(), device)
-  return model.path
+  from tinyvllm_core import LLMEngine
+  return _run_tinyvllm(LLMEngine(model.files(device), device=device, **asdict(opts)), model, device, workload, opts, warmup)
 
 
 def _run_tinyvllm(engine, model: BenchModel, device: str, workload: Workload, opts: EngineOptions, warmup: str) -> BackendResult:

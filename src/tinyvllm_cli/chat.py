@@ -401,7 +401,7 @@ def chat(
   verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print token counts, TTFT and tok/s after each reply")] = False,
   kv_cache_gb: Annotated[float | None, typer.Option(help="KV cache memory budget in GB")] = None,
   max_model_len: Annotated[int | None, typer.Option(help="Context length in tokens (default: the model's)")] = None,
-  quantize: Annotated[str | None, typer.Option(help="int8: matmul weights as int8 with one scale per 32 (about 1/4 of float32 memory)")] = None,
+  quantize: Annotated[str | None, typer.Option(help="int8: matmul weights as int8 with one scale per 32 (about 1/4 of float32 memory); gguf: keep a GGUF's Q8_0/Q4_0/Q4_1 blocks as stored (Q4: about 1/5)")] = None,
   dtype: Annotated[str, typer.Option(metavar=DTYPE_METAVAR, help=DTYPE_HELP)] = "auto",
   beam: Annotated[int, typer.Option(min=0, help="Search kernel optimizations (tinygrad BEAM) of this width when a batch shape is first "
                                      "captured; slow once, cached on disk for later runs (0 = off)")] = 0,

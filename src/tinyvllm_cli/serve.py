@@ -126,7 +126,6 @@ class ServerState:
     deadline = time.monotonic() + grace_s
     while self.active and time.monotonic() < deadline: time.sleep(0.02)
     self.loop.shutdown()
-    self.engine.shutdown()
 
 
 # ---- request parsing -----------------------------------------------------------------------------
@@ -538,12 +537,12 @@ def _default_name(model: str | None, path: Path) -> str:
   return models.EMBEDDED_ALIAS if path == models.embedded_model_path() else path.name
 
 
-def _wait(state: ServerState, thread: threading.Thread, replicas: int = 1) -> None:
+def _wait(state: ServerState, thread: threading.Thread) -> None:
   while not state.loaded.wait(0.5): pass
   if state.load_error: return
   engine = state.engine
   say(f"ready: {state.model_name} on {engine.device}, context {engine.max_model_len} tokens, "
-      f"up to {engine.config.max_num_seqs} sequences at once{f' in each of {replicas} replicas' if replicas > 1 else ''} (Ctrl+C stops)")
+      f"up to {engine.config.max_num_seqs} sequences at once (Ctrl+C stops)")
   while thread.is_alive(): thread.join(0.5)
 
 
@@ -561,12 +560,10 @@ def serve_lite(
   kv_cache_gb: Annotated[float, typer.Option(min=0.001, help="Memory for the paged KV cache, in GiB.")] = 1.0,
   served_model_name: Annotated[str | None, typer.Option(show_default=False, help="Model id clients send (default: the --model value).")] = None,
   timeout: Annotated[float, typer.Option(min=0.1, help="Seconds a stalled client may keep its connection idle.")] = SOCKET_TIMEOUT_S,
-  quantize: Annotated[str | None, typer.Option(show_default=False, help="int8: matmul weights as int8 with one scale per 32 (about 1/4 of float32 memory).")] = None,
+  quantize: Annotated[str | None, typer.Option(show_default=False, help="int8: matmul weights as int8 with one scale per 32 (about 1/4 of float32 memory); gguf: keep a GGUF's Q8_0/Q4_0/Q4_1 blocks as stored (Q4: about 1/5).")] = None,
   dtype: Annotated[str, typer.Option(metavar=DTYPE_METAVAR, help=DTYPE_HELP)] = "auto",
   beam: Annotated[int, typer.Option(min=0, help="Search kernel optimizations (tinygrad BEAM) of this width while capturing (cached on disk; 0 = off).")] = 0,
   warmup: Annotated[bool, typer.Option(help="Capture the common batch shapes before answering /health with 200.")] = True,
-  replicas: Annotated[int, typer.Option("--replicas", "-r", min=1, help="Engine processes sharing the requests, each on its share of the CPU cores "
-                      "(one engine already uses them all); each holds the weights, --kv-cache-gb is split.")] = 1,
 ) -> None:
   """Serve a model over an OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics."""
   try:
@@ -576,10 +573,10 @@ def serve_lite(
   except (ValueError, models.ModelNotFoundError) as e: fail(e)
 
   def load():
-    from tinyvllm_core import make_engine
+    from tinyvllm_core import LLMEngine
     from tinyvllm_cli.warmup import warm_up
-    engine = make_engine(path, replicas, device=device, kv_cache_gb=kv_cache_gb, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                         quantize=quantize, dtype=dtype, beam=beam)
+    engine = LLMEngine(path, device=device, kv_cache_gb=kv_cache_gb, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                       quantize=quantize, dtype=dtype, beam=beam)
     if warmup:
       say(f"warming up: capturing the common batch shapes{f' with BEAM={beam} search' if beam else ''} ...")
       warm_up(engine, max_num_seqs)
@@ -593,7 +590,7 @@ def serve_lite(
   thread = threading.Thread(target=server.serve_forever, name="tinyvllm-http", daemon=True)
   thread.start()
   say(f"serve-lite: http://{host}:{server.server_address[1]}/v1 serving {name}; loading {path} (/health answers 503 until ready)")
-  try: _wait(state, thread, replicas)
+  try: _wait(state, thread)
   except KeyboardInterrupt: pass
   finally:
     server.shutdown()

@@ -6,7 +6,6 @@ if "CC" not in os.environ and (clang := next((f"clang-{v}" for v in range(30, 18
 from .config import ConfigError, EngineConfig, ModelConfig
 from .engine import LLM, LLMEngine, RequestOutput
 from .engine_loop import EngineLoop, RequestStream
-from .replicas import ReplicatedEngine, make_engine
 from .sampling import SamplingParams
 
-__all__ = ["LLM", "LLMEngine", "EngineLoop", "ReplicatedEngine", "make_engine", "RequestStream", "RequestOutput", "SamplingParams", "EngineConfig", "ModelConfig", "ConfigError"]
+__all__ = ["LLM", "LLMEngine", "EngineLoop", "RequestStream", "RequestOutput", "SamplingParams", "EngineConfig", "ModelConfig", "ConfigError"]

@@ -63,7 +63,7 @@ class EngineConfig:
   max_model_len: int | None = None
   enable_prefix_caching: bool = True
   dtype: str = "auto"  # float32 | float16 | bfloat16; auto = float32 on CPU, float16 elsewhere
-  quantize: str | None = None  # int8: matmul weights as int8 + one scale per 32 (dequantized inside the matmul kernel)
+  quantize: str | None = None  # int8: matmul weights as int8 + one scale per 32; gguf: a GGUF's Q8_0/Q4_0/Q4_1 blocks as stored (dequantized in the matmul kernel)
   beam: int = 0  # > 0: capture each new jit under tinygrad's BEAM search of this width (results are cached on disk)
 
   def __post_init__(self):
@@ -72,4 +72,4 @@ class EngineConfig:
     if self.kv_cache_gb <= 0: raise ConfigError(f"engine setting kv_cache_gb must be > 0 (got {self.kv_cache_gb})")
     if self.num_blocks is not None and self.num_blocks < 2: raise ConfigError("engine setting num_blocks must be >= 2")
     if self.dtype not in ("auto", "float32", "float16", "bfloat16"): raise ConfigError(f"dtype {self.dtype!r} is not one of auto, float32, float16, bfloat16")
-    if self.quantize not in (None, "int8"): raise ConfigError(f"quantize {self.quantize!r} is not supported (int8, or none)")
+    if self.quantize not in (None, "int8", "gguf"): raise ConfigError(f"quantize {self.quantize!r} is not supported (int8, gguf, or none)")

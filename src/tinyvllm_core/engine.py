@@ -6,7 +6,7 @@ from tinygrad import Tensor, Device, dtypes
 from tinygrad.helpers import DEV
 from .block_manager import BlockManager
 from .config import ConfigError, EngineConfig
-from .loader import ModelFiles, load_model_files, render_chat
+from .loader import ModelFiles, load_model_files, is_blocks, render_chat, to_tensors
 from .model import Model
 from .runner import ModelRunner, next_power_of_2
 from .sampling import SamplingParams
@@ -69,8 +69,10 @@ class LLMEngine:
     bytes_per_block = 2 * mc.num_layers * bs * mc.num_kv_heads * mc.head_dim * dtype.itemsize
     num_blocks = config.num_blocks or max(2, int(config.kv_cache_gb * 2**30 // bytes_per_block))
     self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings, (num_blocks - 1) * bs)
-    weights = {k: (v if isinstance(v, Tensor) else Tensor(v)).cast(dtype).contiguous().realize() for k, v in files.weights.items()}
-    if mc.tie_word_embeddings or files.weights["lm_head"] is files.weights["embed"]: weights["lm_head"] = weights["embed"]
+    if config.quantize == "gguf" and not any(map(is_blocks, files.weights.values())):
+      raise ConfigError(f"{model if isinstance(model, (str, Path)) else 'this model'} has no GGUF Q8_0/Q4_0/Q4_1 weights to keep (quantize gguf); use int8 or none")
+    weights = to_tensors(files.weights, dtype, config.quantize == "gguf")
+    if mc.tie_word_embeddings or files.weights["lm_head"] is files.weights["embed"]: weights |= {k.replace("embed", "lm_head"): v for k, v in weights.items() if k.startswith("embed")}
     files.weights = {}  # the host copies are no longer needed
     self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
     self.scheduler = Scheduler(config, self.block_manager)
@@ -112,7 +114,6 @@ class LLMEngine:
     return self._output(seq, [])
 
   def has_unfinished_requests(self) -> bool: return self.scheduler.has_unfinished()
-  def shutdown(self) -> None: pass  # nothing to stop here; ReplicatedEngine stops its processes
 
   def stats(self) -> dict:
     bm = self.block_manager
@@ -157,9 +158,8 @@ class LLMEngine:
 
 class LLM:
   """Offline batch generation: LLM(path).generate(prompts, params)."""
-  def __init__(self, model: str | Path | ModelFiles, num_replicas: int = 1, **kwargs):
-    from .replicas import make_engine
-    self.engine = make_engine(model, num_replicas, **kwargs)
+  def __init__(self, model: str | Path | ModelFiles, **kwargs):
+    self.engine = LLMEngine(model, **kwargs)
 
   def generate(self, prompts: str | list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
     prompts = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else prompts

@@ -16,7 +16,7 @@ def _per_thread_tinygrad_cache() -> None:
     return local.connection
   helpers.db_connection = db_connection
 
-_per_thread_tinygrad_cache()  # engine loops, replica loaders and server threads all compile kernels
+_per_thread_tinygrad_cache()  # engine loops, model loaders and server threads all compile kernels
 
 @dataclass(eq=False)
 class RequestStream:

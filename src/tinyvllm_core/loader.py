@@ -34,6 +34,33 @@ def _hf_weights(model_dir: Path) -> dict[str, np.ndarray]:
     raise ConfigError(f"{model_dir / missing}: missing weight shard listed in model.safetensors.index.json")
   return {k.removeprefix("model."): v for f in files for k, v in read_safetensors(model_dir / f).items()}
 
+# GGUF blocks of 32 weights along K kept as stored: Q4_0 (2), Q4_1 (3), Q8_0 (8); weight = code * d (+ m, or - 8 * d for Q4_0)
+GGUF_BLOCKS = {2: np.dtype([("d", "<f2"), ("qs", "u1", 16)]), 3: np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", 16)]), 8: np.dtype([("d", "<f2"), ("qs", "i1", 32)])}
+
+def unpack_blocks(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+  """[N, K/32] blocks -> codes [N, K/32, 32] (int8, or uint8 0..15), scales and offsets [N, K/32] (None for Q8_0)."""
+  d, qs = np.array(blocks["d"], np.float32), np.array(blocks["qs"])  # plain arrays, not memmaps
+  if qs.dtype == np.int8: return qs, d, None
+  return np.concatenate([qs & 15, qs >> 4], -1), d, np.array(blocks["m"], np.float32) if "m" in blocks.dtype.names else -8 * d  # low nibbles hold weights 0-15
+
+def is_blocks(w) -> bool: return isinstance(w, np.ndarray) and w.dtype.names is not None
+
+def dequantize(w: np.ndarray) -> np.ndarray:
+  if not is_blocks(w): return w
+  q, d, m = unpack_blocks(w)
+  return (q * d[..., None] + (0 if m is None else m[..., None])).reshape(len(w), -1).astype(np.float32)
+
+def to_tensors(weights: dict[str, np.ndarray], dtype, keep_blocks: bool) -> dict[str, Tensor]:
+  """GGUF blocks kept: name (int8 codes [N, K], or uint8 [N, K/2] with two 4-bit codes, k even in the low nibble), name_scale, name_min."""
+  out = {}
+  for name, w in weights.items():
+    if not (keep_blocks and is_blocks(w)): out[name] = (w if isinstance(w, Tensor) else Tensor(dequantize(w))).cast(dtype).contiguous().realize()
+    else:
+      (q, d, m), n = unpack_blocks(w), len(w)
+      out |= {name: Tensor(q.reshape(n, -1) if m is None else q[..., 0::2] | q[..., 1::2] << 4).reshape(n, -1).realize(), name + "_scale": Tensor(d).realize()}
+      if m is not None: out[name + "_min"] = Tensor(m).realize()
+  return out
+
 def canonical_weights(cfg: ModelConfig, sd: dict[str, np.ndarray], names: dict[str, str], source: Path) -> dict[str, np.ndarray]:
   """Fuse q/k/v and gate/up; `names` maps our names to the checkpoint's ({i} = layer)."""
   H, I, q_rows, kv_rows = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
@@ -42,17 +69,18 @@ def canonical_weights(cfg: ModelConfig, sd: dict[str, np.ndarray], names: dict[s
   def get(key: str, i: int = 0) -> np.ndarray:
     name = names[key].format(i=i)
     if name not in sd: raise ConfigError(f"{source}: tensor {name!r} is missing from the checkpoint")
-    if key in shapes and sd[name].shape != shapes[key]:
-      raise ConfigError(f"{source}: tensor {name!r} has shape {sd[name].shape}, the config says {shapes[key]}; config and weights do not match")
+    shape = (*sd[name].shape[:-1], sd[name].shape[-1] * 32) if is_blocks(sd[name]) else sd[name].shape  # GGUF blocks of 32
+    if key in shapes and shape != shapes[key]:
+      raise ConfigError(f"{source}: tensor {name!r} has shape {shape}, the config says {shapes[key]}; config and weights do not match")
     return sd[name]
+  def cat(*parts: np.ndarray) -> np.ndarray: return np.concatenate(parts if len({p.dtype for p in parts}) == 1 else [dequantize(p) for p in parts])
   w = {"embed": get("embed"), "norm": get("norm")}
   w["lm_head"] = w["embed"] if cfg.tie_word_embeddings or names["lm_head"] not in sd else get("lm_head")
   for i in range(cfg.num_layers):
     p = f"layers.{i}."
-    w[p + "qkv"] = np.concatenate([get("q", i), get("k", i), get("v", i)])
-    w[p + "gate_up"] = np.concatenate([get("gate", i), get("up", i)])
+    w[p + "qkv"], w[p + "gate_up"] = cat(get("q", i), get("k", i), get("v", i)), cat(get("gate", i), get("up", i))
     for key in ("o", "down", "attn_norm", "mlp_norm"): w[p + key] = get(key, i)
-    if cfg.qkv_bias: w[p + "qkv_bias"] = np.concatenate([get("q_bias", i), get("k_bias", i), get("v_bias", i)])
+    if cfg.qkv_bias: w[p + "qkv_bias"] = cat(get("q_bias", i), get("k_bias", i), get("v_bias", i))
     if cfg.qk_norm: w[p + "q_norm"], w[p + "k_norm"] = get("q_norm", i), get("k_norm", i)
   return w
 
@@ -93,6 +121,18 @@ def _unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
   """GGUF llama q/k rows are interleaved for llama.cpp's RoPE; back to the HF rotate-half layout."""
   return w.reshape(n_heads, -1, 2, w.shape[-1]).swapaxes(1, 2).reshape(w.shape)
 
+def _gguf_blocks(path: Path) -> dict[str, np.ndarray]:
+  """The Q4_0 / Q4_1 / Q8_0 matrices of a GGUF file as memory-mapped [rows, K/32] blocks (rows a multiple of 8: CPU panels)."""
+  from tinygrad.llm.gguf import readers, read_str, read_int32, read_uint32, read_uint64
+  with open(path, "rb") as r:
+    r.read(8)  # magic, version: gguf_load checked them
+    n_tensors, n_kv = read_uint64(r), read_uint64(r)
+    kv = {read_str(r): readers[read_int32(r)](r) for _ in range(n_kv)}
+    infos = [(read_str(r), [read_uint64(r) for _ in range(read_uint32(r))], read_int32(r), read_uint64(r)) for _ in range(n_tensors)]
+    start = -(-r.tell() // (align := kv.get("general.alignment", 32))) * align
+  return {name: np.memmap(path, GGUF_BLOCKS[kind], "r", start + offset, (dims[1], dims[0] // 32))
+          for name, dims, kind, offset in infos if kind in GGUF_BLOCKS and len(dims) == 2 and dims[1] % 8 == 0}
+
 def load_gguf(path: Path, device: str) -> ModelFiles:
   from tinygrad.llm.gguf import gguf_load
   try: kv, sd = gguf_load(Tensor(path).to(device))
@@ -109,7 +149,7 @@ def load_gguf(path: Path, device: str) -> ModelFiles:
                     num_kv_heads=kv.get(f"{arch}.attention.head_count_kv", heads), head_dim=kv.get(f"{arch}.attention.key_length", hidden // heads),
                     rms_norm_eps=need("attention.layer_norm_rms_epsilon"), rope_theta=kv.get(f"{arch}.rope.freq_base", 10000.0),
                     max_position_embeddings=need("context_length"), tie_word_embeddings="output.weight" not in sd)
-  try: weights = {k: v.float().numpy() for k, v in sd.items()}
+  try: blocks = _gguf_blocks(path); weights = {k: blocks[k] if k in blocks else v.float().numpy() for k, v in sd.items()}
   except Exception as e: raise ConfigError(f"{path}: tensor data cannot be decoded ({e}); the file may be truncated") from None
   if arch == "llama":
     for i in range(cfg.num_layers):

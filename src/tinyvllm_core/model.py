@@ -74,30 +74,38 @@ PANEL, QBLOCK = 8, 32
 
 def to_panels(w: Tensor) -> Tensor: return w.reshape(w.shape[0] // PANEL, PANEL, w.shape[1]).permute(0, 2, 1).contiguous()
 
-def quantize_panels(w: Tensor) -> tuple[Tensor, Tensor]:
-  """int8 panels and float32 scales [N/8, K/32, 8]: one symmetric scale per 32 weights along K (Q8_0's scheme)."""
+def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
+  """int8 codes and float32 scales [N, K/32]: one symmetric scale per 32 weights along K (Q8_0's scheme)."""
   blocks = w.reshape(w.shape[0], -1, QBLOCK)
   scale = blocks.abs().max(-1) / 127
-  q = (blocks / scale.maximum(1e-30).unsqueeze(-1)).round().cast(dtypes.int8).reshape(w.shape)
-  return to_panels(q).realize(), to_panels(scale).realize()
+  return (blocks / scale.maximum(1e-30).unsqueeze(-1)).round().cast(dtypes.int8).reshape(w.shape), scale
 
-def _weight(w: UOp, scale: tuple[UOp, ...], t: UOp, k: UOp, j: UOp) -> UOp:
-  return w[t, k, j].load().cast(dtypes.float32) * (scale[0][t, k // QBLOCK, j].load() if scale else 1.0)
+def _code(w: UOp, t: UOp, k: UOp, j: UOp) -> UOp:  # float, int8, or 4-bit: two codes per uint8 along K, k even in the low nibble
+  return ((w[t, k // 2, j].load() >> (k % 2 * 4).cast(dtypes.uint8)) & 15 if w.dtype == dtypes.uint8 else w[t, k, j].load()).cast(dtypes.float32)
+
+def _weight(w: UOp, scale: tuple[UOp, ...], t: UOp, k: UOp, j: UOp) -> UOp:  # code * scale (+ offset) of panel t, column j
+  value = _code(w, t, k, j) * (scale[0][t, k // QBLOCK, j].load() if scale else 1.0)
+  return value + scale[1][t, k // QBLOCK, j].load() if len(scale) > 1 else value
 
 def _panel_matmul(out: UOp, x: UOp, w: UOp, *scale: UOp) -> UOp:
-  (num_panels, K, P), M = w.shape, x.shape[0]
-  t, m, j, k = UOp.range(num_panels, 0), UOp.range(M, 1), UOp.range(P, 2), UOp.range(K, 3, AxisType.REDUCE)
-  acc = (x[m, k].load().cast(dtypes.float32) * _weight(w, scale, t, k, j)).reduce(k, arg=Ops.ADD)
-  # register block: rows x panels x 8 columns, 4 float4 or 8 ymm accumulators (one FMA chain each)
+  (num_panels, _, P), (M, K) = w.shape, x.shape
+  inner = QBLOCK if scale else K  # quantized: scale * sum(x * code) + offset * sum(x) per 32 along K, dequantizing outside the inner loop
+  t, m, j, ki = UOp.range(num_panels, 0), UOp.range(M, 1), UOp.range(P, 2), UOp.range(inner, 4, AxisType.REDUCE)
+  kb = UOp.range(K // QBLOCK, 3, AxisType.REDUCE) if scale else 0
+  xk = x[m, kb * inner + ki].load().cast(dtypes.float32)
+  acc = (xk * _code(w, t, kb * inner + ki, j)).reduce(ki, arg=Ops.ADD)
+  if scale: acc = (acc * scale[0][t, kb, j].load() + (xk.reduce(ki, arg=Ops.ADD) * scale[1][t, kb, j].load() if len(scale) > 1 else 0.0)).reduce(kb, arg=Ops.ADD)
+  # register block: rows x panels x 8 columns, 4 float4 or 8 ymm accumulators (one FMA chain each); 4-bit: both codes of a byte per step
   rows, most = (4 if M % 4 == 0 else 2 if M % 2 == 0 else 1), 8 if wide_vectors() else 4
   panels = max(d for d in (1, 2, 4) if num_panels % d == 0 and d * rows <= most)
   block = _upcast({"panel": num_panels, "row": M, "col": P}, ("col", P), ("row", rows), ("panel", panels))
+  block += (Opt(OptOps.UNROLL, int(K > inner), 2),) if w.dtype == dtypes.uint8 else ()
   return out.index(m, t * P + j).store(acc.cast(out.dtype)).end(t, m, j).sink(arg=KernelInfo(name=f"linear_{M}_{num_panels * P}_{K}", opts_to_apply=block))
 
-def linear(x: Tensor, w: Tensor, scale: Tensor | None = None) -> Tensor:
+def linear(x: Tensor, w: Tensor, *scale: Tensor) -> Tensor:
   if w.ndim == 2: return x @ w.T
   out = Tensor.empty(x.shape[0], w.shape[0] * w.shape[2], dtype=x.dtype, device=x.device)
-  return out.custom_kernel(x.contiguous(), w, *([scale] if scale is not None else []), fxn=_panel_matmul)[0]
+  return out.custom_kernel(x.contiguous(), w, *scale, fxn=_panel_matmul)[0]
 
 def _gather_rows(out: UOp, table: UOp, index: UOp, *scale: UOp) -> UOp:
   i, j = UOp.range(out.shape[0], 0), UOp.range(out.shape[1], 1)
@@ -105,10 +113,10 @@ def _gather_rows(out: UOp, table: UOp, index: UOp, *scale: UOp) -> UOp:
   value = table[row, j].load() if len(table.shape) == 2 else _weight(table, scale, row // table.shape[2], j, row % table.shape[2])
   return out.index(i, j).store(value.cast(out.dtype)).end(i, j).sink(arg=KernelInfo(name="gather_rows", opts_to_apply=()))
 
-def gather_rows(table: Tensor, index: Tensor, scale: Tensor | None = None, dtype: DType | None = None) -> Tensor:
-  """Rows of a [rows, D] table, or of a [rows/8, D, 8] panel table (int8 with scales), picked by index."""
-  out = Tensor.empty(index.shape[0], table.shape[1], dtype=dtype or table.dtype, device=table.device)
-  return out.custom_kernel(table, index, *([scale] if scale is not None else []), fxn=_gather_rows)[0]
+def gather_rows(table: Tensor, index: Tensor, *scale: Tensor, dtype: DType | None = None) -> Tensor:
+  """Rows of a [rows, D] table, or of a [rows/8, D, 8] panel table (quantized ones with their scales), picked by index."""
+  out = Tensor.empty(index.shape[0], table.shape[1] * (2 if table.dtype == dtypes.uint8 else 1), dtype=dtype or table.dtype, device=table.device)
+  return out.custom_kernel(table, index, *scale, fxn=_gather_rows)[0]
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
   xf = x.float()
@@ -118,7 +126,10 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
   x1, x2 = x.chunk(2, dim=-1)
   return (x1 * cos - x2 * sin).cat(x2 * cos + x1 * sin, dim=-1)
 
-MATMUL_WEIGHTS = ("qkv", "o", "gate_up", "down", "lm_head")
+MATMUL_WEIGHTS = ("qkv", "o", "gate_up", "down", "lm_head", "embed")  # stored as panels on CPU (gather_rows reads them too)
+
+def _matrix(w: dict[str, Tensor], name: str, *args: Tensor) -> list[Tensor]:  # a weight, its args, then its scales and offsets if quantized
+  return [w[name], *args, *(w[n] for n in (name + "_scale", name + "_min") if n in w)]
 
 class Model:
   """Llama / Qwen2 / Qwen3 decoder over a flat batch of tokens with a paged KV cache.
@@ -130,9 +141,9 @@ class Model:
     if weights["lm_head"].device.startswith("CPU") or quantize:
       tied = weights["lm_head"] is weights["embed"]
       for name, w in list(weights.items()):
-        if name.split(".")[-1] not in MATMUL_WEIGHTS or w.shape[0] % PANEL: continue
-        if quantize and w.shape[1] % QBLOCK == 0: weights[name], weights[name + "_scale"] = quantize_panels(w)
-        else: weights[name] = to_panels(w).realize()
+        if name.split(".")[-1] not in MATMUL_WEIGHTS or w.shape[0] % PANEL or (tied and name == "embed"): continue
+        if quantize == "int8" and w.shape[1] % QBLOCK == 0: weights[name], weights[name + "_scale"] = quantize_int8(w)
+        weights |= {n: to_panels(weights[n]).realize() for n in (name, name + "_scale", name + "_min") if n in weights}
       if tied: weights |= {k.replace("lm_head", "embed"): v for k, v in weights.items() if k.startswith("lm_head")}  # embed reads the panels
     self.inv_freq = Tensor(1.0 / (c.rope_theta ** (np.arange(0, c.head_dim, 2, dtype=np.float64) / c.head_dim)), dtype=dtypes.float32).realize()
     def pool(*shape: int) -> Tensor: return Tensor.zeros(num_blocks, *shape, dtype=dtype).contiguous().realize()
@@ -146,12 +157,12 @@ class Model:
   def embed(self, token_ids: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """-> the token rows and the RoPE cos/sin tables of their positions (computed once per step, read by every layer)."""
     freqs = positions.float().reshape(-1, 1, 1) * self.inv_freq.reshape(1, 1, -1)
-    return gather_rows(self.weights["embed"], token_ids, self.weights.get("embed_scale"), self.dtype), freqs.cos(), freqs.sin()
+    return gather_rows(*_matrix(self.weights, "embed", token_ids), dtype=self.dtype), freqs.cos(), freqs.sin()
 
   def layer(self, x: Tensor, cos: Tensor, sin: Tensor, block_tables: Tensor, context_lens: Tensor, slot_mapping: Tensor,
             k_pool: Tensor, v_pool: Tensor, **w: Tensor) -> Tensor:
     c, N = self.config, x.shape[0]
-    qkv = linear(rms_norm(x, w["attn_norm"], c.rms_norm_eps), w["qkv"], w.get("qkv_scale"))
+    qkv = linear(rms_norm(x, w["attn_norm"], c.rms_norm_eps), *_matrix(w, "qkv"))
     if c.qkv_bias: qkv = qkv + w["qkv_bias"]
     q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     q = qkv[:, :q_size].reshape(N, c.num_heads, c.head_dim)
@@ -164,11 +175,11 @@ class Model:
     probs = Tensor.empty(N, c.num_heads, width, dtype=dtypes.float32).custom_kernel(scores, context_lens, fxn=_masked_exp)[0]
     attn = Tensor.empty(N, c.num_heads, c.head_dim, dtype=dtypes.float32).custom_kernel(probs, v_pool, block_tables, fxn=_paged_pv)[0]
     attn = (attn / probs.sum(-1, keepdim=True)).cast(x.dtype)
-    x = x + linear(attn.reshape(N, q_size), w["o"], w.get("o_scale"))
-    gate, up = linear(rms_norm(x, w["mlp_norm"], c.rms_norm_eps), w["gate_up"], w.get("gate_up_scale")).chunk(2, dim=-1)
-    return x + linear((gate.silu() * up).contiguous(), w["down"], w.get("down_scale"))
+    x = x + linear(attn.reshape(N, q_size), *_matrix(w, "o"))
+    gate, up = linear(rms_norm(x, w["mlp_norm"], c.rms_norm_eps), *_matrix(w, "gate_up")).chunk(2, dim=-1)
+    return x + linear((gate.silu() * up).contiguous(), *_matrix(w, "down"))
 
   def head(self, x: Tensor, logits_indices: Tensor) -> Tensor:
     """-> float32 logits [len(logits_indices), vocab] of the selected token rows."""
     x = rms_norm(gather_rows(x, logits_indices), self.weights["norm"], self.config.rms_norm_eps)
-    return linear(x, self.weights["lm_head"], self.weights.get("lm_head_scale")).float()
+    return linear(x, *_matrix(self.weights, "lm_head")).float()
