@@ -153,6 +153,7 @@ def profile(ctx: typer.Context, model: Annotated[Optional[str], typer.Option("--
             prompt_len: Annotated[int, typer.Option("--prompt-len", min=1, help="Prompt length in tokens (random ids).")] = 32,
             warmup_steps: Annotated[int, typer.Option("--warmup-steps", min=0, help="Untimed decode steps once all sequences decode.")] = 3,
             seed: Annotated[int, typer.Option("--seed", help="Seed of the random prompts.")] = 0,
+            quantize: Annotated[Optional[str], typer.Option("--quantize", "-q", help="tinyvllm weights: int8, or gguf (a GGUF's Q8_0/Q4_0/Q4_1 blocks as stored).")] = None,
             kv_cache_gb: KvOpt = 1.0, as_json: JsonOpt = False, output: OutputOpt = Path("bench_results"), note: NoteOpt = None) -> None:
   """Profile the decode step per batch size: step time, tokens/s, the engine's phases, the kernel time per part of
   the model (tinygrad DEBUG=2) and the Python/host share of the step.
@@ -160,7 +161,7 @@ def profile(ctx: typer.Context, model: Annotated[Optional[str], typer.Option("--
   Example: tinyvllm bench profile --model Qwen/Qwen3-0.6B --random-weights --batch-sizes 1,8"""
   from tinyvllm_cli.bench_profile import ProfileParams, parse_batch_sizes, profile_report, run_profile
   try:
-    params = ProfileParams(parse_batch_sizes(batch_sizes), steps, prompt_len, warmup_steps, kv_cache_gb, seed)
+    params = ProfileParams(parse_batch_sizes(batch_sizes), steps, prompt_len, warmup_steps, kv_cache_gb, seed, None if quantize == "none" else quantize)
     dev = resolve_device(device)
     bench_model = resolve_bench_model(model, random_weights)
     if prompt_len >= bench_model.model_config().max_position_embeddings:

@@ -43,6 +43,7 @@ class ProfileParams:
   warmup_steps: int = 3
   kv_cache_gb: float = 1.0
   seed: int = 0
+  quantize: str | None = None  # int8 or gguf weights
 
 
 def parse_batch_sizes(text: str) -> list[int]:
@@ -246,7 +247,7 @@ def run_profile(model: BenchModel, device: str, p: ProfileParams) -> list[dict]:
   from tinyvllm_core import LLMEngine
   biggest = max(p.batch_sizes)
   engine = LLMEngine(model.files(device), device=device, kv_cache_gb=p.kv_cache_gb, max_num_seqs=biggest,
-                     max_num_batched_tokens=max(512, biggest))
+                     max_num_batched_tokens=max(512, biggest), quantize=p.quantize)
   shapes, prompts, results = linear_shapes(engine.model_config), PromptSource(engine.model_config.vocab_size, p.prompt_len, p.seed), []
   for b in p.batch_sizes:
     ui.err.print(f"profile: batch size {b} ({model.name}, {device})", highlight=False)
@@ -337,7 +338,7 @@ def profile_report(model: BenchModel, device: str, dtype: str, p: ProfileParams,
           "parameters": asdict(p) | {"debug_steps": DEBUG_STEPS, "temperature": 0.0, "ignore_eos": True,
                                      "prompts": "distinct random token ids"},
           "machine": machine, "results": results, "python_goal": g, "notes": notes}
-  weights = "random weights" if model.random_weights else "real weights"
+  weights = ("random weights" if model.random_weights else "real weights") + (f", {p.quantize}" if p.quantize else "")
   lines = [f"# tinyvllm bench profile: {model.name} on {device}", "", f"`{command}`", "",
            f"Model: {model.name} ({weights}), dtype {dtype}, tinygrad {machine.get('tinygrad')}, {data['timestamp']}", "",
            f"Machine: {machine_line(machine)}", "",
