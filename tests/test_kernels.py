@@ -20,7 +20,7 @@ def test_gather_rows_reads_panels_like_rows():
   np.testing.assert_array_equal(gather_rows(Tensor(table), Tensor(index)).numpy(), table[index])
   np.testing.assert_array_equal(gather_rows(to_panels(Tensor(table)).realize(), Tensor(index)).numpy(), table[index])
 
-@pytest.mark.parametrize("M", [1, 2, 4, 8])
+@pytest.mark.parametrize("M", [1, 2, 4, 8, 128])  # 128 rows and more: dequantized first, then the float32 kernel
 def test_int8_panels_match_their_dequantized_weights(M):
   """quantize_int8 keeps one scale per 32 weights along K; the kernel must compute x @ dequant(W).T exactly
   (up to float32 sums), and dequant(W) stays within half a step (scale / 2) of W."""
@@ -33,7 +33,7 @@ def test_int8_panels_match_their_dequantized_weights(M):
   np.testing.assert_allclose(linear(Tensor(x), q, scale).numpy(), x @ dequant.T, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(gather_rows(q, Tensor(np.array([0, 47, 9], dtype=np.int32)), scale, dtype=dtypes.float32).numpy(), dequant[[0, 47, 9]], rtol=1e-6)
 
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 8, 128])
 @pytest.mark.parametrize("K", [32, 96])
 def test_4bit_panels_match_their_dequantized_weights(M, K):
   """GGUF Q4_0 / Q4_1 kept packed: two 4-bit codes per byte along K (k even in the low nibble), weight = code * scale
