@@ -2,7 +2,7 @@ from __future__ import annotations
 import itertools, random, time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from tinygrad import Tensor, Device, dtypes
+from tinygrad import Device, dtypes
 from tinygrad.helpers import DEV
 from .block_manager import BlockManager
 from .config import ConfigError, EngineConfig
