@@ -2,6 +2,13 @@
 import numpy as np
 from tinyvllm_core import SamplingParams
 
+def weight_bytes(llm) -> int:  # tied weights counted once
+  return sum(t.nbytes() for t in {id(t): t for t in llm.engine.runner.model.weights.values()}.values())
+
+def prompt_logits(llm, prompt: list[int]) -> np.ndarray:  # the logits that pick the first token after the prompt
+  llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1))
+  return llm.engine.runner.last_logits.numpy()[0]
+
 def test_capital_of_france(smollm2):
   out = smollm2.chat([{"role": "user", "content": "What is the capital of France?"}], SamplingParams(temperature=0, max_tokens=24))
   assert "Paris" in out.text
@@ -30,9 +37,8 @@ def test_int8_weights_keep_smollm2_sensible_in_under_a_third_of_the_memory(smoll
   ref, out = smollm2.chat(messages, p), q8.chat(messages, p)
   assert "Paris" in out.text and out.token_ids[:4] == ref.token_ids[:4]
   prompt = smollm2.engine.apply_chat_template(messages)
-  logits = [llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1)) and llm.engine.runner.last_logits.numpy()[0] for llm in (smollm2, q8)]
+  logits = [prompt_logits(llm, prompt) for llm in (smollm2, q8)]
   assert np.abs(logits[1] - logits[0]).max() / np.ptp(logits[0]) < 0.03
-  def weight_bytes(llm) -> int: return sum(t.nbytes() for t in {id(t): t for t in llm.engine.runner.model.weights.values()}.values())
   assert weight_bytes(q8) * 3 <= weight_bytes(smollm2)
 
 def test_packed_gguf_blocks_are_the_float32_model_in_a_quarter_of_the_memory(smollm2, smollm2_path):
@@ -46,7 +52,6 @@ def test_packed_gguf_blocks_are_the_float32_model_in_a_quarter_of_the_memory(smo
   ref, out = smollm2.chat(messages, p), packed.chat(messages, p)
   assert "Paris" in out.text and out.token_ids == ref.token_ids
   prompt = smollm2.engine.apply_chat_template(messages)
-  logits = [llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1)) and llm.engine.runner.last_logits.numpy()[0] for llm in (smollm2, packed)]
+  logits = [prompt_logits(llm, prompt) for llm in (smollm2, packed)]
   assert np.abs(logits[1] - logits[0]).max() / np.ptp(logits[0]) < 1e-4
-  def weight_bytes(llm) -> int: return sum(t.nbytes() for t in {id(t): t for t in llm.engine.runner.model.weights.values()}.values())
   assert weight_bytes(packed) * 4 <= weight_bytes(smollm2)
