@@ -11,7 +11,9 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import BinaryIO
+from typing import Annotated, BinaryIO, Optional
+
+import typer
 
 from tinyvllm_cli.ui import one_line
 
@@ -20,6 +22,33 @@ DTYPE_METAVAR = "DTYPE"
 DTYPE_HELP = ("Dtype of the weights, activations and KV cache: auto (float32 on CPU, float16 elsewhere), float32, float16 or bfloat16. "
               "float16 halves weight and KV memory; on CPU float32 is fastest (tinygrad's clang backend computes float16 "
               "through conversions) and bfloat16 may not compile on every CPU.")
+
+
+QUANTIZE_HELP = (
+  "Weights: none (the model's own values), int8 (matmul weights as int8 with one scale per 32, about 1/4 of float32 "
+  "memory) or gguf (a GGUF file's Q8_0/Q4_0/Q4_1 blocks as stored, Q4 about 1/5)."
+)
+BEAM_HELP = (
+  "Search kernel optimizations (tinygrad BEAM) of this width when a batch shape is first captured; "
+  "slow once, cached on disk (0 = off)."
+)
+
+# Typer option aliases shared by chat, serve-lite and bench: one name, one help text.
+DeviceOption = Annotated[
+  Optional[str],
+  typer.Option("--device", "-d", show_default=False, help="tinygrad backend: CPU, METAL, CUDA, AMD, ... (default: DEV or tinygrad's choice)."),
+]
+QuantizeOption = Annotated[Optional[str], typer.Option("--quantize", "-q", show_default=False, help=QUANTIZE_HELP)]
+QuantizeListOption = Annotated[
+  Optional[list[str]],
+  typer.Option("--quantize", "-q", show_default=False, help=QUANTIZE_HELP + " Repeat to compare, e.g. -q none -q gguf."),
+]
+DtypeOption = Annotated[str, typer.Option("--dtype", metavar=DTYPE_METAVAR, help=DTYPE_HELP)]
+BeamOption = Annotated[int, typer.Option("--beam", min=0, help=BEAM_HELP)]
+KvCacheGbOption = Annotated[float, typer.Option("--kv-cache-gb", min=0.001, help="Memory for the paged KV cache, in GiB.")]
+MaxModelLenOption = Annotated[
+  Optional[int], typer.Option("--max-model-len", min=2, show_default=False, help="Context length cap (default: the model's).")
+]
 
 
 def check_dtype(value: str) -> str:

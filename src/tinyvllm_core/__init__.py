@@ -3,9 +3,14 @@ import os, shutil
 # so the newest clang-N on PATH is used unless CC is set.
 if "CC" not in os.environ and (clang := next((f"clang-{v}" for v in range(30, 18, -1) if shutil.which(f"clang-{v}")), None)):
   os.environ["CC"] = clang
-from .config import ConfigError, EngineConfig, ModelConfig
-from .engine import LLM, LLMEngine, RequestOutput
+from .block_manager import BlockManager
+from .config import ConfigError, EngineConfig, ModelConfig, kv_bytes_per_block, num_kv_blocks, resolve_device, resolve_dtype
+from .engine import LLM, LLMEngine, RequestOutput, check_prompt, stop_holdback
 from .engine_loop import EngineLoop, RequestStream
-from .sampling import SamplingParams
+from .runner import BatchShape, block_table_width
+from .sampling import SamplingParams, hash_uniform
+from .sequence import Sequence
 
-__all__ = ["LLM", "LLMEngine", "EngineLoop", "RequestStream", "RequestOutput", "SamplingParams", "EngineConfig", "ModelConfig", "ConfigError"]
+__all__ = ["LLM", "LLMEngine", "EngineLoop", "RequestStream", "RequestOutput", "SamplingParams", "EngineConfig", "ModelConfig", "ConfigError",
+           "BlockManager", "Sequence", "BatchShape", "block_table_width", "check_prompt", "stop_holdback", "hash_uniform",
+           "kv_bytes_per_block", "num_kv_blocks", "resolve_device", "resolve_dtype"]

@@ -52,6 +52,30 @@ class ModelConfig:
                        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=cfg.get("rope_theta", 10000.0),
                        max_position_embeddings=cfg.get("max_position_embeddings", 2048), tie_word_embeddings=cfg.get("tie_word_embeddings", False))
 
+def resolve_device(name: str | None) -> str:
+  """Make `name` tinygrad's default device, or fail with the list of devices that work here."""
+  from tinygrad import Device
+  from tinygrad.helpers import DEV
+  name = (name or Device.DEFAULT).upper()
+  try: Device[name]
+  except Exception:
+    raise ConfigError(f"device {name!r} is not available on this machine (available: {', '.join(Device.get_available_devices()) or 'none'})") from None
+  DEV.value = name
+  return name
+
+def resolve_dtype(dtype: str, device: str) -> str:
+  """auto: float32 on CPU (fastest there: tinygrad's clang backend computes float16 through conversions), float16 elsewhere."""
+  if dtype != "auto": return dtype
+  return "float32" if device.split(":")[0] == "CPU" else "float16"
+
+def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: str) -> int:
+  """K and V of every layer for block_size tokens."""
+  itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
+  return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * itemsize
+
+def num_kv_blocks(config: ModelConfig, block_size: int, dtype: str, kv_cache_gb: float) -> int:
+  return max(2, int(kv_cache_gb * 2**30 // kv_bytes_per_block(config, block_size, dtype)))
+
 @dataclass
 class EngineConfig:
   device: str | None = None

@@ -1,26 +1,28 @@
 from __future__ import annotations
 import itertools, random, time
+import numpy as np
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from tinygrad import Device, dtypes
-from tinygrad.helpers import DEV
+from tinygrad import dtypes
 from .block_manager import BlockManager
-from .config import ConfigError, EngineConfig
+from .config import ConfigError, EngineConfig, num_kv_blocks, resolve_device, resolve_dtype
 from .loader import ModelFiles, load_model_files, is_blocks, render_chat, to_tensors
 from .model import Model
-from .runner import ModelRunner, next_power_of_2
+from .runner import BatchShape, ModelRunner, next_power_of_2
 from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
 
-def resolve_device(name: str | None) -> str:
-  """Make `name` tinygrad's default device, or fail with the list of devices that work here."""
-  name = (name or Device.DEFAULT).upper()
-  try: Device[name]
-  except Exception:
-    raise ConfigError(f"device {name!r} is not available on this machine (available: {', '.join(Device.get_available_devices()) or 'none'})") from None
-  DEV.value = name
-  return name
+def stop_holdback(text: str, stops: list[str] | tuple[str, ...]) -> int:
+  """How many trailing characters of text could still grow into one of the stop strings (held back from a stream)."""
+  return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if s.startswith(text[-k:])), default=0)
+
+def check_prompt(ids: list[int], max_model_len: int, vocab_size: int) -> None:
+  """ValueError naming what is wrong with a prompt's token ids."""
+  if not ids: raise ValueError("prompt is empty")
+  if len(ids) >= max_model_len:
+    raise ValueError(f"prompt has {len(ids)} tokens but the context is {max_model_len} tokens (max_model_len); shorten it")
+  if (bad := [i for i in ids if not 0 <= i < vocab_size]): raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
 
 @dataclass
 class RequestOutput:
@@ -52,8 +54,7 @@ class _Detokenizer:
 
   def take(self, stops: list[str] | tuple[str, ...] = ()) -> str:
     """The text not streamed yet, less its longest tail that could still grow into one of the stop strings."""
-    held_back = max((k for s in stops for k in range(min(len(s) - 1, len(self.text)), 0, -1) if s.startswith(self.text[-k:])), default=0)
-    delta = self.text[self.emitted:len(self.text) - held_back]
+    delta = self.text[self.emitted:len(self.text) - stop_holdback(self.text, stops)]
     self.emitted += len(delta)
     return delta
 
@@ -65,9 +66,8 @@ class LLMEngine:
     files = model if isinstance(model, ModelFiles) else load_model_files(model, self.device)
     self.model_config, self.tokenizer, self.files, self.eos_token_ids = files.config, files.tokenizer, files, set(files.eos_token_ids)
     mc, bs = files.config, config.block_size
-    dtype = getattr(dtypes, config.dtype) if config.dtype != "auto" else dtypes.float32 if self.device == "CPU" else dtypes.float16
-    bytes_per_block = 2 * mc.num_layers * bs * mc.num_kv_heads * mc.head_dim * dtype.itemsize
-    num_blocks = config.num_blocks or max(2, int(config.kv_cache_gb * 2**30 // bytes_per_block))
+    dtype = getattr(dtypes, resolve_dtype(config.dtype, self.device))
+    num_blocks = config.num_blocks or num_kv_blocks(mc, bs, dtype.name, config.kv_cache_gb)
     self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings, (num_blocks - 1) * bs)
     if config.quantize == "gguf" and not any(map(is_blocks, files.weights.values())):
       raise ConfigError(f"{model if isinstance(model, (str, Path)) else 'this model'} has no GGUF Q8_0/Q4_0/Q4_1 weights to keep (quantize gguf); use int8 or none")
@@ -96,10 +96,7 @@ class LLMEngine:
     params = params or self.default_params
     if params.seed is None: params = replace(params, seed=random.getrandbits(32))  # the request's sampling stays reproducible
     ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    if not ids: raise ValueError("prompt is empty")
-    if len(ids) >= self.max_model_len:
-      raise ValueError(f"prompt has {len(ids)} tokens but the context is {self.max_model_len} tokens (max_model_len); shorten it")
-    if (bad := [i for i in ids if not 0 <= i < self.model_config.vocab_size]): raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary")
+    check_prompt(ids, self.max_model_len, self.model_config.vocab_size)
     request_id = request_id or f"req-{next(self._counter)}"
     if request_id in self.seqs: raise ValueError(f"request id {request_id!r} is already in use")
     seq = Sequence(request_id, ids, params, arrival_index=next(self._counter))
@@ -114,6 +111,10 @@ class LLMEngine:
     return self._output(seq, [])
 
   def has_unfinished_requests(self) -> bool: return self.scheduler.has_unfinished()
+  def last_logits(self) -> np.ndarray:
+    """float32 logits [sampled rows of the last step (bucketed), vocab]: row i is the i-th sequence sampled then."""
+    return self.runner.last_logits.numpy()
+  def captured_shapes(self) -> list[BatchShape]: return list(self.runner.inputs)
 
   def stats(self) -> dict:
     bm = self.block_manager

@@ -121,17 +121,30 @@ def _unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
   """GGUF llama q/k rows are interleaved for llama.cpp's RoPE; back to the HF rotate-half layout."""
   return w.reshape(n_heads, -1, 2, w.shape[-1]).swapaxes(1, 2).reshape(w.shape)
 
-def _gguf_blocks(path: Path) -> dict[str, np.ndarray]:
-  """The Q4_0 / Q4_1 / Q8_0 matrices of a GGUF file as memory-mapped [rows, K/32] blocks (rows a multiple of 8: CPU panels)."""
+@dataclass
+class GGUFTensorInfo:
+  name: str
+  shape: tuple[int, ...]  # GGUF order: the fastest-varying dimension first
+  ggml_type: int
+  offset: int  # bytes from the start of the file
+
+def read_gguf_header(path: Path) -> tuple[dict, list[GGUFTensorInfo]]:
+  """A GGUF file's metadata and tensor table, without reading the tensors."""
   from tinygrad.llm.gguf import readers, read_str, read_int32, read_uint32, read_uint64
   with open(path, "rb") as r:
-    r.read(8)  # magic, version: gguf_load checked them
+    if r.read(4) != b"GGUF": raise ConfigError(f"{path}: not a GGUF file (no GGUF magic)")
+    r.read(4)  # version
     n_tensors, n_kv = read_uint64(r), read_uint64(r)
     kv = {read_str(r): readers[read_int32(r)](r) for _ in range(n_kv)}
-    infos = [(read_str(r), [read_uint64(r) for _ in range(read_uint32(r))], read_int32(r), read_uint64(r)) for _ in range(n_tensors)]
+    infos = [(read_str(r), tuple(read_uint64(r) for _ in range(read_uint32(r))), read_int32(r), read_uint64(r)) for _ in range(n_tensors)]
     start = -(-r.tell() // (align := kv.get("general.alignment", 32))) * align
-  return {name: np.memmap(path, GGUF_BLOCKS[kind], "r", start + offset, (dims[1], dims[0] // 32))
-          for name, dims, kind, offset in infos if kind in GGUF_BLOCKS and len(dims) == 2 and dims[1] % 8 == 0}
+  return kv, [GGUFTensorInfo(name, dims, kind, start + offset) for name, dims, kind, offset in infos]
+
+def _gguf_blocks(path: Path) -> dict[str, np.ndarray]:
+  """The Q4_0 / Q4_1 / Q8_0 matrices of a GGUF file as memory-mapped [rows, K/32] blocks (rows a multiple of 8: CPU panels)."""
+  _, infos = read_gguf_header(path)
+  return {t.name: np.memmap(path, GGUF_BLOCKS[t.ggml_type], "r", t.offset, (t.shape[1], t.shape[0] // 32))
+          for t in infos if t.ggml_type in GGUF_BLOCKS and len(t.shape) == 2 and t.shape[1] % 8 == 0}
 
 def load_gguf(path: Path, device: str) -> ModelFiles:
   from tinygrad.llm.gguf import gguf_load

@@ -11,6 +11,9 @@ from .sampling import sample
 from .sequence import Sequence
 
 def next_power_of_2(n: int) -> int: return 1 << max(0, n - 1).bit_length()
+def block_table_width(context_len: int, block_size: int) -> int:
+  """The block-table width a batch reaching context_len is padded to (a new width is a new TinyJit capture)."""
+  return next_power_of_2(-(-context_len // block_size))
 
 @dataclass(frozen=True)
 class BatchShape:

@@ -25,9 +25,10 @@ class SamplingParams:
   def from_generation_config(cfg: dict) -> SamplingParams:
     return SamplingParams(**{k: cfg[k] for k in ("temperature", "top_p", "top_k", "min_p") if cfg.get(k) is not None})
 
-def _uniform(seeds: Tensor, vocab_size: int) -> Tensor:
-  """Counter-based hash -> uniform (0,1) per (row, token): reproducible per request, independent of batching."""
-  x = Tensor.arange(vocab_size, dtype=dtypes.uint32).reshape(1, -1) * 0x9E3779B1 + seeds.cast(dtypes.uint32).reshape(-1, 1)
+def hash_uniform(counters: Tensor, seeds: Tensor) -> Tensor:
+  """Counter-based hash -> uniform (0,1) per (counter, seed) pair (broadcast): reproducible, independent of batching,
+  one kernel per shape (tinygrad's rand compiles one per call)."""
+  x = counters.cast(dtypes.uint32) * 0x9E3779B1 + seeds.cast(dtypes.uint32)
   for mul in (0x85EBCA6B, 0xC2B2AE35): x = (x ^ (x >> 16)) * mul
   x = x ^ (x >> 16)
   return ((x >> 8).cast(dtypes.float32) + 0.5) * (1.0 / (1 << 24))
@@ -45,6 +46,7 @@ def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, mi
     ok = ((k > 0) & (kept.sum(-1, keepdim=True) >= k)) | ((p < 1) & (kept.where(probs, 0).sum(-1, keepdim=True) >= p))
     lo, hi = ok.where(mid, lo), ok.where(hi, mid)
   threshold = lo.maximum(min_p.reshape(-1, 1) * pmax)
-  gumbel = -(-_uniform(seeds, logits.shape[-1]).log()).log()
+  tokens = Tensor.arange(logits.shape[-1], dtype=dtypes.uint32, device=logits.device).reshape(1, -1)
+  gumbel = -(-hash_uniform(tokens, seeds.reshape(-1, 1)).log()).log()
   sampled = (probs >= threshold).where(probs.log() + gumbel, float("-inf")).argmax(-1)
   return (temperature > 0).where(sampled, logits.argmax(-1))  # greedy rows take the argmax
