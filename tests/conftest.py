@@ -4,6 +4,13 @@ import pytest
 
 os.environ.setdefault("DEV", "CPU")
 
+
+def pytest_configure(config):
+  """The engine picks the CPU compiler and vector mode when it resolves the device; kernel tests call kernels directly."""
+  from tinyvllm_core import resolve_device
+
+  resolve_device(os.environ["DEV"])
+
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
   """Tiny random checkpoints written once per test session: name -> (dir, numpy weights, config dict)."""

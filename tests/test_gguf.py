@@ -1,4 +1,4 @@
-"""The GGUF loading path (loader.load_gguf / _gguf_tokenizer / _unpermute_rope) against the NumPy reference.
+"""The GGUF loading path (formats.load_gguf / gguf_tokenizer / unpermute_rope) against the NumPy reference.
 
 Files come from tests/gguf_writer.py, an independent llama.cpp-style converter + GGML quantizer; the reference runs on the
 dequantized weights the file really holds, so the engine must match it as tightly as for a float32 HF checkpoint."""
@@ -11,8 +11,9 @@ from model_factory import SPECIAL_TOKENS
 from numpy_ref import reference_logits
 from test_model_logits import _engine_logits
 from tinyvllm_core import ConfigError, LLMEngine, SamplingParams
-from tinyvllm_core.config import ModelConfig
-from tinyvllm_core.loader import GGUF_NAMES, _gguf_tokenizer, _unpermute_rope, load_gguf
+from tinyvllm_core.formats import load_gguf, read_hf_config
+from tinyvllm_core.formats.gguf import GGUF_NAMES, unpermute_rope
+from tinyvllm_core.formats.tokenizer import gguf_tokenizer
 
 ENGINE_KW = dict(device="CPU", num_blocks=32, block_size=4)
 TEXTS = ["Hello world, the capital of France is Paris.", "Numbers like 1234, 42 and 3.14159!\n\nNew   lines\tand tabs  ",
@@ -58,7 +59,7 @@ def test_unpermute_rope_inverts_llama_cpp_permutation():
     w = rng.standard_normal((n_heads * head_dim, 24)).astype(np.float32)
     p = permute_rope(w, n_heads)
     assert not np.array_equal(p, w)
-    np.testing.assert_array_equal(_unpermute_rope(p, n_heads), w)
+    np.testing.assert_array_equal(unpermute_rope(p, n_heads), w)
     np.testing.assert_array_equal(unpermute_rope(p, n_heads), w)
     # row h*D + 2j + a of the GGUF tensor is HF row h*D + a*D/2 + j (interleaved pairs vs rotate-half)
     h, j, a = n_heads - 1, head_dim // 2 - 1, 1
@@ -73,7 +74,7 @@ def test_gguf_logits_match_numpy_reference(checkpoints, tmp_path, name, qtype):
   weights = write_gguf(tmp_path / f"{name}.{qtype}.gguf", d, qtype)
   prompt = [7, 100, 42, 9, 250, 3, 77, 12, 5, 61, 8, 199, 33]
   engine, got, tokens = _engine_logits(tmp_path / f"{name}.{qtype}.gguf", prompt, num_decode=3)  # same reader as test_model_logits
-  want_cfg = ModelConfig.from_hf(d / "config.json")
+  want_cfg = read_hf_config(d / "config.json")
   assert engine.model_config.rms_norm_eps == pytest.approx(want_cfg.rms_norm_eps, rel=1e-6)  # stored as float32
   engine.model_config.rms_norm_eps = want_cfg.rms_norm_eps
   assert engine.model_config == want_cfg
@@ -176,7 +177,7 @@ def test_gguf_tokenizer_pre_split(checkpoints, tmp_path, pre):
   write_gguf(tmp_path / "m.gguf", d, "F16", pre=pre)
   kv, _ = gguf_load(tmp_path / "m.gguf")
   assert kv["tokenizer.ggml.pre"] == pre
-  tok = _gguf_tokenizer(kv, tmp_path / "m.gguf")
+  tok = gguf_tokenizer(kv, tmp_path / "m.gguf")
   hf = Tokenizer.from_str(json.dumps(json.loads((d / "tokenizer.json").read_text()) | {"pre_tokenizer": _HF_PRE[pre]}))
   for text in TEXTS + ["<|im_start|>assistant\n1 22 333 4444<|im_end|>"]:
     assert tok.encode(text).ids == hf.encode(text).ids, (pre, text)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 from tinygrad import Tensor, dtypes
-from tinyvllm_core.model import gather_rows, linear, quantize_int8, to_panels
+from tinyvllm_core.kernels.linear import gather_rows, linear, quantize_int8, to_panels
 
 # The CPU matmul reads weights as [N/8, K, 8] panels with a register block chosen from the row count and the
 # panel count; every block shape (and the size-1 ranges the optimizer skips) must give x @ W.T.
@@ -55,7 +55,7 @@ def test_masked_exp_and_split_kernels_on_devices_with_and_without_threads(device
   is split over threads, and a device without threads (tinygrad's PYTHON emulator stands in for GPUs here) must get
   the same kernels unsplit."""
   from tinygrad.helpers import DEV, NUM_CPU_THREADS
-  from tinyvllm_core.model import _masked_exp
+  from tinyvllm_core.kernels.attention import _masked_exp
   monkeypatch.setattr(NUM_CPU_THREADS, "value", 2)
   monkeypatch.setattr(DEV, "value", device)
   rng = np.random.default_rng(0)

@@ -11,7 +11,7 @@ def _engine_logits(path, prompt, num_decode, **kw):
   logits, tokens = [], list(prompt)
   while engine.has_unfinished_requests():
     for out in engine.step():
-      logits.append(engine.runner.last_logits.numpy()[0])
+      logits.append(engine.last_logits()[0])
       tokens.append(out.delta_token_ids[0])
   return engine, np.stack(logits), tokens
 

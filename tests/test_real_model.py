@@ -7,7 +7,7 @@ def weight_bytes(llm) -> int:  # tied weights counted once
 
 def prompt_logits(llm, prompt: list[int]) -> np.ndarray:  # the logits that pick the first token after the prompt
   llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1))
-  return llm.engine.runner.last_logits.numpy()[0]
+  return llm.engine.last_logits()[0]
 
 def test_capital_of_france(smollm2):
   out = smollm2.chat([{"role": "user", "content": "What is the capital of France?"}], SamplingParams(temperature=0, max_tokens=24))

@@ -28,7 +28,7 @@ def test_top_k_limits_choices(llm):
   engine = llm.engine
   engine.add_request(PROMPT, SamplingParams(temperature=0, max_tokens=1))
   engine.step()
-  top3 = set(engine.runner.last_logits.numpy()[0].argsort()[-3:].tolist())
+  top3 = set(engine.last_logits()[0].argsort()[-3:].tolist())
   firsts = {llm.generate([PROMPT], SamplingParams(temperature=5.0, top_k=3, max_tokens=1, seed=s))[0].token_ids[0] for s in range(30)}
   assert firsts <= top3 and len(firsts) > 1
 

@@ -7,15 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tinyvllm_core.model import wide_vectors
+from tinygrad import Device
 
 TESTS = Path(__file__).parent
 
 
 def test_kernels_and_logits_match_numpy_in_the_other_vector_mode():
-  wide = wide_vectors()
+  wide = not Device["CPU"].renderer.supports_float4  # conftest resolved the device: the mode is set
   env = dict(os.environ, TINYVLLM_WIDE="0" if wide else "1")
-  mode = subprocess.run([sys.executable, "-c", "from tinyvllm_core.model import wide_vectors; print(wide_vectors())"], env=env, capture_output=True, text=True)
+  probe = "import tinyvllm_core as t; from tinygrad import Device; t.resolve_device('CPU'); print(not Device['CPU'].renderer.supports_float4)"
+  mode = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
   assert mode.stdout.strip() == str(not wide), mode.stderr
   cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "test_kernels.py",
          "test_model_logits.py::test_logits_match_numpy_reference", "test_model_logits.py::test_kernels_split_over_threads_match_reference"]

@@ -1,28 +1,42 @@
 from __future__ import annotations
-import itertools, random, time
-import numpy as np
+
+import itertools
+import random
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import numpy as np
 from tinygrad import dtypes
+
 from .block_manager import BlockManager
 from .config import ConfigError, EngineConfig, num_kv_blocks, resolve_device, resolve_dtype
-from .loader import ModelFiles, load_model_files, is_blocks, render_chat, to_tensors
+from .formats import ModelFiles, load_model_files, prepare_weights, render_chat
+from .formats.gguf import is_blocks
 from .model import Model
-from .runner import BatchShape, ModelRunner, next_power_of_2
+from .runner import BatchShape, ModelRunner, block_table_width
 from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
 
+
 def stop_holdback(text: str, stops: list[str] | tuple[str, ...]) -> int:
   """How many trailing characters of text could still grow into one of the stop strings (held back from a stream)."""
-  return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if s.startswith(text[-k:])), default=0)
+  tails = (k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if s.startswith(text[-k:]))
+  return max(tails, default=0)
+
 
 def check_prompt(ids: list[int], max_model_len: int, vocab_size: int) -> None:
   """ValueError naming what is wrong with a prompt's token ids."""
-  if not ids: raise ValueError("prompt is empty")
+  if not ids:
+    raise ValueError("prompt is empty")
   if len(ids) >= max_model_len:
-    raise ValueError(f"prompt has {len(ids)} tokens but the context is {max_model_len} tokens (max_model_len); shorten it")
-  if (bad := [i for i in ids if not 0 <= i < vocab_size]): raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
+    raise ValueError(
+      f"prompt has {len(ids)} tokens but the context is {max_model_len} tokens (max_model_len); shorten it"
+    )
+  if bad := [i for i in ids if not 0 <= i < vocab_size]:
+    raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
+
 
 @dataclass
 class RequestOutput:
@@ -37,46 +51,60 @@ class RequestOutput:
   num_cached_tokens: int = 0
   error: str | None = None
 
+
 @dataclass
 class _Detokenizer:
   """Incremental decoding that never emits half of a multi-byte character, nor the start of a stop string."""
+
   text: str = ""
   emitted: int = 0  # characters of text already streamed
   prefix_offset: int = 0
   read_offset: int = 0
 
   def update(self, tokenizer, ids: list[int]) -> None:
-    prefix = tokenizer.decode(ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
-    full = tokenizer.decode(ids[self.prefix_offset:], skip_special_tokens=True)
-    if len(full) <= len(prefix) or full.endswith("\ufffd"): return
+    prefix = tokenizer.decode(ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+    full = tokenizer.decode(ids[self.prefix_offset :], skip_special_tokens=True)
+    if len(full) <= len(prefix) or full.endswith("\ufffd"):
+      return
     self.prefix_offset, self.read_offset = self.read_offset, len(ids)
-    self.text += full[len(prefix):]
+    self.text += full[len(prefix) :]
 
   def take(self, stops: list[str] | tuple[str, ...] = ()) -> str:
     """The text not streamed yet, less its longest tail that could still grow into one of the stop strings."""
-    delta = self.text[self.emitted:len(self.text) - stop_holdback(self.text, stops)]
+    delta = self.text[self.emitted : len(self.text) - stop_holdback(self.text, stops)]
     self.emitted += len(delta)
     return delta
 
+  def find_stop(self, stops: list[str]) -> int | None:
+    """Where the first stop string starts in the text not streamed yet."""
+    hits = (i for s in stops if (i := self.text.find(s, self.emitted)) >= 0)
+    return min(hits, default=None)
+
+
 class LLMEngine:
   """add_request / step / abort over continuous batching. Not thread-safe: one thread drives it."""
+
   def __init__(self, model: str | Path | ModelFiles, **kwargs):
     self.config = config = EngineConfig(**kwargs)
     self.device = resolve_device(config.device)
     files = model if isinstance(model, ModelFiles) else load_model_files(model, self.device)
-    self.model_config, self.tokenizer, self.files, self.eos_token_ids = files.config, files.tokenizer, files, set(files.eos_token_ids)
-    mc, bs = files.config, config.block_size
-    dtype = getattr(dtypes, resolve_dtype(config.dtype, self.device))
-    num_blocks = config.num_blocks or num_kv_blocks(mc, bs, dtype.name, config.kv_cache_gb)
-    self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings, (num_blocks - 1) * bs)
+    self.model_config, self.tokenizer, self.files = files.config, files.tokenizer, files
+    self.eos_token_ids = set(files.eos_token_ids)
+    dtype_name = resolve_dtype(config.dtype, self.device)
+    dtype = getattr(dtypes, dtype_name)
+    num_blocks = config.num_blocks or num_kv_blocks(files.config, config.block_size, dtype_name, config.kv_cache_gb)
+    self.max_model_len = self._max_model_len(num_blocks)
     if config.quantize == "gguf" and not any(map(is_blocks, files.weights.values())):
-      raise ConfigError(f"{model if isinstance(model, (str, Path)) else 'this model'} has no GGUF Q8_0/Q4_0/Q4_1 weights to keep (quantize gguf); use int8 or none")
-    weights = to_tensors(files.weights, dtype, config.quantize == "gguf")
-    if mc.tie_word_embeddings or files.weights["lm_head"] is files.weights["embed"]: weights |= {k.replace("embed", "lm_head"): v for k, v in weights.items() if k.startswith("embed")}
+      name = model if isinstance(model, (str, Path)) else "this model"
+      raise ConfigError(f"{name} has no GGUF Q8_0/Q4_0/Q4_1 weights to keep (quantize gguf); use int8 or none")
+    panels = self.device.split(":")[0] == "CPU" or config.quantize is not None  # kernels/linear.py
+    weights = prepare_weights(files.weights, dtype, config.quantize, panels)
     files.weights = {}  # the host copies are no longer needed
-    self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
+    self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
     self.scheduler = Scheduler(config, self.block_manager)
-    self.runner = ModelRunner(Model(mc, weights, num_blocks, bs, dtype, config.quantize), bs, next_power_of_2(-(-self.max_model_len // bs)), config.beam)
+    decoder = Model(files.config, weights, num_blocks, config.block_size, dtype)
+    max_blocks = block_table_width(self.max_model_len, config.block_size)
+    self.runner = ModelRunner(decoder, self.device, config.block_size, max_blocks, config.beam)
     self.default_params = SamplingParams.from_generation_config(files.generation_config)
     self.seqs: dict[str, Sequence] = {}
     self._detok: dict[str, _Detokenizer] = {}
@@ -84,21 +112,34 @@ class LLMEngine:
     self.num_prompt_tokens = self.num_generated_tokens = 0
     self.last_step_timings: dict[str, float] = {}  # seconds spent in each phase of the last step (profiling)
 
+  def _max_model_len(self, num_blocks: int) -> int:
+    """The config's cap, the model's context, and what the KV pool holds: the smallest."""
+    model_len = self.model_config.max_position_embeddings
+    return min(self.config.max_model_len or model_len, model_len, (num_blocks - 1) * self.config.block_size)
+
   # ---- requests ----
-  def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
-  def decode(self, ids: list[int]) -> str: return self.tokenizer.decode(ids, skip_special_tokens=True)
+  def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+  def decode(self, ids: list[int]) -> str:
+    return self.tokenizer.decode(ids, skip_special_tokens=True)
+
   def apply_chat_template(self, messages: list[dict], tokenize: bool = True, **kwargs) -> list[int] | str:
     """The model's own chat template (jinja2); kwargs reach the template (add_generation_prompt, enable_thinking)."""
     text = render_chat(self.files.chat_template, messages, self.files.special_tokens, **kwargs)
     return self.encode(text, add_special_tokens=False) if tokenize else text
 
-  def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None) -> str:
+  def add_request(
+    self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+  ) -> str:
     params = params or self.default_params
-    if params.seed is None: params = replace(params, seed=random.getrandbits(32))  # the request's sampling stays reproducible
+    if params.seed is None:
+      params = replace(params, seed=random.getrandbits(32))  # the request's sampling stays reproducible
     ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
     check_prompt(ids, self.max_model_len, self.model_config.vocab_size)
     request_id = request_id or f"req-{next(self._counter)}"
-    if request_id in self.seqs: raise ValueError(f"request id {request_id!r} is already in use")
+    if request_id in self.seqs:
+      raise ValueError(f"request id {request_id!r} is already in use")
     seq = Sequence(request_id, ids, params, arrival_index=next(self._counter))
     self.seqs[request_id], self._detok[request_id] = seq, _Detokenizer()
     self.scheduler.add(seq)
@@ -106,27 +147,41 @@ class LLMEngine:
     return request_id
 
   def abort(self, request_id: str) -> RequestOutput | None:
-    if (seq := self.seqs.get(request_id)) is None: return None
+    if (seq := self.seqs.get(request_id)) is None:
+      return None
     self.scheduler.finish(seq, "abort")
     return self._output(seq, [])
 
-  def has_unfinished_requests(self) -> bool: return self.scheduler.has_unfinished()
+  def has_unfinished_requests(self) -> bool:
+    return self.scheduler.has_unfinished()
+
   def last_logits(self) -> np.ndarray:
-    """float32 logits [sampled rows of the last step (bucketed), vocab]: row i is the i-th sequence sampled then."""
+    """float32 logits of the last step: row i for the i-th sequence sampled then (rows past them are padding)."""
     return self.runner.last_logits.numpy()
-  def captured_shapes(self) -> list[BatchShape]: return list(self.runner.inputs)
+
+  def captured_shapes(self) -> list[BatchShape]:
+    """The batch shapes captured so far (each a set of TinyJits)."""
+    return list(self.runner.inputs)
 
   def stats(self) -> dict:
     bm = self.block_manager
-    return {"num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting), "kv_cache_usage": 1 - bm.num_free_blocks / bm.num_total_blocks,
-            "num_prompt_tokens": self.num_prompt_tokens, "num_generated_tokens": self.num_generated_tokens, "num_cached_tokens": bm.num_hit_tokens,
-            "prefix_cache_hit_rate": bm.num_hit_tokens / max(bm.num_queried_tokens, 1), "num_free_blocks": bm.num_free_blocks,
-            "num_total_blocks": bm.num_total_blocks}
+    return {
+      "num_running": len(self.scheduler.running),
+      "num_waiting": len(self.scheduler.waiting),
+      "kv_cache_usage": 1 - bm.num_free_blocks / bm.num_total_blocks,
+      "num_prompt_tokens": self.num_prompt_tokens,
+      "num_generated_tokens": self.num_generated_tokens,
+      "num_cached_tokens": bm.num_hit_tokens,
+      "prefix_cache_hit_rate": bm.num_hit_tokens / max(bm.num_queried_tokens, 1),
+      "num_free_blocks": bm.num_free_blocks,
+      "num_total_blocks": bm.num_total_blocks,
+    }
 
   # ---- one step of continuous batching ----
   def step(self) -> list[RequestOutput]:
     t0 = time.perf_counter()
-    if not (scheduled := self.scheduler.schedule()): return []
+    if not (scheduled := self.scheduler.schedule()):
+      return []
     t1 = time.perf_counter()
     sampled, next_ids = self.runner.execute(scheduled)
     t2 = time.perf_counter()
@@ -134,39 +189,73 @@ class LLMEngine:
       seq.num_computed_tokens += n
       self.block_manager.cache_full_blocks(seq)
     outputs = [self._append_token(seq, tok) for seq, tok in zip(sampled, next_ids)]
-    self.last_step_timings = {"schedule_s": t1 - t0, **self.runner.last_timings, "postprocess_s": time.perf_counter() - t2,
-                              "num_tokens": sum(n for _, n in scheduled), "num_seqs": len(sampled)}
+    self.last_step_timings = {
+      "schedule_s": t1 - t0,
+      **self.runner.last_timings,
+      "postprocess_s": time.perf_counter() - t2,
+      "num_tokens": sum(n for _, n in scheduled),
+      "num_seqs": len(sampled),
+    }
     return outputs
 
   def _append_token(self, seq: Sequence, token_id: int) -> RequestOutput:
     seq.output_token_ids.append(token_id)
     self.num_generated_tokens += 1
-    p, detok, reason = seq.sampling_params, self._detok[seq.request_id], None
-    if self.tokenizer: detok.update(self.tokenizer, seq.output_token_ids)
-    if (token_id in self.eos_token_ids and not p.ignore_eos) or token_id in p.stop_token_ids: reason = "stop"
-    elif (hit := min((i for s in p.stop if (i := detok.text.find(s, detok.emitted)) >= 0), default=None)) is not None:
-      detok.text, reason = detok.text[:hit], "stop"
-    elif len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len: reason = "length"
-    if reason: self.scheduler.finish(seq, reason)
+    detok = self._detok[seq.request_id]
+    if self.tokenizer:
+      detok.update(self.tokenizer, seq.output_token_ids)
+    if reason := self._finish_reason(seq, token_id, detok):
+      self.scheduler.finish(seq, reason)
     return self._output(seq, [token_id])
+
+  def _finish_reason(self, seq: Sequence, token_id: int, detok: _Detokenizer) -> str | None:
+    """stop (an EOS or stop token, or a stop string, which the text then ends before), length, or None."""
+    p = seq.sampling_params
+    if (token_id in self.eos_token_ids and not p.ignore_eos) or token_id in p.stop_token_ids:
+      return "stop"
+    if (hit := detok.find_stop(p.stop)) is not None:
+      detok.text = detok.text[:hit]
+      return "stop"
+    if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+      return "length"
+    return None
 
   def _output(self, seq: Sequence, delta_ids: list[int]) -> RequestOutput:
     detok = self._detok[seq.request_id]
-    delta_text = detok.take(() if seq.is_finished else seq.sampling_params.stop)  # a finished request flushes what was held back
-    if seq.is_finished: del self.seqs[seq.request_id], self._detok[seq.request_id]
-    return RequestOutput(seq.request_id, seq.prompt_token_ids, list(seq.output_token_ids), detok.text, delta_ids, delta_text,
-                         seq.is_finished, seq.finish_reason, seq.num_cached_tokens)
+    delta_text = detok.take(() if seq.is_finished else seq.sampling_params.stop)  # a finished request flushes the rest
+    if seq.is_finished:
+      del self.seqs[seq.request_id], self._detok[seq.request_id]
+    return RequestOutput(
+      seq.request_id,
+      seq.prompt_token_ids,
+      list(seq.output_token_ids),
+      detok.text,
+      delta_ids,
+      delta_text,
+      seq.is_finished,
+      seq.finish_reason,
+      seq.num_cached_tokens,
+    )
+
 
 class LLM:
   """Offline batch generation: LLM(path).generate(prompts, params)."""
+
   def __init__(self, model: str | Path | ModelFiles, **kwargs):
     self.engine = LLMEngine(model, **kwargs)
 
-  def generate(self, prompts: str | list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-    prompts = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else prompts
-    ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params if isinstance(params, list) else [params] * len(prompts))]
+  def generate(
+    self,
+    prompts: str | list[str] | list[list[int]],
+    params: SamplingParams | list[SamplingParams] | None = None,
+  ) -> list[RequestOutput]:
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+      prompts = [prompts]
+    per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+    ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, per_prompt)]
     final: dict[str, RequestOutput] = {}
-    while self.engine.has_unfinished_requests(): final.update((o.request_id, o) for o in self.engine.step() if o.finished)
+    while self.engine.has_unfinished_requests():
+      final.update((o.request_id, o) for o in self.engine.step() if o.finished)
     return [final[i] for i in ids]
 
   def chat(self, messages: list[dict], params: SamplingParams | None = None, **template_kwargs) -> RequestOutput:

@@ -1,26 +1,39 @@
 from __future__ import annotations
-import collections, itertools, queue, threading, time
+
+import collections
+import itertools
+import queue
+import threading
+import time
 from dataclasses import dataclass, field
+
 from .engine import LLMEngine, RequestOutput
 from .sampling import SamplingParams
+
 
 def _per_thread_tinygrad_cache() -> None:
   """tinygrad keeps one sqlite connection for its disk cache, usable only by the thread that opened it."""
   import tinygrad.helpers as helpers
+
   local, lock, open_connection = threading.local(), threading.Lock(), helpers.db_connection
+
   def db_connection():
     if getattr(local, "connection", None) is None:
       with lock:
         helpers._db_connection = None
         local.connection = open_connection()
     return local.connection
+
   helpers.db_connection = db_connection
 
+
 _per_thread_tinygrad_cache()  # engine loops, model loaders and server threads all compile kernels
+
 
 @dataclass(eq=False)
 class RequestStream:
   """One request's outputs, read by the caller's thread; timings are stamped by the engine loop."""
+
   request_id: str
   arrival_time: float = field(default_factory=time.perf_counter)
   first_token_time: float | None = None
@@ -28,21 +41,30 @@ class RequestStream:
   _queue: queue.Queue = field(default_factory=queue.Queue)
 
   @property
-  def ttft(self) -> float | None: return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+  def ttft(self) -> float | None:
+    return None if self.first_token_time is None else self.first_token_time - self.arrival_time
 
   def get(self, timeout: float | None = None) -> RequestOutput | None:
     """The next output, or None when none came within timeout seconds."""
-    try: return self._queue.get(timeout=timeout)
-    except queue.Empty: return None
+    try:
+      return self._queue.get(timeout=timeout)
+    except queue.Empty:
+      return None
 
   def __iter__(self):
-    while not (out := self._queue.get()).finished: yield out
+    while not (out := self._queue.get()).finished:
+      yield out
     yield out  # the final output
 
-  def result(self) -> RequestOutput: return collections.deque(self, maxlen=1)[0]  # the final output; earlier ones are dropped as they come
+  def result(self) -> RequestOutput:
+    """The final output; earlier ones are dropped as they come."""
+    return collections.deque(self, maxlen=1)[0]
+
 
 class EngineLoop:
-  """A background thread owns the engine and steps continuous batching; any thread may submit, read its own stream, or abort."""
+  """A background thread owns the engine and steps continuous batching; any thread may submit, read its own stream,
+  or abort."""
+
   def __init__(self, engine: LLMEngine):
     self.engine = engine
     self._inbox: queue.Queue = queue.Queue()
@@ -52,44 +74,69 @@ class EngineLoop:
     self._thread = threading.Thread(target=self._run, name="tinyvllm-engine", daemon=True)
     self._thread.start()
 
-  def submit(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None) -> RequestStream:
+  def submit(
+    self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+  ) -> RequestStream:
     stream = RequestStream(request_id or f"stream-{next(self._ids)}")
     self._inbox.put(("add", stream, prompt, params))
     return stream
 
-  def abort(self, request_id: str) -> None: self._inbox.put(("abort", request_id))
-  def stats(self) -> dict: return dict(self._stats)  # a snapshot taken by the loop after each step
+  def abort(self, request_id: str) -> None:
+    self._inbox.put(("abort", request_id))
+
+  def stats(self) -> dict:
+    return dict(self._stats)  # a snapshot taken by the loop after each step
 
   def shutdown(self) -> None:
     """Stop the loop; requests still in flight end with finish_reason "abort"."""
     self._stopped.set()
     self._inbox.put(("wake",))
     self._thread.join()
-    while not self._inbox.empty(): self._handle(self._inbox.get_nowait())
-    for out in [o for rid in list(self._streams) if (o := self.engine.abort(rid)) is not None]: self._deliver(out)
+    while not self._inbox.empty():
+      self._handle(self._inbox.get_nowait())
+    for out in self._abort_all():
+      self._deliver(out)
+
+  def _abort_all(self) -> list[RequestOutput]:
+    return [out for rid in list(self._streams) if (out := self.engine.abort(rid)) is not None]
 
   def _handle(self, msg: tuple) -> None:
     if msg[0] == "add":
       _, stream, prompt, params = msg
-      try: self._streams[self.engine.add_request(prompt, params, stream.request_id)] = stream
-      except ValueError as e: stream._queue.put(RequestOutput(stream.request_id, [], finished=True, finish_reason="error", error=str(e)))
-    elif msg[0] == "abort" and (out := self.engine.abort(msg[1])) is not None: self._deliver(out)
+      try:
+        self._streams[self.engine.add_request(prompt, params, stream.request_id)] = stream
+      except ValueError as e:
+        stream._queue.put(RequestOutput(stream.request_id, [], finished=True, finish_reason="error", error=str(e)))
+    elif msg[0] == "abort" and (out := self.engine.abort(msg[1])) is not None:
+      self._deliver(out)
 
   def _deliver(self, out: RequestOutput) -> None:
-    if (stream := self._streams.get(out.request_id)) is None: return
+    if (stream := self._streams.get(out.request_id)) is None:
+      return
     now = time.perf_counter()
-    if stream.first_token_time is None and out.token_ids: stream.first_token_time = now
-    if out.finished: stream.finish_time, _ = now, self._streams.pop(out.request_id)
+    if stream.first_token_time is None and out.token_ids:
+      stream.first_token_time = now
+    if out.finished:
+      stream.finish_time = now
+      del self._streams[out.request_id]
     stream._queue.put(out)
+
+  def _step(self) -> list[RequestOutput]:
+    try:
+      return self.engine.step()
+    except Exception as e:  # a failed step fails its requests, never the loop
+      outputs = self._abort_all()
+      for out in outputs:
+        out.finish_reason, out.error = "error", f"engine step failed: {e!r}"
+      return outputs
 
   def _run(self) -> None:
     while not self._stopped.is_set():
-      if not self.engine.has_unfinished_requests(): self._handle(self._inbox.get())  # idle: sleep until a message
-      while not self._inbox.empty(): self._handle(self._inbox.get_nowait())
+      if not self.engine.has_unfinished_requests():
+        self._handle(self._inbox.get())  # idle: sleep until a message
+      while not self._inbox.empty():
+        self._handle(self._inbox.get_nowait())
       if self.engine.has_unfinished_requests():
-        try: outputs = self.engine.step()
-        except Exception as e:  # a failed step fails its requests, never the loop
-          outputs = [o for rid in list(self._streams) if (o := self.engine.abort(rid)) is not None]
-          for o in outputs: o.finish_reason, o.error = "error", f"engine step failed: {e!r}"
-        for out in outputs: self._deliver(out)
+        for out in self._step():
+          self._deliver(out)
       self._stats = self.engine.stats()

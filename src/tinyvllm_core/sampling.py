@@ -1,6 +1,9 @@
 from __future__ import annotations
+
 from dataclasses import dataclass, field
+
 from tinygrad import Tensor, dtypes
+
 
 @dataclass
 class SamplingParams:
@@ -15,38 +18,63 @@ class SamplingParams:
   ignore_eos: bool = False
 
   def __post_init__(self):
-    if isinstance(self.stop, str): self.stop = [self.stop]
-    checks = [(self.temperature >= 0, "temperature must be >= 0"), (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-              (self.top_k >= -1, "top_k must be -1, 0 (off) or a positive count"), (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
-              (self.max_tokens >= 1, "max_tokens must be >= 1")]
-    if (failed := [msg for ok, msg in checks if not ok]): raise ValueError(f"SamplingParams: {failed[0]}")
+    if isinstance(self.stop, str):
+      self.stop = [self.stop]
+    checks = [
+      (self.temperature >= 0, "temperature must be >= 0"),
+      (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+      (self.top_k >= -1, "top_k must be -1, 0 (off) or a positive count"),
+      (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+      (self.max_tokens >= 1, "max_tokens must be >= 1"),
+    ]
+    if failed := [msg for ok, msg in checks if not ok]:
+      raise ValueError(f"SamplingParams: {failed[0]}")
 
   @staticmethod
   def from_generation_config(cfg: dict) -> SamplingParams:
     return SamplingParams(**{k: cfg[k] for k in ("temperature", "top_p", "top_k", "min_p") if cfg.get(k) is not None})
 
+
 def hash_uniform(counters: Tensor, seeds: Tensor) -> Tensor:
   """Counter-based hash -> uniform (0,1) per (counter, seed) pair (broadcast): reproducible, independent of batching,
   one kernel per shape (tinygrad's rand compiles one per call)."""
   x = counters.cast(dtypes.uint32) * 0x9E3779B1 + seeds.cast(dtypes.uint32)
-  for mul in (0x85EBCA6B, 0xC2B2AE35): x = (x ^ (x >> 16)) * mul
+  for mul in (0x85EBCA6B, 0xC2B2AE35):
+    x = (x ^ (x >> 16)) * mul
   x = x ^ (x >> 16)
   return ((x >> 8).cast(dtypes.float32) + 0.5) * (1.0 / (1 << 24))
 
-def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor, seeds: Tensor, filtered: bool = True) -> Tensor:
+
+def _threshold(probs: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor, steps: int) -> Tensor:
+  """Bisection for the stricter of two thresholds: the largest keeping >= top_k tokens, the largest keeping >= top_p
+  of the mass; then at least min_p of the top probability."""
+  pmax = probs.max(-1, keepdim=True)
+  lo, hi = Tensor.zeros_like(pmax), pmax
+  k, p = top_k.reshape(-1, 1), top_p.reshape(-1, 1)
+  for _ in range(steps):
+    mid = (lo + hi) / 2
+    kept = probs >= mid
+    enough_tokens = (k > 0) & (kept.sum(-1, keepdim=True) >= k)
+    enough_mass = (p < 1) & (kept.where(probs, 0).sum(-1, keepdim=True) >= p)
+    ok = enough_tokens | enough_mass
+    lo, hi = ok.where(mid, lo), ok.where(hi, mid)
+  return lo.maximum(min_p.reshape(-1, 1) * pmax)
+
+
+def sample(
+  logits: Tensor,
+  temperature: Tensor,
+  top_k: Tensor,
+  top_p: Tensor,
+  min_p: Tensor,
+  seeds: Tensor,
+  filtered: bool = True,
+) -> Tensor:
   """Batched sampler on the device. logits [S, V]; per-row params [S]. Greedy rows have temperature 0.
   filtered=False skips the top-k/top-p search (no row uses them): the same tokens, ~8% of a sampled step less."""
   probs = (logits / temperature.maximum(1e-5).reshape(-1, 1)).softmax(-1)
-  pmax = probs.max(-1, keepdim=True)
-  # bisection for the stricter of two thresholds: the largest keeping >= top_k tokens, the largest keeping >= top_p of the mass
-  lo, hi, k, p = Tensor.zeros_like(pmax), pmax, top_k.reshape(-1, 1), top_p.reshape(-1, 1)
-  for _ in range(16 if filtered else 0):
-    mid = (lo + hi) / 2
-    kept = probs >= mid
-    ok = ((k > 0) & (kept.sum(-1, keepdim=True) >= k)) | ((p < 1) & (kept.where(probs, 0).sum(-1, keepdim=True) >= p))
-    lo, hi = ok.where(mid, lo), ok.where(hi, mid)
-  threshold = lo.maximum(min_p.reshape(-1, 1) * pmax)
-  tokens = Tensor.arange(logits.shape[-1], dtype=dtypes.uint32, device=logits.device).reshape(1, -1)
+  threshold = _threshold(probs, top_k, top_p, min_p, 16 if filtered else 0)
+  tokens = Tensor.arange(logits.shape[-1], dtype=dtypes.uint32).reshape(1, -1)
   gumbel = -(-hash_uniform(tokens, seeds.reshape(-1, 1)).log()).log()
   sampled = (probs >= threshold).where(probs.log() + gumbel, float("-inf")).argmax(-1)
   return (temperature > 0).where(sampled, logits.argmax(-1))  # greedy rows take the argmax

@@ -1,12 +1,16 @@
 from __future__ import annotations
+
 import enum
 from dataclasses import dataclass, field
+
 from .sampling import SamplingParams
+
 
 class SequenceStatus(enum.Enum):
   WAITING = "waiting"
   RUNNING = "running"
   FINISHED = "finished"
+
 
 @dataclass(eq=False)
 class Sequence:
@@ -18,13 +22,18 @@ class Sequence:
   status: SequenceStatus = SequenceStatus.WAITING
   block_table: list[int] = field(default_factory=list)
   num_computed_tokens: int = 0  # tokens whose KV is in the cache
-  num_cached_tokens: int = 0    # prompt tokens served from the prefix cache at the last admission
+  num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at the last admission
   num_preemptions: int = 0
   finish_reason: str | None = None
 
   @property
-  def token_ids(self) -> list[int]: return self.prompt_token_ids + self.output_token_ids
+  def token_ids(self) -> list[int]:
+    return self.prompt_token_ids + self.output_token_ids
+
   @property
-  def num_tokens(self) -> int: return len(self.prompt_token_ids) + len(self.output_token_ids)
+  def num_tokens(self) -> int:
+    return len(self.prompt_token_ids) + len(self.output_token_ids)
+
   @property
-  def is_finished(self) -> bool: return self.status is SequenceStatus.FINISHED
+  def is_finished(self) -> bool:
+    return self.status is SequenceStatus.FINISHED

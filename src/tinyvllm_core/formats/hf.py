@@ -1,0 +1,147 @@
+"""Hugging Face checkpoints: config.json, safetensors weights (sharded or not), tokenizer.json, chat template."""
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from ..config import ConfigError, ModelConfig
+
+# HF `architectures` entry -> our model family
+SUPPORTED_ARCHITECTURES = {
+  "LlamaForCausalLM": "llama",
+  "MistralForCausalLM": "llama",
+  "Qwen2ForCausalLM": "qwen2",
+  "Qwen3ForCausalLM": "qwen3",
+}
+HF_NAMES = {
+  "embed": "embed_tokens.weight",
+  "norm": "norm.weight",
+  "lm_head": "lm_head.weight",
+  **{k: f"layers.{{i}}.self_attn.{k}_proj.weight" for k in "qkvo"},
+  **{f"{k}_bias": f"layers.{{i}}.self_attn.{k}_proj.bias" for k in "qkv"},
+  **{k: f"layers.{{i}}.self_attn.{k}.weight" for k in ("q_norm", "k_norm")},
+  **{k: f"layers.{{i}}.mlp.{k}_proj.weight" for k in ("gate", "up", "down")},
+  "attn_norm": "layers.{i}.input_layernorm.weight",
+  "mlp_norm": "layers.{i}.post_attention_layernorm.weight",
+}
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+
+
+def read_json(path: Path) -> dict:
+  """A JSON file's object, {} when the file does not exist."""
+  if not path.exists():
+    return {}
+  try:
+    return json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
+
+def model_config(path: Path) -> ModelConfig:
+  """ModelConfig from a config.json."""
+  if not path.exists():
+    raise ConfigError(f"{path}: not found; a model directory needs config.json")
+  cfg = read_json(path)
+  archs = cfg.get("architectures") or [cfg.get("model_type", "?")]
+  family = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+  if family is None:
+    supported = ", ".join(SUPPORTED_ARCHITECTURES)
+    raise ConfigError(f"{path}: architecture {archs[0]!r} is not supported (supported: {supported})")
+
+  def need(key: str):
+    if key not in cfg:
+      raise ConfigError(f"{path}: field {key!r} is missing")
+    return cfg[key]
+
+  heads, hidden = need("num_attention_heads"), need("hidden_size")
+  return ModelConfig(
+    family=family,
+    vocab_size=need("vocab_size"),
+    hidden_size=hidden,
+    intermediate_size=need("intermediate_size"),
+    num_layers=need("num_hidden_layers"),
+    num_heads=heads,
+    num_kv_heads=cfg.get("num_key_value_heads") or heads,
+    head_dim=cfg.get("head_dim") or hidden // heads,
+    rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+    rope_theta=cfg.get("rope_theta", 10000.0),
+    max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+    tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+  )
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+  """float32 arrays from a .safetensors file (own parser: numpy has no bfloat16)."""
+  try:
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    (header_len,) = struct.unpack("<Q", data[:8].tobytes())
+    header = json.loads(data[8 : 8 + header_len].tobytes())
+  except (OSError, ValueError, struct.error) as e:
+    raise ConfigError(f"{path}: not a valid safetensors file ({e})") from None
+  base = 8 + header_len
+  return {name: _tensor(path, data, base, name, info) for name, info in header.items() if name != "__metadata__"}
+
+
+def _tensor(path: Path, data: np.ndarray, base: int, name: str, info: dict) -> np.ndarray:
+  if info.get("dtype") not in _ST_DTYPES:
+    raise ConfigError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+  start, end = info["data_offsets"]
+  if base + end > len(data):
+    raise ConfigError(f"{path}: truncated (tensor {name!r} ends past the end of the file); download it again")
+  arr = np.frombuffer(data[base + start : base + end].tobytes(), dtype=_ST_DTYPES[info["dtype"]])
+  if info["dtype"] == "BF16":
+    arr = (arr.astype(np.uint32) << 16).view(np.float32)
+  return arr.astype(np.float32).reshape(info["shape"])
+
+
+def read_weights(model_dir: Path) -> dict[str, np.ndarray]:
+  """Every tensor of the checkpoint's safetensors files (the shards an index lists, else every *.safetensors)."""
+  index = model_dir / "model.safetensors.index.json"
+  if index.exists():
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+  else:
+    files = sorted(p.name for p in model_dir.glob("*.safetensors"))
+  if not files:
+    raise ConfigError(f"{model_dir}: no *.safetensors weights found")
+  if missing := next((f for f in files if not (model_dir / f).exists()), None):
+    raise ConfigError(f"{model_dir / missing}: missing weight shard listed in model.safetensors.index.json")
+  return {k.removeprefix("model."): v for f in files for k, v in read_safetensors(model_dir / f).items()}
+
+
+def read_tokenizer(model_dir: Path):
+  from tokenizers import Tokenizer
+
+  path = model_dir / "tokenizer.json"
+  if not path.exists():
+    raise ConfigError(f"{model_dir}: tokenizer.json is missing")
+  try:
+    return Tokenizer.from_file(str(path))
+  except Exception as e:
+    raise ConfigError(f"{path}: cannot be read ({e})") from None
+
+
+def chat_template(model_dir: Path, tokenizer_config: dict) -> str | None:
+  template = tokenizer_config.get("chat_template")
+  if isinstance(template, list):
+    template = next((t["template"] for t in template if t.get("name") == "default"), None)
+  if template is None and (model_dir / "chat_template.jinja").exists():
+    template = (model_dir / "chat_template.jinja").read_text()
+  return template
+
+
+def special_tokens(tokenizer_config: dict) -> dict[str, str]:
+  """bos_token / eos_token strings for chat templates."""
+  out = {}
+  for key in ("bos_token", "eos_token"):
+    token = tokenizer_config.get(key)
+    content = token.get("content") if isinstance(token, dict) else token
+    if content:
+      out[key] = content
+  return out
+
+
+def eos_token_ids(generation_config: dict, config: dict) -> list[int]:
+  eos = generation_config.get("eos_token_id", config.get("eos_token_id"))
+  return [e for e in (eos if isinstance(eos, list) else [eos]) if e is not None]

@@ -1,0 +1,110 @@
+"""Checkpoint tensors -> the engine's weights: our names, q/k/v and gate/up fused, then device tensors in the layout
+the kernels read (float [N, K], CPU panels, int8 codes or GGUF blocks with their scales). The one place weights are
+prepared."""
+
+from pathlib import Path
+
+import numpy as np
+from tinygrad import Tensor
+from tinygrad.dtype import DType
+
+from ..config import ConfigError, ModelConfig
+from ..kernels.linear import PANEL, QBLOCK, quantize_int8, to_panels
+from .gguf import dequantize, is_blocks, unpack_blocks
+
+MATMUL_WEIGHTS = ("qkv", "o", "gate_up", "down", "lm_head", "embed")  # panels on CPU (gather_rows reads embed's too)
+
+
+def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+  H, I = cfg.hidden_size, cfg.intermediate_size
+  q_rows, kv_rows = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  return {
+    "embed": (cfg.vocab_size, H),
+    "lm_head": (cfg.vocab_size, H),
+    "q": (q_rows, H),
+    "k": (kv_rows, H),
+    "v": (kv_rows, H),
+    "o": (H, q_rows),
+    "gate": (I, H),
+    "up": (I, H),
+    "down": (H, I),
+  }
+
+
+def _concat(*parts: np.ndarray) -> np.ndarray:
+  """Fused rows; parts with different GGUF block types are dequantized first."""
+  if len({p.dtype for p in parts}) > 1:
+    parts = tuple(dequantize(p) for p in parts)
+  return np.concatenate(parts)
+
+
+def canonical_weights(cfg: ModelConfig, sd: dict[str, np.ndarray], names: dict[str, str], source: Path) -> dict:
+  """Our names for a checkpoint's tensors, q/k/v and gate/up fused; `names` maps our names to the checkpoint's ({i} =
+  layer). A tied lm_head is the embed array itself."""
+  shapes = _expected_shapes(cfg)
+
+  def get(key: str, i: int = 0) -> np.ndarray:
+    name = names[key].format(i=i)
+    if name not in sd:
+      raise ConfigError(f"{source}: tensor {name!r} is missing from the checkpoint")
+    shape = sd[name].shape
+    if is_blocks(sd[name]):  # GGUF blocks of 32
+      shape = (*shape[:-1], shape[-1] * 32)
+    if key in shapes and shape != shapes[key]:
+      raise ConfigError(
+        f"{source}: tensor {name!r} has shape {shape}, the config says {shapes[key]}; config and weights do not match"
+      )
+    return sd[name]
+
+  w = {"embed": get("embed"), "norm": get("norm")}
+  tied = cfg.tie_word_embeddings or names["lm_head"] not in sd
+  w["lm_head"] = w["embed"] if tied else get("lm_head")
+  for i in range(cfg.num_layers):
+    p = f"layers.{i}."
+    w[p + "qkv"] = _concat(get("q", i), get("k", i), get("v", i))
+    w[p + "gate_up"] = _concat(get("gate", i), get("up", i))
+    for key in ("o", "down", "attn_norm", "mlp_norm"):
+      w[p + key] = get(key, i)
+    if cfg.qkv_bias:
+      w[p + "qkv_bias"] = _concat(get("q_bias", i), get("k_bias", i), get("v_bias", i))
+    if cfg.qk_norm:
+      w[p + "q_norm"], w[p + "k_norm"] = get("q_norm", i), get("k_norm", i)
+  return w
+
+
+def prepare_weights(host: dict[str, np.ndarray], dtype: DType, quantize: str | None, panels: bool) -> dict[str, Tensor]:
+  """Device tensors for every weight: `name`, and `name_scale` / `name_min` for quantized matrices. With panels (CPU,
+  or quantized weights anywhere) the matrices are [N/8, K, 8] panels. A tied lm_head shares embed's tensors."""
+  tied = host["lm_head"] is host["embed"]
+  out: dict[str, Tensor] = {}
+  for name, w in host.items():
+    if not (tied and name == "lm_head"):
+      out |= _prepare(name, w, dtype, quantize, panels)
+  if tied:
+    out |= {k.replace("embed", "lm_head"): v for k, v in out.items() if k.startswith("embed")}
+  return out
+
+
+def _prepare(name: str, w: np.ndarray, dtype: DType, quantize: str | None, panels: bool) -> dict[str, Tensor]:
+  matrix = name.split(".")[-1] in MATMUL_WEIGHTS and w.shape[0] % PANEL == 0
+  if quantize == "gguf" and is_blocks(w):
+    tensors = _gguf_block_tensors(name, w)
+  else:
+    tensors = {name: Tensor(dequantize(w)).cast(dtype)}
+  if quantize == "int8" and matrix and tensors[name].shape[1] % QBLOCK == 0:
+    tensors = dict(zip((name, name + "_scale"), quantize_int8(tensors[name])))
+  if matrix and panels:
+    tensors = {k: to_panels(t) for k, t in tensors.items()}
+  return {k: t.contiguous().realize() for k, t in tensors.items()}
+
+
+def _gguf_block_tensors(name: str, blocks: np.ndarray) -> dict[str, Tensor]:
+  """int8 codes [N, K] (Q8_0) or uint8 [N, K/2] with two 4-bit codes (k even in the low nibble), the scales [N, K/32]
+  and, for Q4, the offsets."""
+  q, d, m = unpack_blocks(blocks)
+  n = len(blocks)
+  codes = q.reshape(n, -1) if m is None else (q[..., 0::2] | q[..., 1::2] << 4).reshape(n, -1)
+  out = {name: Tensor(codes), name + "_scale": Tensor(d)}
+  if m is not None:
+    out[name + "_min"] = Tensor(m)
+  return out
