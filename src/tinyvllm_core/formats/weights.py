@@ -72,7 +72,9 @@ def canonical_weights(cfg: ModelConfig, sd: dict[str, np.ndarray], names: dict[s
   return w
 
 
-def prepare_weights(host: dict[str, np.ndarray], dtype: DType, quantize: str | None, panels: bool) -> dict[str, Tensor]:
+def prepare_weights(
+  host: dict[str, np.ndarray | Tensor], dtype: DType, quantize: str | None, panels: bool
+) -> dict[str, Tensor]:
   """Device tensors for every weight: `name`, and `name_scale` / `name_min` for quantized matrices. With panels (CPU,
   or quantized weights anywhere) the matrices are [N/8, K, 8] panels. A tied lm_head shares embed's tensors."""
   tied = host["lm_head"] is host["embed"]
@@ -85,12 +87,13 @@ def prepare_weights(host: dict[str, np.ndarray], dtype: DType, quantize: str | N
   return out
 
 
-def _prepare(name: str, w: np.ndarray, dtype: DType, quantize: str | None, panels: bool) -> dict[str, Tensor]:
+def _prepare(name: str, w: np.ndarray | Tensor, dtype: DType, quantize: str | None, panels: bool) -> dict[str, Tensor]:
   matrix = name.split(".")[-1] in MATMUL_WEIGHTS and w.shape[0] % PANEL == 0
   if quantize == "gguf" and is_blocks(w):
     tensors = _gguf_block_tensors(name, w)
   else:
-    tensors = {name: Tensor(dequantize(w)).cast(dtype)}
+    dense = w if isinstance(w, Tensor) else Tensor(dequantize(w))  # bench's random weights are tensors already
+    tensors = {name: dense.cast(dtype)}
   if quantize == "int8" and matrix and tensors[name].shape[1] % QBLOCK == 0:
     tensors = dict(zip((name, name + "_scale"), quantize_int8(tensors[name])))
   if matrix and panels:
