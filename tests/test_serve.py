@@ -4,7 +4,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from openai import OpenAI, AuthenticationError
 from tinyvllm_core import ConfigError, LLMEngine
-from tinyvllm_cli.bench_serve import bench_serve
+from tinyvllm_cli.bench import bench_serve
 from tinyvllm_cli.serve import make_server
 
 MODEL = "tiny"

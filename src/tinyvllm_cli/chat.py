@@ -3,6 +3,7 @@
 `ChatApp` holds the engine loop, the conversation and the sampling parameters; `handle_line` runs one input
 (a message or a slash command) and `reply` streams one answer to a rich Console. The Typer function `chat`
 loads the model and drives the app from a prompt_toolkit session, or answers once when stdin is a pipe."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,7 +23,18 @@ from rich.text import Text
 
 from tinyvllm_cli import models
 from tinyvllm_cli.conversation import Conversation
-from tinyvllm_cli.engine_options import DTYPE_HELP, DTYPE_METAVAR, check_dtype, check_dtype_compiles
+from tinyvllm_cli.engine_options import (
+  BeamOption,
+  DeviceOption,
+  DtypeOption,
+  MaxModelLenOption,
+  ModelOption,
+  OptionalKvCacheGbOption,
+  QuantizeOption,
+  check_dtype,
+  check_dtype_compiles,
+  quantize_setting,
+)
 from tinyvllm_cli.ui import err, fail, one_line, out
 from tinyvllm_cli.warmup import warm_up_with_progress
 
@@ -51,23 +63,29 @@ def _seed(value: str) -> int | None:
   return None if value.lower() in ("none", "random", "off") else int(value)
 
 
-SETTABLE: dict[str, Callable[[str], object]] = {"temperature": float, "top_p": float, "top_k": int, "min_p": float,
-                                                "max_tokens": int, "seed": _seed}
+SETTABLE: dict[str, Callable[[str], object]] = {"temperature": float, "top_p": float, "top_k": int, "min_p": float}
+SETTABLE |= {"max_tokens": int, "seed": _seed}
+VERBOSE_HELP = "Print token counts, TTFT and tok/s after each reply"
+WARMUP_HELP = "Capture the first reply's batch shapes at start, with a progress bar (not for piped input)"
 
 
 # ---- pieces of a reply ---------------------------------------------------------------------------
+
 
 def split_thinking(text: str) -> tuple[str, str]:
   """(reasoning, answer) of a reply: the text inside <think>...</think> and what follows it.
   A reply without tags is all answer; one cut off inside <think> has no answer yet."""
   head, closed, tail = text.partition(THINK_CLOSE)
-  if closed: return head.replace(THINK_OPEN, "", 1).strip(), tail.strip()
-  if text.lstrip().startswith(THINK_OPEN): return text.lstrip()[len(THINK_OPEN):].strip(), ""
+  if closed:
+    return head.replace(THINK_OPEN, "", 1).strip(), tail.strip()
+  if text.lstrip().startswith(THINK_OPEN):
+    return text.lstrip().removeprefix(THINK_OPEN).strip(), ""
   return "", text
 
 
 class ThinkFilter:
   """Splits streamed text into (text, is_reasoning) runs; a tag cut between two deltas is held back until whole."""
+
   def __init__(self) -> None:
     self.thinking, self._held = False, ""
 
@@ -75,10 +93,11 @@ class ThinkFilter:
     text, runs = self._held + delta, []
     while (i := text.find(tag := THINK_CLOSE if self.thinking else THINK_OPEN)) >= 0:
       runs.append((text[:i], self.thinking))
-      text, self.thinking = text[i + len(tag):], not self.thinking
+      text, self.thinking = text[i + len(tag) :], not self.thinking
     keep = next((n for n in range(len(tag) - 1, 0, -1) if text.endswith(tag[:n])), 0)
-    runs.append((text[:len(text) - keep], self.thinking))
-    self._held = text[len(text) - keep:]
+    cut = len(text) - keep
+    runs.append((text[:cut], self.thinking))
+    self._held = text[cut:]
     return [run for run in runs if run[0]]
 
   def flush(self) -> list[tuple[str, bool]]:
@@ -89,29 +108,36 @@ class ThinkFilter:
 class ReplyView:
   """Streams one reply to a console: a spinner until the first token, reasoning dimmed on a terminal
   and left out elsewhere (so a pipe gets the answer only)."""
+
   def __init__(self, console: Console) -> None:
     self.console, self.filter = console, ThinkFilter()
     self.printed = self.thought = False
     self.status = console.status("", spinner="dots") if console.is_terminal else None
-    if self.status: self.status.start()
+    if self.status:
+      self.status.start()
 
   def add(self, delta: str) -> None:
     self._stop_spinner()
-    for text, thinking in self.filter.feed(delta): self._print(text, thinking)
+    for text, thinking in self.filter.feed(delta):
+      self._print(text, thinking)
 
   def close(self) -> None:
     self._stop_spinner()
-    for text, thinking in self.filter.flush(): self._print(text, thinking)
-    if self.printed: self.console.print()
+    for text, thinking in self.filter.flush():
+      self._print(text, thinking)
+    if self.printed:
+      self.console.print()
 
   def _stop_spinner(self) -> None:
-    if self.status: self.status.stop()
+    if self.status:
+      self.status.stop()
     self.status = None
 
   def _print(self, text: str, thinking: bool) -> None:
     if thinking:
       self.thought = True
-      if not self.console.is_terminal: return
+      if not self.console.is_terminal:
+        return
     elif self.thought and not self.printed:
       text = text.lstrip()
     if text:
@@ -137,8 +163,8 @@ class ReplyStats:
   def line(self) -> str:
     ttft = "-" if self.ttft is None else f"{self.ttft:.2f} s"
     tps = "-" if self.decode_tps is None else f"{self.decode_tps:.1f} tok/s"
-    return (f"prompt {self.prompt_tokens} tokens ({self.cached_tokens} cached) · {self.generated_tokens} generated"
-            f" · TTFT {ttft} · decode {tps}")
+    tokens = f"prompt {self.prompt_tokens} tokens ({self.cached_tokens} cached) · {self.generated_tokens} generated"
+    return f"{tokens} · TTFT {ttft} · decode {tps}"
 
 
 def parse_conversation(data: object) -> tuple[str | None, list[dict]]:
@@ -148,7 +174,8 @@ def parse_conversation(data: object) -> tuple[str | None, list[dict]]:
   system, messages = data.get("system"), list(data["messages"])
   if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system" and system is None:
     system = messages.pop(0).get("content")
-  if system is not None and not isinstance(system, str): raise ValueError('"system" must be a string or null')
+  if system is not None and not isinstance(system, str):
+    raise ValueError('"system" must be a string or null')
   for i, m in enumerate(messages):
     if not (isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)):
       raise ValueError(f'message {i} is not {{"role": "user" or "assistant", "content": "..."}}')
@@ -157,25 +184,50 @@ def parse_conversation(data: object) -> tuple[str | None, list[dict]]:
 
 # ---- the app -------------------------------------------------------------------------------------
 
+
 class ChatApp:
   """One chat session: engine loop + conversation + sampling parameters; replies and command output go to
   `console`, notes and errors to `notes` (the same console unless given)."""
-  def __init__(self, engine: LLMEngine, loop: EngineLoop, console: Console, params: SamplingParams, *, system: str | None = None, model_name: str = "",
-               verbose: bool = False, notes: Console | None = None) -> None:
+
+  def __init__(
+    self,
+    engine: LLMEngine,
+    loop: EngineLoop,
+    console: Console,
+    params: SamplingParams,
+    *,
+    system: str | None = None,
+    model_name: str = "",
+    verbose: bool = False,
+    notes: Console | None = None,
+  ) -> None:
     self.engine, self.loop, self.console, self.notes = engine, loop, console, notes or console
     self.params, self.model_name, self.verbose = params, model_name, verbose
     self.conv = Conversation(engine, system=system)
     self.last_stats: ReplyStats | None = None
-    self.commands: dict[str, Callable[[str], None]] = {
-      "/help": self.cmd_help, "/?": self.cmd_help, "/clear": self.cmd_clear, "/system": self.cmd_system,
-      "/set": self.cmd_set, "/show": self.cmd_show, "/stats": self.cmd_stats, "/save": self.cmd_save,
-      "/load": self.cmd_load, "/think": lambda _: self.set_thinking(True), "/nothink": lambda _: self.set_thinking(False)}
+    self.commands = self._command_table()
+
+  def _command_table(self) -> dict[str, Callable[[str], None]]:
+    return {
+      "/help": self.cmd_help,
+      "/?": self.cmd_help,
+      "/clear": self.cmd_clear,
+      "/system": self.cmd_system,
+      "/set": self.cmd_set,
+      "/show": self.cmd_show,
+      "/stats": self.cmd_stats,
+      "/save": self.cmd_save,
+      "/load": self.cmd_load,
+      "/think": lambda _: self.set_thinking(True),
+      "/nothink": lambda _: self.set_thinking(False),
+    }
 
   # ---- input ----
   def run(self, session: PromptSession) -> None:
     while (text := read_message(session)) is not None:
       try:
-        if not self.handle_line(text): return
+        if not self.handle_line(text):
+          return
       except KeyboardInterrupt:  # outside a streaming reply (tokenizing, a command): drop the unanswered message
         self.conv.discard_last_user()
         self.note("[interrupted]")
@@ -183,82 +235,127 @@ class ChatApp:
   def handle_line(self, text: str) -> bool:
     """Run one message or slash command; False when the chat should end."""
     text = text.strip()
-    if not text: return True
-    if not text.startswith("/") or "\n" in text:
+    if text.startswith("/") and "\n" not in text:
+      return self.run_command(text)
+    if text:
       self.reply(text)
-      return True
+    return True
+
+  def run_command(self, text: str) -> bool:
+    """Run one slash command; False when it ends the chat."""
     name, _, arg = text.partition(" ")
-    if name.lower() in EXIT_COMMANDS: return False
-    if (command := self.commands.get(name.lower())) is None: self.error(f"unknown command {name}; /help lists the commands")
-    else: command(arg.strip())
+    if name.lower() in EXIT_COMMANDS:
+      return False
+    if (command := self.commands.get(name.lower())) is None:
+      self.error(f"unknown command {name}; /help lists the commands")
+    else:
+      command(arg.strip())
     return True
 
   # ---- one reply ----
   def reply(self, user_text: str) -> ReplyStats | None:
     """Stream the answer to `user_text`; Ctrl+C (KeyboardInterrupt) stops it and keeps what was said."""
-    if (ids := self.fit_context(user_text)) is None: return None
-    params = dataclasses.replace(self.params, max_tokens=min(self.params.max_tokens, self.engine.max_model_len - len(ids)))
+    if (ids := self.fit_context(user_text)) is None:
+      return None
+    room = self.engine.max_model_len - len(ids)
+    params = dataclasses.replace(self.params, max_tokens=min(self.params.max_tokens, room))
     stream = self.loop.submit(ids, params)
     return self._finish(self._stream(stream), stream)
 
   def fit_context(self, user_text: str) -> list[int] | None:
     """Prompt ids for the next turn, dropping the oldest turns while prompt + max_tokens exceeds the context."""
-    limit, dropped = self.engine.max_model_len, 0
+    limit = self.engine.max_model_len
     try:
-      while len(ids := self.conv.prompt_ids(user_text)) + self.params.max_tokens > limit and len(self.conv.messages) > 1:
-        self.conv.discard_last_user()
-        dropped += self.conv.drop_oldest_turn()
+      ids, dropped = self._drop_oldest_turns(user_text)
     except ValueError as e:
       return self.error(e)
-    if dropped: self.note(f"(dropped the {dropped} oldest turn{'s' * (dropped > 1)} to fit the {limit}-token context)")
+    if dropped:
+      self.note(f"(dropped the {dropped} oldest turn{'s' * (dropped > 1)} to fit the {limit}-token context)")
     if len(ids) >= limit:
       self.conv.discard_last_user()
-      return self.error(f"the message needs {len(ids)} tokens but the context holds {limit} (max_model_len); shorten it")
+      message = f"the message needs {len(ids)} tokens but the context holds {limit} (max_model_len); shorten it"
+      return self.error(message)
     return ids
 
+  def _drop_oldest_turns(self, user_text: str) -> tuple[list[int], int]:
+    """(prompt ids, turns dropped): the oldest turns go while the prompt and a full reply do not fit the context."""
+    dropped = 0
+    while True:
+      ids = self.conv.prompt_ids(user_text)
+      too_long = len(ids) + self.params.max_tokens > self.engine.max_model_len
+      if not too_long or len(self.conv.messages) <= 1:
+        return ids, dropped
+      self.conv.discard_last_user()
+      dropped += self.conv.drop_oldest_turn()
+
   def _stream(self, stream: RequestStream) -> RequestOutput:
+    """Show the reply as it streams; its final output. Ctrl+C aborts the request and keeps what was shown."""
     view, last = ReplyView(self.console), None
     try:
-      for last in stream: view.add(last.delta_text)
+      for last in stream:
+        view.add(last.delta_text)
     except KeyboardInterrupt:
-      if last is None or not last.finished: self.loop.abort(stream.request_id)
-      while last is None or not last.finished:  # collect the aborted request's last output; more Ctrl+C are ignored
-        try:
-          for last in stream: view.add(last.delta_text)
-        except KeyboardInterrupt: pass
+      if last is None or not last.finished:
+        self.loop.abort(stream.request_id)
+      last = self._drain_aborted(stream, view, last)
     finally:
       view.close()
     return last
 
+  def _drain_aborted(self, stream: RequestStream, view: ReplyView, last: RequestOutput | None) -> RequestOutput:
+    """The aborted request's last output; more Ctrl+C meanwhile are ignored."""
+    while last is None or not last.finished:
+      try:
+        for last in stream:
+          view.add(last.delta_text)
+      except KeyboardInterrupt:
+        pass
+    return last
+
   def _finish(self, final: RequestOutput, stream: RequestStream) -> ReplyStats | None:
+    """Keep the answer in the conversation (or drop the question), say why it ended, and record its stats."""
     if final.finish_reason == "error":
       self.conv.discard_last_user()
       return self.error(final.error or "the request failed")
     answer = split_thinking(final.text)[1]
-    if answer: self.conv.add_reply(answer, final.token_ids)
-    else: self.conv.discard_last_user()
-    if final.finish_reason == "abort": self.note("[interrupted]" if answer else "[interrupted; nothing kept]")
-    elif final.finish_reason == "length": self.note(f"(stopped at {len(final.token_ids)} tokens; /set max_tokens N for longer replies)")
+    if answer:
+      self.conv.add_reply(answer, final.token_ids)
+    else:
+      self.conv.discard_last_user()
+    self._note_ending(final, kept=bool(answer))
     self.last_stats = ReplyStats.of(final, stream)
-    if self.verbose: self.note(self.last_stats.line())
+    if self.verbose:
+      self.note(self.last_stats.line())
     return self.last_stats
+
+  def _note_ending(self, final: RequestOutput, kept: bool) -> None:
+    if final.finish_reason == "abort":
+      self.note("[interrupted]" if kept else "[interrupted; nothing kept]")
+    elif final.finish_reason == "length":
+      self.note(f"(stopped at {len(final.token_ids)} tokens; /set max_tokens N for longer replies)")
 
   # ---- commands ----
   def cmd_help(self, _: str) -> None:
-    for usage, what in HELP: self.console.print(Text.assemble((f"{usage:<24}", "bold"), what), soft_wrap=True)
+    for usage, what in HELP:
+      self.console.print(Text.assemble((f"{usage:<24}", "bold"), what), soft_wrap=True)
 
   def cmd_clear(self, _: str) -> None:
     self.conv.clear()
     self.note("conversation cleared" + (" (system prompt kept)" if self.conv.system else ""))
 
   def cmd_system(self, arg: str) -> None:
-    if not arg: return self.note(f"system prompt: {self.conv.system}" if self.conv.system else "no system prompt (/system TEXT sets one)")
-    self.conv.system = arg
-    self.note("system prompt set")
+    if arg:
+      self.conv.system = arg
+      self.note("system prompt set")
+    elif self.conv.system:
+      self.note(f"system prompt: {self.conv.system}")
+    else:
+      self.note("no system prompt (/system TEXT sets one)")
 
   def cmd_set(self, arg: str) -> None:
     name, _, value = arg.partition(" ")
-    if name not in SETTABLE or not value.strip(): return self.error(f"usage: /set {'|'.join(SETTABLE)} VALUE")
+    if name not in SETTABLE or not value.strip():
+      return self.error(f"usage: /set {'|'.join(SETTABLE)} VALUE")
     try:
       params = dataclasses.replace(self.params, **{name: SETTABLE[name](value.strip())})
       if params.max_tokens >= self.engine.max_model_len:
@@ -269,34 +366,50 @@ class ChatApp:
     self.note(f"{name} = {getattr(params, name)}")
 
   def cmd_show(self, _: str) -> None:
+    for name, value in self._settings():
+      self.console.print(Text.assemble((f"{name:<12}", "bold"), value), soft_wrap=True)
+
+  def _settings(self) -> list[tuple[str, str]]:
+    """What /show lists: (name, value) rows."""
     mc, p = self.engine.model_config, self.params
     thinking = self.conv.template_kwargs.get("enable_thinking")
-    rows = [("model", f"{self.model_name} · {mc.family}, {mc.num_layers} layers"), ("device", str(self.engine.device)),
-            ("parameters", f"temperature {p.temperature} · top_p {p.top_p} · top_k {p.top_k} · min_p {p.min_p}"
-                           f" · max_tokens {p.max_tokens} · seed {p.seed}"),
-            ("thinking", "template default" if thinking is None else ("on" if thinking else "off")),
-            ("system", self.conv.system or "-"), ("context", f"{self.context_used()} / {self.engine.max_model_len} tokens used")]
-    for name, value in rows: self.console.print(Text.assemble((f"{name:<12}", "bold"), value), soft_wrap=True)
+    sampling = f"temperature {p.temperature} · top_p {p.top_p} · top_k {p.top_k} · min_p {p.min_p}"
+    return [
+      ("model", f"{self.model_name} · {mc.family}, {mc.num_layers} layers"),
+      ("device", str(self.engine.device)),
+      ("parameters", f"{sampling} · max_tokens {p.max_tokens} · seed {p.seed}"),
+      ("thinking", "template default" if thinking is None else ("on" if thinking else "off")),
+      ("system", self.conv.system or "-"),
+      ("context", f"{self.context_used()} / {self.engine.max_model_len} tokens used"),
+    ]
 
   def cmd_stats(self, _: str) -> None:
-    if self.last_stats is None: return self.note("no reply yet")
+    if self.last_stats is None:
+      return self.note("no reply yet")
     stats = self.loop.stats()
+    caches = f"kv cache {stats['kv_cache_usage']:.0%} used · prefix cache hit rate {stats['prefix_cache_hit_rate']:.0%}"
     self.console.print(Text(self.last_stats.line()), soft_wrap=True)
-    self.console.print(Text(f"kv cache {stats['kv_cache_usage']:.0%} used · prefix cache hit rate "
-                            f"{stats['prefix_cache_hit_rate']:.0%}"), soft_wrap=True)
+    self.console.print(Text(caches), soft_wrap=True)
 
   def cmd_save(self, arg: str) -> None:
-    if not arg: return self.error("usage: /save FILE")
+    if not arg:
+      return self.error("usage: /save FILE")
     data = {"model": self.model_name, "system": self.conv.system, "messages": self.conv.messages}
-    try: Path(arg).expanduser().write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    except OSError as e: return self.error(f"/save {arg}: {e.strerror or e}")
+    try:
+      Path(arg).expanduser().write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    except OSError as e:
+      return self.error(f"/save {arg}: {e.strerror or e}")
     self.note(f"saved {len(self.conv.messages)} messages to {arg}")
 
   def cmd_load(self, arg: str) -> None:
-    if not arg: return self.error("usage: /load FILE")
-    try: system, messages = parse_conversation(json.loads(Path(arg).expanduser().read_text()))
-    except OSError as e: return self.error(f"/load {arg}: {e.strerror or e}")
-    except ValueError as e: return self.error(f"/load {arg}: {e}")
+    if not arg:
+      return self.error("usage: /load FILE")
+    try:
+      system, messages = parse_conversation(json.loads(Path(arg).expanduser().read_text()))
+    except OSError as e:
+      return self.error(f"/load {arg}: {e.strerror or e}")
+    except ValueError as e:
+      return self.error(f"/load {arg}: {e}")
     self.conv.load(system, messages)
     self.note(f"loaded {len(messages)} messages from {arg}")
 
@@ -309,12 +422,14 @@ class ChatApp:
   def context_used(self) -> int:
     """Tokens the conversation takes now (the system prompt and all messages, as the template renders them)."""
     messages = self.conv.all_messages()
-    if not messages: return 0
-    return len(self.engine.apply_chat_template(messages, tokenize=True, add_generation_prompt=False, **self.conv.template_kwargs))
+    if not messages:
+      return 0
+    kwargs = self.conv.template_kwargs
+    return len(self.engine.apply_chat_template(messages, tokenize=True, add_generation_prompt=False, **kwargs))
 
   def welcome(self) -> None:
-    self.console.print(Text.assemble(("tinyvllm chat", "bold"), f" · {self.model_name} on {self.engine.device}"
-                                     f" · {self.engine.max_model_len}-token context"), soft_wrap=True)
+    where = f" · {self.model_name} on {self.engine.device} · {self.engine.max_model_len}-token context"
+    self.console.print(Text.assemble(("tinyvllm chat", "bold"), where), soft_wrap=True)
     self.note('/help for commands · """ for multi-line input · Ctrl+C stops a reply · Ctrl+D or /bye exits')
 
   def note(self, msg: str) -> None:
@@ -326,12 +441,13 @@ class ChatApp:
 
 # ---- input ---------------------------------------------------------------------------------------
 
+
 def read_message(session: PromptSession) -> str | None:
   """One line, or the lines between two \"\"\" marks; None at Ctrl+D. Ctrl+C clears what was typed."""
   while True:
     try:
       line = session.prompt(PROMPT)
-      return _read_block(session, line.lstrip()[len(FENCE):]) if line.lstrip().startswith(FENCE) else line
+      return _read_block(session, line.lstrip().removeprefix(FENCE)) if line.lstrip().startswith(FENCE) else line
     except KeyboardInterrupt:
       continue
     except EOFError:
@@ -343,13 +459,14 @@ def _read_block(session: PromptSession, line: str) -> str:
   while not line.rstrip().endswith(FENCE):
     lines.append(line)
     line = session.prompt(CONTINUATION)
-  lines.append(line.rstrip()[:-len(FENCE)])
+  lines.append(line.rstrip().removesuffix(FENCE))
   return "\n".join(lines).strip()
 
 
 def prompt_session(history: History | None = None, **kwargs) -> PromptSession:
-  return PromptSession(history=history or _history(), auto_suggest=AutoSuggestFromHistory(),
-                       placeholder=HTML("<style fg='#888888'>Send a message (/help for commands)</style>"), **kwargs)
+  placeholder = HTML("<style fg='#888888'>Send a message (/help for commands)</style>")
+  suggest = AutoSuggestFromHistory()
+  return PromptSession(history=history or _history(), auto_suggest=suggest, placeholder=placeholder, **kwargs)
 
 
 def _history() -> History:
@@ -364,9 +481,11 @@ def _history() -> History:
 
 # ---- the command ---------------------------------------------------------------------------------
 
+
 def load_engine(model: str | None, **engine_kwargs) -> tuple[LLMEngine, str]:
   """(engine, model label), with a spinner on stderr; a missing or bad model is one error line."""
   from tinyvllm_core import LLMEngine
+
   try:
     path = models.resolve_model(model)
     label = model or _default_label(path)
@@ -382,55 +501,80 @@ def _default_label(path: Path) -> str:
 
 
 def _piped_message() -> str:
-  try: text = sys.stdin.read().strip()
-  except (OSError, UnicodeDecodeError) as e: fail(f"cannot read stdin: {e}")
-  if not text: fail('stdin is empty; pipe a message (echo "hi" | tinyvllm chat) or run tinyvllm chat in a terminal')
+  try:
+    text = sys.stdin.read().strip()
+  except (OSError, UnicodeDecodeError) as e:
+    fail(f"cannot read stdin: {e}")
+  if not text:
+    fail('stdin is empty; pipe a message (echo "hi" | tinyvllm chat) or run tinyvllm chat in a terminal')
   return text
 
 
 def chat(
-  model: Annotated[str | None, typer.Option("--model", "-m", help="Repo id, model folder or .gguf file "
-                                            "(default: the last pulled model, else the embedded SmolLM2)")] = None,
-  device: Annotated[str | None, typer.Option(help="tinygrad device: CPU, METAL, CUDA, AMD, ... (default: DEV or tinygrad's choice)")] = None,
+  model: ModelOption = None,
+  device: DeviceOption = None,
   system: Annotated[str | None, typer.Option(help="System prompt")] = None,
   temperature: Annotated[float | None, typer.Option(help="0 = greedy (default: the model's generation_config)")] = None,
   top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass in (0, 1]")] = None,
   top_k: Annotated[int | None, typer.Option(help="Sample from the k likeliest tokens (0 = off)")] = None,
   max_tokens: Annotated[int, typer.Option(help="Longest reply in tokens")] = 512,
   seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling")] = None,
-  verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print token counts, TTFT and tok/s after each reply")] = False,
-  kv_cache_gb: Annotated[float | None, typer.Option(help="KV cache memory budget in GB")] = None,
-  max_model_len: Annotated[int | None, typer.Option(help="Context length in tokens (default: the model's)")] = None,
-  quantize: Annotated[str | None, typer.Option(help="int8: matmul weights as int8 with one scale per 32 (about 1/4 of float32 memory); gguf: keep a GGUF's Q8_0/Q4_0/Q4_1 blocks as stored (Q4: about 1/5)")] = None,
-  dtype: Annotated[str, typer.Option(metavar=DTYPE_METAVAR, help=DTYPE_HELP)] = "auto",
-  beam: Annotated[int, typer.Option(min=0, help="Search kernel optimizations (tinygrad BEAM) of this width when a batch shape is first "
-                                     "captured; slow once, cached on disk for later runs (0 = off)")] = 0,
-  warmup: Annotated[bool, typer.Option(help="Capture the first reply's batch shapes at start, with a progress bar (not for piped input)")] = True,
+  verbose: Annotated[bool, typer.Option("--verbose", "-v", help=VERBOSE_HELP)] = False,
+  kv_cache_gb: OptionalKvCacheGbOption = None,
+  max_model_len: MaxModelLenOption = None,
+  quantize: QuantizeOption = None,
+  dtype: DtypeOption = "auto",
+  beam: BeamOption = 0,
+  warmup: Annotated[bool, typer.Option(help=WARMUP_HELP)] = True,
 ) -> None:
   """Chat with a model in the terminal (/help lists the commands). Piped input is answered once:
   echo "What is the capital of France?" | tinyvllm chat"""
-  from tinyvllm_core import EngineLoop, SamplingParams
-  overrides = {k: v for k, v in dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed).items() if v is not None}
-  try:  # bad values fail before the model loads
-    SamplingParams(max_tokens=max_tokens, **overrides)
-    check_dtype(dtype)
-  except ValueError as e: fail(e)
+  from tinyvllm_core import EngineLoop
+
+  overrides = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed}
+  overrides = {name: value for name, value in overrides.items() if value is not None}
+  _check_settings(max_tokens, overrides, dtype)  # bad values fail before the model loads
   piped = None if sys.stdin.isatty() else _piped_message()
-  try: check_dtype_compiles(dtype, device)
-  except ValueError as e: fail(e)
-  engine, label = load_engine(model, device=device, kv_cache_gb=kv_cache_gb, max_model_len=max_model_len, quantize=quantize, dtype=dtype,
-                              beam=beam or None)
+  try:
+    check_dtype_compiles(dtype, device)
+  except ValueError as e:
+    fail(e)
+  engine_kwargs = dict(device=device, kv_cache_gb=kv_cache_gb, max_model_len=max_model_len, dtype=dtype)
+  engine, label = load_engine(model, **engine_kwargs, quantize=quantize_setting(quantize), beam=beam or None)
   if warmup and piped is None:
-    try: warm_up_with_progress(engine, err)
-    except KeyboardInterrupt: err.print("warm-up skipped", highlight=False)
+    _warm_up(engine)
   params = dataclasses.replace(engine.default_params, max_tokens=max_tokens, **overrides)
   loop = EngineLoop(engine)
-  app = ChatApp(engine, loop, out, params, system=system, model_name=label, verbose=verbose, notes=err if piped else out)
+  notes = err if piped else out
+  app = ChatApp(engine, loop, out, params, system=system, model_name=label, verbose=verbose, notes=notes)
   try:
-    if piped is not None:
-      if app.reply(piped) is None: raise typer.Exit(1)
-    else:
-      app.welcome()
-      app.run(prompt_session())
+    _talk(app, piped)
   finally:
     loop.shutdown()
+
+
+def _check_settings(max_tokens: int, overrides: dict, dtype: str) -> None:
+  from tinyvllm_core import SamplingParams
+
+  try:
+    SamplingParams(max_tokens=max_tokens, **overrides)
+    check_dtype(dtype)
+  except ValueError as e:
+    fail(e)
+
+
+def _warm_up(engine: LLMEngine) -> None:
+  try:
+    warm_up_with_progress(engine, err)
+  except KeyboardInterrupt:
+    err.print("warm-up skipped", highlight=False)
+
+
+def _talk(app: ChatApp, piped: str | None) -> None:
+  """Answer the piped message once (exit code 1 when that fails), else chat at the prompt until the user leaves."""
+  if piped is not None:
+    if app.reply(piped) is None:
+      raise typer.Exit(1)
+    return
+  app.welcome()
+  app.run(prompt_session())

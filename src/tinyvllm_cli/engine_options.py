@@ -1,8 +1,10 @@
-"""Engine settings that several commands expose the same way: `--dtype` (chat, serve-lite, bench throughput).
+"""Engine settings that several commands expose the same way: one Typer option alias and help text per setting
+(chat, serve-lite, bench), and the `--dtype` checks.
 
 Checked here, before any model loads, so a bad value is one `error:` line (typer's own choice check prints a
 multi-line box); the engine's EngineConfig checks it again. tinygrad is imported only to probe an explicit
 dtype, so `tinyvllm --help` stays fast."""
+
 from __future__ import annotations
 
 import os
@@ -19,11 +21,11 @@ from tinyvllm_cli.ui import one_line
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DTYPE_METAVAR = "DTYPE"
-DTYPE_HELP = ("Dtype of the weights, activations and KV cache: auto (float32 on CPU, float16 elsewhere), float32, float16 or bfloat16. "
-              "float16 halves weight and KV memory; on CPU float32 is fastest (tinygrad's clang backend computes float16 "
-              "through conversions) and bfloat16 may not compile on every CPU.")
-
-
+DTYPE_HELP = (
+  "Dtype of the weights, activations and KV cache: auto (float32 on CPU, float16 elsewhere), float32, float16 or "
+  "bfloat16. float16 halves weight and KV memory; on CPU float32 is fastest (tinygrad's clang backend computes "
+  "float16 through conversions) and bfloat16 may not compile on every CPU."
+)
 QUANTIZE_HELP = (
   "Weights: none (the model's own values), int8 (matmul weights as int8 with one scale per 32, about 1/4 of float32 "
   "memory) or gguf (a GGUF file's Q8_0/Q4_0/Q4_1 blocks as stored, Q4 about 1/5)."
@@ -32,35 +34,41 @@ BEAM_HELP = (
   "Search kernel optimizations (tinygrad BEAM) of this width when a batch shape is first captured; "
   "slow once, cached on disk (0 = off)."
 )
+MODEL_HELP = "Repo id, model folder or .gguf file (default: the last pulled model, else the embedded SmolLM2)."
+DEVICE_HELP = "tinygrad backend: CPU, METAL, CUDA, AMD, ... (default: DEV or tinygrad's choice)."
+KV_CACHE_GB_HELP = "Memory for the paged KV cache, in GiB."
+MAX_MODEL_LEN_HELP = "Context length cap (default: the model's)."
+QUANTIZE_LIST_HELP = QUANTIZE_HELP + " Repeat to compare, e.g. -q none -q gguf."
 
 # Typer option aliases shared by chat, serve-lite and bench: one name, one help text.
-DeviceOption = Annotated[
-  Optional[str],
-  typer.Option("--device", "-d", show_default=False, help="tinygrad backend: CPU, METAL, CUDA, AMD, ... (default: DEV or tinygrad's choice)."),
-]
+ModelOption = Annotated[Optional[str], typer.Option("--model", "-m", show_default=False, help=MODEL_HELP)]
+DeviceOption = Annotated[Optional[str], typer.Option("--device", "-d", show_default=False, help=DEVICE_HELP)]
 QuantizeOption = Annotated[Optional[str], typer.Option("--quantize", "-q", show_default=False, help=QUANTIZE_HELP)]
 QuantizeListOption = Annotated[
-  Optional[list[str]],
-  typer.Option("--quantize", "-q", show_default=False, help=QUANTIZE_HELP + " Repeat to compare, e.g. -q none -q gguf."),
+  Optional[list[str]], typer.Option("--quantize", "-q", show_default=False, help=QUANTIZE_LIST_HELP)
 ]
 DtypeOption = Annotated[str, typer.Option("--dtype", metavar=DTYPE_METAVAR, help=DTYPE_HELP)]
 BeamOption = Annotated[int, typer.Option("--beam", min=0, help=BEAM_HELP)]
-KvCacheGbOption = Annotated[float, typer.Option("--kv-cache-gb", min=0.001, help="Memory for the paged KV cache, in GiB.")]
+KvCacheGbOption = Annotated[float, typer.Option("--kv-cache-gb", min=0.001, help=KV_CACHE_GB_HELP)]
+# chat leaves the KV budget to the engine's default unless asked
+OptionalKvCacheGbOption = Annotated[
+  Optional[float], typer.Option("--kv-cache-gb", min=0.001, show_default=False, help=KV_CACHE_GB_HELP)
+]
 MaxModelLenOption = Annotated[
-  Optional[int], typer.Option("--max-model-len", min=2, show_default=False, help="Context length cap (default: the model's).")
+  Optional[int], typer.Option("--max-model-len", min=2, show_default=False, help=MAX_MODEL_LEN_HELP)
 ]
 
 
 def check_dtype(value: str) -> str:
   """`value` if it is one of DTYPES, else ValueError with a one-line message naming the option."""
-  if value not in DTYPES: raise ValueError(f"--dtype {value!r}: choose {', '.join(DTYPES[:-1])} or {DTYPES[-1]}")
+  if value not in DTYPES:
+    raise ValueError(f"--dtype {value!r}: choose {', '.join(DTYPES[:-1])} or {DTYPES[-1]}")
   return value
 
 
-def resolved_dtype(dtype: str, device: str) -> str:
-  """What the engine runs in on `device` (a resolved name such as CPU): auto is float32 on CPU, float16 elsewhere."""
-  if dtype != "auto": return dtype
-  return "float32" if device == "CPU" else "float16"
+def quantize_setting(value: str | None) -> str | None:
+  """The engine's `quantize` for a --quantize value: "none" (as the help offers) is the model's own weights."""
+  return None if value == "none" else value
 
 
 def check_dtype_compiles(dtype: str, device: str | None) -> None:
@@ -68,15 +76,20 @@ def check_dtype_compiles(dtype: str, device: str | None) -> None:
   backend cannot compile (bfloat16 on a CPU whose clang target lacks __bf16) is one ValueError line now instead of a
   compiler traceback while the model loads. The compiler's own messages are kept off the terminal.
   Run it from the main thread before other threads write to stderr (fd 2 is redirected meanwhile)."""
-  if dtype in ("auto", "float32"): return
+  if dtype in ("auto", "float32"):
+    return
   from tinygrad import Tensor, dtypes
-  from tinyvllm_core.engine import resolve_device  # ConfigError (a ValueError) for a device that is not there
+  from tinyvllm_core import resolve_device  # ConfigError (a ValueError) for a device that is not there
+
   dev = resolve_device(device)
+  expected = [1.0, 2.0, 3.0, 4.0]
   with tempfile.TemporaryFile() as log:
     try:
       with _stderr_to(log):
-        values = Tensor([1.0, 2.0, 3.0, 4.0], device=dev).cast(getattr(dtypes, dtype)).contiguous().realize().cast(dtypes.float32).tolist()
-      if values == [1.0, 2.0, 3.0, 4.0]: return
+        stored = Tensor(expected, device=dev).cast(getattr(dtypes, dtype)).contiguous().realize()
+        values = stored.cast(dtypes.float32).tolist()
+      if values == expected:
+        return
       reason = f"it computed {values} for [1, 2, 3, 4]"
     except Exception as e:  # the compiler's failure (CalledProcessError for clang), or the runtime's
       log.seek(0)
@@ -92,7 +105,8 @@ def _stderr_to(file: BinaryIO) -> Iterator[None]:
   sys.stderr.flush()
   saved = os.dup(2)
   os.dup2(file.fileno(), 2)
-  try: yield
+  try:
+    yield
   finally:
     sys.stderr.flush()
     os.dup2(saved, 2)

@@ -1,5 +1,6 @@
 """The `tinyvllm` command. Each command lives in its own module; this file only registers them:
 a plain command is `app.command("name")(module.function)`, a command group is `app.add_typer(module.app, name=...)`."""
+
 from __future__ import annotations
 
 import typer
@@ -9,7 +10,7 @@ from tinyvllm_cli import bench, chat, hub, serve
 app = typer.Typer(
   name="tinyvllm",
   help="A tiny vLLM on tinygrad: pull a model, chat with it, benchmark it, serve it.\n\n"
-       "Example: tinyvllm pull Qwen/Qwen3-0.6B, then tinyvllm chat",
+  "Example: tinyvllm pull Qwen/Qwen3-0.6B, then tinyvllm chat",
   no_args_is_help=True,
   add_completion=False,
   pretty_exceptions_show_locals=False,

@@ -1,4 +1,5 @@
 """Shared terminal output: one-line errors on stderr, human-readable sizes."""
+
 from __future__ import annotations
 
 from typing import NoReturn
@@ -28,13 +29,17 @@ def say(msg: str) -> None:
 
 def human_size(n: float) -> str:
   for unit in ("B", "KB", "MB", "GB"):
-    if n < 1000: return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    if n < 1000:
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
     n /= 1000
   return f"{n:.1f} TB"
 
 
 def human_count(n: int | None) -> str:
-  if n is None: return "?"
-  if n >= 1e9: return f"{n / 1e9:.1f}B"
-  if n >= 1e6: return f"{n / 1e6:.0f}M"
+  if n is None:
+    return "?"
+  if n >= 1e9:
+    return f"{n / 1e9:.1f}B"
+  if n >= 1e6:
+    return f"{n / 1e6:.0f}M"
   return f"{n / 1e3:.0f}K" if n >= 1e3 else str(n)
