@@ -1,5 +1,7 @@
 """`tinyvllm bench throughput --compare llamacpp`: llama.cpp (llama-cpp-python) on the same GGUF file as tinyvllm.
-Not installed or not a GGUF model: one skip line and the run goes on. The real run needs llama-cpp-python (skipped without it)."""
+Not installed or not a GGUF model: one skip line and the run goes on. The real run needs llama-cpp-python
+(skipped without it)."""
+
 from __future__ import annotations
 
 import json
@@ -10,12 +12,25 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from tinyvllm_cli.bench_backends import BackendOptions, BackendUnavailable, run_backend
-from tinyvllm_cli.bench_common import resolve_bench_model
-from tinyvllm_cli.bench_throughput import Workload
+from tinyvllm_cli.bench.peers import BackendOptions, BackendUnavailable, run_backend
+from tinyvllm_cli.bench.common import resolve_bench_model
+from tinyvllm_cli.bench.throughput import Workload
 from tinyvllm_cli.main import app
 
-SMALL = ("--num-seqs", "2", "--input-len", "4", "8", "--output-len", "2", "4", "--kv-cache-gb", "0.01", "--device", "CPU")
+SMALL = (
+  "--num-seqs",
+  "2",
+  "--input-len",
+  "4",
+  "8",
+  "--output-len",
+  "2",
+  "4",
+  "--kv-cache-gb",
+  "0.01",
+  "--device",
+  "CPU",
+)
 NOT_INSTALLED = "not installed (pip install llama-cpp-python)"
 
 
@@ -42,6 +57,7 @@ def llama_cpp_missing(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="module")
 def tiny_gguf(checkpoints, tmp_path_factory) -> Path:
   from gguf_writer import write_gguf
+
   path = tmp_path_factory.mktemp("gguf") / "tiny-llama.Q4_1.gguf"
   write_gguf(path, checkpoints["llama"][0], "Q4_1")
   return path
@@ -66,13 +82,20 @@ def test_llamacpp_needs_a_gguf_model(tmp_path: Path, llama_cpp_missing):
   why = "llama.cpp runs GGUF files; this model is the toy model (random weights)"
   assert skip_lines(r) == [f"llamacpp: {why}; skipped"], r.stderr
   data, md = written(out)
-  assert list(data["results"]) == ["tinyvllm"] and data["skipped"] == {"llamacpp": why} and f"Skipped llamacpp: {why}" in md
+  assert (
+    list(data["results"]) == ["tinyvllm"] and data["skipped"] == {"llamacpp": why} and f"Skipped llamacpp: {why}" in md
+  )
 
 
 @pytest.mark.parametrize("case", ["folder", "random-weights gguf"])
-def test_llamacpp_gguf_reason_for_folders_and_random_weights(case: str, checkpoints, tiny_gguf: Path, llama_cpp_missing):
-  model = resolve_bench_model(str(checkpoints["llama"][0]), random_weights=False) if case == "folder" else \
-          resolve_bench_model(str(tiny_gguf), random_weights=True)
+def test_llamacpp_gguf_reason_for_folders_and_random_weights(
+  case: str, checkpoints, tiny_gguf: Path, llama_cpp_missing
+):
+  model = (
+    resolve_bench_model(str(checkpoints["llama"][0]), random_weights=False)
+    if case == "folder"
+    else resolve_bench_model(str(tiny_gguf), random_weights=True)
+  )
   with pytest.raises(BackendUnavailable) as e:
     run_backend("llamacpp", model, "CPU", Workload([[1, 2, 3]], [2]), BackendOptions())
   msg = str(e.value)
@@ -83,8 +106,25 @@ def test_llamacpp_gguf_reason_for_folders_and_random_weights(case: str, checkpoi
 def test_llamacpp_real_run_on_the_embedded_smollm2(tmp_path: Path, smollm2_path: Path):
   pytest.importorskip("llama_cpp")
   out = tmp_path / "results"
-  r = bench("throughput", "--model", "smollm2", "--backend", "llamacpp", "--num-seqs", "2", "--input-len", "8", "16",
-            "--output-len", "4", "12", "--device", "CPU", "--output", str(out))
+  r = bench(
+    "throughput",
+    "--model",
+    "smollm2",
+    "--backend",
+    "llamacpp",
+    "--num-seqs",
+    "2",
+    "--input-len",
+    "8",
+    "16",
+    "--output-len",
+    "4",
+    "12",
+    "--device",
+    "CPU",
+    "--output",
+    str(out),
+  )
   assert r.exit_code == 0 and "Traceback" not in r.output, r.output
   assert not skip_lines(r), r.stderr
   data, md = written(out)

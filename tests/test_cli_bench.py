@@ -1,5 +1,6 @@
 """`tinyvllm bench latency | throughput | memory`: each writes a JSON + markdown pair with the seed's table;
 bad input is one `error:` line. The CLI runs in-process on tiny random-weight models (JIT capture dominates)."""
+
 from __future__ import annotations
 
 import json
@@ -9,15 +10,37 @@ import pytest
 from huggingface_hub import constants
 from typer.testing import CliRunner
 
-from tinyvllm_cli.bench_common import TOY_CONFIG, random_weights, resolve_bench_model, shipped_configs
-from tinyvllm_cli.bench_throughput import Workload
+from tinyvllm_cli.bench.common import TOY_CONFIG, random_weights, resolve_bench_model, shipped_configs
+from tinyvllm_cli.bench.throughput import Workload
 from tinyvllm_cli.main import app
 
-TINY_QWEN3 = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 512, "hidden_size": 64,
-              "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "head_dim": 16, "max_position_embeddings": 512, "tie_word_embeddings": True}
+TINY_QWEN3 = {
+  "architectures": ["Qwen3ForCausalLM"],
+  "model_type": "qwen3",
+  "vocab_size": 512,
+  "hidden_size": 64,
+  "intermediate_size": 128,
+  "num_hidden_layers": 2,
+  "num_attention_heads": 4,
+  "num_key_value_heads": 2,
+  "head_dim": 16,
+  "max_position_embeddings": 512,
+  "tie_word_embeddings": True,
+}
 SMALL = dict(num_seqs=3, input_len=(4, 8), output_len=(2, 4))  # few batch shapes: JIT capture is most of a run's time
-SMALL_THROUGHPUT = ("--random-weights", "--num-seqs", "3", "--input-len", "4", "8", "--output-len", "2", "4", "--kv-cache-gb", "0.01")
+SMALL_THROUGHPUT = (
+  "--random-weights",
+  "--num-seqs",
+  "3",
+  "--input-len",
+  "4",
+  "8",
+  "--output-len",
+  "2",
+  "4",
+  "--kv-cache-gb",
+  "0.01",
+)
 
 
 def bench(*args: str):
@@ -47,10 +70,27 @@ def tiny_config(tmp_path: Path) -> Path:
 
 # ---- latency ---------------------------------------------------------------------------------
 
+
 def test_latency_toy_writes_the_seed_table(tmp_path: Path):
   out = tmp_path / "results"
-  r = bench("latency", "--device", "CPU", "--num-requests", "2", "--prompt-len", "4", "--max-tokens", "3",
-            "--kv-cache-gb", "0.01", "--output", str(out), "--json", "--note", "shared CPU")
+  r = bench(
+    "latency",
+    "--device",
+    "CPU",
+    "--num-requests",
+    "2",
+    "--prompt-len",
+    "4",
+    "--max-tokens",
+    "3",
+    "--kv-cache-gb",
+    "0.01",
+    "--output",
+    str(out),
+    "--json",
+    "--note",
+    "shared CPU",
+  )
   assert r.exit_code == 0, r.output
   data, md = written(out, "latency-toy-cpu-")
   assert json.loads(r.stdout) == data
@@ -66,12 +106,20 @@ def test_latency_toy_writes_the_seed_table(tmp_path: Path):
   assert {"platform", "cpu_count", "tinygrad", "tinyvllm", "python", "tinygrad_backend"} <= set(data["machine"])
   assert data["parameters"]["max_tokens"] == 3 and data["notes"] == ["shared CPU"]
   assert data["decode_bound"]["weight_bytes_per_step"] > 0 and "Decode bound:" in md
-  for text in ("| single_request |", "| sequential_2 |", "| concurrent_2 |", "Mean TTFT", f"Concurrent vs Sequential: **{speedup:.2f}x** speedup",
-               "--num-requests 2", "Note: shared CPU"):
+  for text in (
+    "| single_request |",
+    "| sequential_2 |",
+    "| concurrent_2 |",
+    "Mean TTFT",
+    f"Concurrent vs Sequential: **{speedup:.2f}x** speedup",
+    "--num-requests 2",
+    "Note: shared CPU",
+  ):
     assert text in md
 
 
 # ---- throughput ------------------------------------------------------------------------------
+
 
 def test_workload_is_nano_vllms():
   """The seed's table (001): 256 sequences, 142,827 input and 133,966 generated tokens."""
@@ -87,7 +135,18 @@ def test_workload_is_nano_vllms():
 
 def test_throughput_random_weights_with_a_peer_that_cannot_run(tmp_path: Path, tiny_config: Path):
   out = tmp_path / "results"
-  r = bench("throughput", "--model", str(tiny_config), *SMALL_THROUGHPUT, "--compare", "nanovllm", "--device", "CPU", "--output", str(out))
+  r = bench(
+    "throughput",
+    "--model",
+    str(tiny_config),
+    *SMALL_THROUGHPUT,
+    "--compare",
+    "nanovllm",
+    "--device",
+    "CPU",
+    "--output",
+    str(out),
+  )
   assert r.exit_code == 0, r.output
   skipped = [line for line in r.stderr.splitlines() if line.startswith("nanovllm")]
   assert len(skipped) == 1 and skipped[0].endswith("; skipped"), r.stderr
@@ -99,34 +158,77 @@ def test_throughput_random_weights_with_a_peer_that_cannot_run(tmp_path: Path, t
   assert [q["output_tokens"] for q in res["requests"]] == expected.output_lens
   assert res["gen_throughput"] == pytest.approx(res["gen_tokens"] / res["duration"])
   assert data["parameters"]["input_len"] == [4, 8] and data["model"]["random_weights"] is True
-  assert data["parameters"]["dtype"] == "auto" and res["info"]["engine"]["dtype"] == "auto" and res["info"]["dtype"] == "float32"
-  for row in ("Total Sequences", "Total Input Tokens", "Total Gen Tokens", "Total Duration", "Gen Throughput", "Total Throughput"):
+  assert (
+    data["parameters"]["dtype"] == "auto"
+    and res["info"]["engine"]["dtype"] == "auto"
+    and res["info"]["dtype"] == "float32"
+  )
+  for row in (
+    "Total Sequences",
+    "Total Input Tokens",
+    "Total Gen Tokens",
+    "Total Duration",
+    "Gen Throughput",
+    "Total Throughput",
+  ):
     assert f"| **{row}** |" in md
   assert "| Metric | tinyvllm |" in md and "Skipped nanovllm:" in md
 
 
 def test_throughput_int8_weights_column(tmp_path: Path, tiny_config: Path):
   out = tmp_path / "results"
-  r = bench("throughput", "--model", str(tiny_config), *SMALL_THROUGHPUT, "-q", "none", "-q", "int8", "--device", "CPU", "--output", str(out))
+  r = bench(
+    "throughput",
+    "--model",
+    str(tiny_config),
+    *SMALL_THROUGHPUT,
+    "-q",
+    "none",
+    "-q",
+    "int8",
+    "--device",
+    "CPU",
+    "--output",
+    str(out),
+  )
   assert r.exit_code == 0, r.output
   data, md = written(out, "throughput-tiny-qwen3-random-cpu-")
-  assert list(data["results"]) == ["tinyvllm", "tinyvllm int8"] and data["results"]["tinyvllm int8"]["info"]["engine"]["quantize"] == "int8"
+  assert (
+    list(data["results"]) == ["tinyvllm", "tinyvllm int8"]
+    and data["results"]["tinyvllm int8"]["info"]["engine"]["quantize"] == "int8"
+  )
   bad = bench("throughput", "--model", str(tiny_config), "-q", "int4")
   assert bad.exit_code == 1 and "--quantize 'int4': choose none, int8 or gguf" in bad.output
 
 
-def test_throughput_float16_reaches_the_engine_and_the_report(tmp_path: Path, tiny_config: Path, monkeypatch: pytest.MonkeyPatch):
+def test_throughput_float16_reaches_the_engine_and_the_report(
+  tmp_path: Path, tiny_config: Path, monkeypatch: pytest.MonkeyPatch
+):
   import tinyvllm_core
   from tinygrad import dtypes
+
   LLMEngine, engines = tinyvllm_core.LLMEngine, []
   monkeypatch.setattr(tinyvllm_core, "LLMEngine", lambda *a, **kw: engines.append(LLMEngine(*a, **kw)) or engines[-1])
   out = tmp_path / "results"
-  r = bench("throughput", "--model", str(tiny_config), *SMALL_THROUGHPUT, "--dtype", "float16", "--device", "CPU", "--output", str(out))
+  r = bench(
+    "throughput",
+    "--model",
+    str(tiny_config),
+    *SMALL_THROUGHPUT,
+    "--dtype",
+    "float16",
+    "--device",
+    "CPU",
+    "--output",
+    str(out),
+  )
   assert r.exit_code == 0, r.output
   data, md = written(out, "throughput-tiny-qwen3-random-cpu-")
   res = data["results"]["tinyvllm float16"]
   assert list(data["results"]) == ["tinyvllm float16"] and data["parameters"]["dtype"] == "float16"
-  assert res["info"]["engine"]["dtype"] == res["info"]["dtype"] == "float16" and res["gen_tokens"] == sum(Workload.nano_vllm(**SMALL, vocab_size=512).output_lens)
+  assert res["info"]["engine"]["dtype"] == res["info"]["dtype"] == "float16" and res["gen_tokens"] == sum(
+    Workload.nano_vllm(**SMALL, vocab_size=512).output_lens
+  )
   model = engines[0].runner.model
   assert model.dtype == dtypes.float16 and model.layer_inputs[0]["k_pool"].dtype == dtypes.float16
   assert "| Metric | tinyvllm float16 |" in md
@@ -136,8 +238,19 @@ def test_throughput_transformers_vs_a_missing_backend(tmp_path: Path, tiny_confi
   pytest.importorskip("torch")
   pytest.importorskip("transformers")
   out = tmp_path / "results"
-  r = bench("throughput", "--model", str(tiny_config), *SMALL_THROUGHPUT, "--backend", "transformers", "--compare", "vllm",
-            "--output", str(out), "--json")
+  r = bench(
+    "throughput",
+    "--model",
+    str(tiny_config),
+    *SMALL_THROUGHPUT,
+    "--backend",
+    "transformers",
+    "--compare",
+    "vllm",
+    "--output",
+    str(out),
+    "--json",
+  )
   assert r.exit_code == 0, r.output
   assert len([line for line in r.stderr.splitlines() if line.startswith("vllm: ")]) == 1, r.stderr
   data, md = written(out, "throughput-tiny-qwen3-random-")
@@ -149,7 +262,10 @@ def test_throughput_transformers_vs_a_missing_backend(tmp_path: Path, tiny_confi
 
 # ---- memory ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("args", [(), ("--model", "Qwen/Qwen3-0.6B", "--kv-cache-gb", "4", "--max-model-len", "4096", "--block-size", "32")])
+
+@pytest.mark.parametrize(
+  "args", [(), ("--model", "Qwen/Qwen3-0.6B", "--kv-cache-gb", "4", "--max-model-len", "4096", "--block-size", "32")]
+)
 def test_memory_paged_fits_more_than_naive(tmp_path: Path, args: tuple[str, ...]):
   out = tmp_path / "results"
   r = bench("memory", "--device", "CPU", *args, "--output", str(out), "--json")
@@ -158,7 +274,9 @@ def test_memory_paged_fits_more_than_naive(tmp_path: Path, args: tuple[str, ...]
   naive, paged, lay = data["results"]["naive"], data["results"]["paged"], data["layout"]
   mml, bs = data["parameters"]["max_model_len"], data["parameters"]["block_size"]
   assert paged["sequences"] >= naive["sequences"] >= 1
-  assert paged["block_manager_sequences"] == paged["sequences"] and naive["block_manager_sequences"] == naive["sequences"]
+  assert (
+    paged["block_manager_sequences"] == paged["sequences"] and naive["block_manager_sequences"] == naive["sequences"]
+  )
   assert naive["reserved_tokens"] == naive["sequences"] * -(-mml // bs) * bs <= lay["slots"]
   assert paged["used_tokens"] <= paged["reserved_tokens"] <= lay["slots"]
   assert paged["reserved_tokens"] - paged["used_tokens"] < paged["sequences"] * bs  # waste < one block per sequence
@@ -169,10 +287,20 @@ def test_memory_paged_fits_more_than_naive(tmp_path: Path, args: tuple[str, ...]
 
 # ---- models and bad input --------------------------------------------------------------------
 
+
 def test_shipped_configs_parse_and_build_random_weights():
-  assert set(shipped_configs()) == {"Qwen/Qwen3-0.6B", "HuggingFaceTB/SmolLM2-135M", "HuggingFaceTB/SmolLM2-135M-Instruct", "meta-llama/Llama-3.2-1B"}
+  assert set(shipped_configs()) == {
+    "Qwen/Qwen3-0.6B",
+    "HuggingFaceTB/SmolLM2-135M",
+    "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "meta-llama/Llama-3.2-1B",
+  }
   shapes = {name: resolve_bench_model(name, random_weights=True).model_config() for name in shipped_configs()}
-  assert (shapes["Qwen/Qwen3-0.6B"].family, shapes["Qwen/Qwen3-0.6B"].num_layers, shapes["Qwen/Qwen3-0.6B"].head_dim) == ("qwen3", 28, 128)
+  assert (
+    shapes["Qwen/Qwen3-0.6B"].family,
+    shapes["Qwen/Qwen3-0.6B"].num_layers,
+    shapes["Qwen/Qwen3-0.6B"].head_dim,
+  ) == ("qwen3", 28, 128)
   assert shapes["meta-llama/Llama-3.2-1B"].hidden_size == 2048
   assert resolve_bench_model("smollm2", random_weights=True).model_config().num_kv_heads == 3
   mc = resolve_bench_model("toy", random_weights=False).model_config()
@@ -180,24 +308,37 @@ def test_shipped_configs_parse_and_build_random_weights():
   assert w["embed"].shape == (1024, 64) and w["lm_head"] is not w["embed"] and w["layers.3.qkv"].shape == (3 * 64, 64)
   assert w["layers.0.gate_up"].shape == (512, 64) and w["layers.0.down"].shape == (64, 256) and "layers.4.o" not in w
   q = random_weights(resolve_bench_model("Qwen/Qwen3-0.6B", random_weights=True).model_config(), "CPU")
-  assert q["lm_head"] is q["embed"] and q["layers.0.q_norm"].shape == (128,) and q["layers.0.qkv"].shape == ((16 + 16) * 128, 1024)
+  assert (
+    q["lm_head"] is q["embed"]
+    and q["layers.0.q_norm"].shape == (128,)
+    and q["layers.0.qkv"].shape == ((16 + 16) * 128, 1024)
+  )
 
 
-@pytest.mark.parametrize("args, message", [
-  (("throughput", "--backend", "tgi"), "unknown backend 'tgi'"),
-  (("throughput", "--compare", "nope"), "unknown backend 'nope'"),
-  (("throughput", "--random-weights", "--input-len", "10", "5"), "--input-len 10 5"),
-  (("throughput", "--random-weights", "--output-len", "0", "5"), "--output-len 0 5"),
-  (("throughput", "--model", "toy", "--input-len", "100", "2000", "--output-len", "10", "100"), "exceeds the model's context"),
-  (("throughput", "--random-weights", "--model", "nobody/nothing"), "nobody/nothing is not downloaded"),
-  (("throughput", "--model", "Qwen/Qwen3-0.6B"), "--random-weights"),
-  (("throughput", "--random-weights", "--warmup", "some"), "--warmup"),
-  (("throughput", "--random-weights", "--dtype", "fp16"), "--dtype 'fp16': choose auto, float32, float16 or bfloat16"),
-  (("latency", "--model", "/no/such/model.gguf"), "no such model folder or .gguf file"),
-  (("latency", "--device", "NO_SUCH_DEVICE"), "is not available"),
-  (("memory", "--model", "/no/such/config.json"), "no such config file"),
-  (("memory", "--kv-cache-gb", "0.001", "--max-model-len", "8192"), "less than one --max-model-len"),
-])
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (("throughput", "--backend", "tgi"), "unknown backend 'tgi'"),
+    (("throughput", "--compare", "nope"), "unknown backend 'nope'"),
+    (("throughput", "--random-weights", "--input-len", "10", "5"), "--input-len 10 5"),
+    (("throughput", "--random-weights", "--output-len", "0", "5"), "--output-len 0 5"),
+    (
+      ("throughput", "--model", "toy", "--input-len", "100", "2000", "--output-len", "10", "100"),
+      "exceeds the model's context",
+    ),
+    (("throughput", "--random-weights", "--model", "nobody/nothing"), "nobody/nothing is not downloaded"),
+    (("throughput", "--model", "Qwen/Qwen3-0.6B"), "--random-weights"),
+    (("throughput", "--random-weights", "--warmup", "some"), "--warmup"),
+    (
+      ("throughput", "--random-weights", "--dtype", "fp16"),
+      "--dtype 'fp16': choose auto, float32, float16 or bfloat16",
+    ),
+    (("latency", "--model", "/no/such/model.gguf"), "no such model folder or .gguf file"),
+    (("latency", "--device", "NO_SUCH_DEVICE"), "is not available"),
+    (("memory", "--model", "/no/such/config.json"), "no such config file"),
+    (("memory", "--kv-cache-gb", "0.001", "--max-model-len", "8192"), "less than one --max-model-len"),
+  ],
+)
 def test_bad_input_is_one_line(args: tuple[str, ...], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
   monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # nothing pulled
   monkeypatch.setenv("TINYVLLM_HOME", str(tmp_path / "tinyvllm"))

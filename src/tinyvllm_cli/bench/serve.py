@@ -1,0 +1,279 @@
+"""`tinyvllm bench serve`: load an OpenAI-compatible server the way `vllm bench serve` does: streaming
+requests from a thread pool at each concurrency level; throughput, TTFT, TPOT and ITL per level."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from tinyvllm_cli.bench.common import BenchError, markdown_table, now, progress_bar
+from tinyvllm_cli.ui import one_line
+
+TOPICS = [
+  *("the ocean", "a lighthouse keeper", "the history of bread", "how rainbows form", "a robot learning to paint"),
+  *("the first day of school", "volcanoes", "a city at night", "the life of a honeybee", "chess openings"),
+  *("a long train journey", "the moon landing", "how compilers work", "a forgotten library", "winter in the mountains"),
+  "the speed of light",
+]
+
+
+@dataclass
+class Result:
+  ok: bool
+  prompt_tokens: int = 0
+  output_tokens: int = 0
+  ttft: float = 0.0
+  latency: float = 0.0
+  itl: list[float] = field(default_factory=list)
+  error: str = ""
+
+
+class Target:
+  """Where requests go: base URL, endpoint, model and headers."""
+
+  def __init__(self, url: str, endpoint: str, api_key: str | None, timeout: float):
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+      raise BenchError(f"{url!r} is not an http(s) URL")
+    self.url, self.scheme, self.host, self.port = url, parts.scheme, parts.hostname, parts.port
+    self.base = parts.path.rstrip("/").removesuffix("/v1")
+    self.endpoint, self.timeout = endpoint, timeout
+    self.headers = {"Content-Type": "application/json"}
+    if api_key:
+      self.headers["Authorization"] = f"Bearer {api_key}"
+
+  def connect(self) -> http.client.HTTPConnection:
+    cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
+    return cls(self.host, self.port, timeout=self.timeout)
+
+  def get(self, path: str) -> tuple[int, Any]:
+    conn = self.connect()
+    try:
+      conn.request("GET", self.base + path, headers=self.headers)
+      resp = conn.getresponse()
+      data = resp.read()
+    finally:
+      conn.close()
+    try:
+      return resp.status, json.loads(data)
+    except ValueError:
+      return resp.status, data.decode(errors="replace")
+
+  def body(self, model: str, prompt: str, max_tokens: int, ignore_eos: bool) -> dict:
+    payload = {"messages": [{"role": "user", "content": prompt}]} if self.endpoint == "chat" else {"prompt": prompt}
+    options = {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": ignore_eos, "stream": True}
+    return {"model": model, **payload, **options, "stream_options": {"include_usage": True}}
+
+  def wait_ready(self, timeout: float) -> str:
+    """Wait for /health, then return the served model id from /v1/models."""
+    deadline = time.monotonic() + timeout
+    while True:
+      try:
+        status, _ = self.get("/health")
+      except OSError as e:
+        raise BenchError(
+          f"cannot reach {self.url}: {e.strerror or e}; start a server with `tinyvllm serve-lite`"
+        ) from None
+      if status == 200:
+        break
+      if time.monotonic() > deadline:
+        raise BenchError(f"{self.url}/health still answers {status} after {timeout:.0f} s")
+      time.sleep(1)
+    status, models = self.get("/v1/models")
+    if status != 200:
+      raise BenchError(f"{self.url}/v1/models answered {status}: {models}")
+    return models["data"][0]["id"]
+
+
+def make_prompts(n: int, first: int, dataset: list[str] | None) -> list[str]:
+  """n prompts: the dataset's lines in turn, else short story requests on varied topics."""
+  if dataset:
+    return [dataset[i % len(dataset)] for i in range(first, first + n)]
+  return [f"Request {i}: write a short story about {TOPICS[i % len(TOPICS)]}." for i in range(first, first + n)]
+
+
+def read_dataset(path: Path | None) -> list[str] | None:
+  if path is None:
+    return None
+  try:
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+  except (OSError, UnicodeDecodeError) as e:
+    raise BenchError(f"cannot read --dataset {path}: {e}") from None
+  if not lines:
+    raise BenchError(f"--dataset {path} has no prompts (one per line)")
+  return lines
+
+
+def parse_levels(concurrency: str) -> list[int]:
+  try:
+    levels = [int(c) for c in concurrency.split(",") if c.strip()]
+  except ValueError:
+    levels = []
+  if not levels or min(levels) < 1:
+    raise BenchError(f"--concurrency {concurrency!r}: expected positive integers like 1,4,16")
+  return levels
+
+
+# ---- one streaming request -----------------------------------------------------------------------
+
+
+def stream_request(target: Target, body: dict) -> Result:
+  path = target.base + ("/v1/chat/completions" if target.endpoint == "chat" else "/v1/completions")
+  conn, start = target.connect(), now()
+  try:
+    conn.request("POST", path, json.dumps(body), target.headers)
+    resp = conn.getresponse()
+    if resp.status != 200:
+      return Result(False, error=f"HTTP {resp.status}: {error_message(resp.read())}")
+    return read_events(resp, start)
+  except (OSError, http.client.HTTPException, ValueError) as e:
+    return Result(False, error=one_line(f"{type(e).__name__}: {e}"))
+  finally:
+    conn.close()
+
+
+def read_events(resp: http.client.HTTPResponse, start: float) -> Result:
+  res, first, last = Result(True), None, None
+  for line in resp:
+    data = line[6:].strip()
+    if not line.startswith(b"data: ") or data == b"[DONE]":  # read on to the end so the connection closes cleanly
+      continue
+    event = json.loads(data)
+    if "error" in event:
+      return Result(False, error=one_line(event["error"].get("message", event["error"])))
+    if event.get("usage"):
+      res.prompt_tokens, res.output_tokens = event["usage"]["prompt_tokens"], event["usage"]["completion_tokens"]
+    choice = (event.get("choices") or [{}])[0]
+    if choice.get("text") or (choice.get("delta") or {}).get("content"):
+      t = now()
+      if first is None:
+        first = t
+      else:
+        res.itl.append(t - last)
+      last = t
+  res.latency = now() - start
+  res.ttft = (first or now()) - start
+  if first is None and res.output_tokens == 0:
+    return Result(False, error="the stream ended without output")
+  return res
+
+
+def error_message(data: bytes) -> str:
+  try:
+    return one_line(json.loads(data)["error"]["message"])
+  except (ValueError, KeyError, TypeError):
+    return one_line(data.decode(errors="replace"))[:200]
+
+
+# ---- a level: N requests, C at a time ------------------------------------------------------------
+
+
+def run_level(
+  target: Target, bodies: list[dict], concurrency: int, advance: Callable[[], None]
+) -> tuple[list[Result], float]:
+  start = now()
+  results = []
+  with ThreadPoolExecutor(concurrency) as pool:
+    for f in as_completed([pool.submit(stream_request, target, b) for b in bodies]):
+      results.append(f.result())
+      advance()
+  return results, now() - start
+
+
+def stats(values: list[float], prefix: str) -> dict:
+  ms = np.asarray(values or [0.0]) * 1000
+  return {
+    f"mean_{prefix}_ms": float(ms.mean()),
+    f"median_{prefix}_ms": float(np.median(ms)),
+    f"p99_{prefix}_ms": float(np.percentile(ms, 99)),
+  }
+
+
+def summarize(results: list[Result], duration: float, concurrency: int) -> dict:
+  ok = [r for r in results if r.ok]
+  prompt, output = sum(r.prompt_tokens for r in ok), sum(r.output_tokens for r in ok)
+  tpot = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
+  return {
+    "concurrency": concurrency,
+    "num_prompts": len(results),
+    "completed": len(ok),
+    "failed": len(results) - len(ok),
+    "duration_s": duration,
+    "total_input_tokens": prompt,
+    "total_output_tokens": output,
+    "request_throughput": len(ok) / duration,
+    "output_throughput": output / duration,
+    "total_token_throughput": (prompt + output) / duration,
+    **stats([r.ttft for r in ok], "ttft"),
+    **stats(tpot, "tpot"),
+    **stats([x for r in ok for x in r.itl], "itl"),
+    "mean_e2el_ms": stats([r.latency for r in ok], "e2el")["mean_e2el_ms"],
+    "errors": sorted({r.error for r in results if not r.ok})[:5],
+  }
+
+
+def run_levels(target: Target, model: str, config: dict, dataset: list[str] | None) -> list[dict]:
+  levels = []
+  for c in config["concurrency"]:
+    n = config["num_prompts"] or max(8, 4 * c)
+
+    def bodies(first: int) -> list[dict]:
+      prompts = make_prompts(n, first, dataset)
+      return [target.body(model, p, config["max_tokens"], config["ignore_eos"]) for p in prompts]
+
+    if config["warmup"]:  # the same mix of prompt lengths once, untimed: the server captures its new batch shapes here
+      with progress_bar(f"warm-up   c={c}", n, unit="requests") as advance:
+        run_level(target, bodies(10_000), c, advance)
+    with progress_bar(f"measuring c={c}", n, unit="requests") as advance:
+      level = summarize(*run_level(target, bodies(0), c, advance), c)
+    first = levels[0]["output_throughput"] if levels else 0.0
+    level["speedup"] = level["output_throughput"] / first if first else 1.0
+    levels.append(level)
+  return levels
+
+
+# ---- the report ----------------------------------------------------------------------------------
+
+ROWS = [
+  ("num_prompts", "requests", "{:d}"),
+  ("completed", "successful", "{:d}"),
+  ("failed", "failed", "{:d}"),
+  ("duration_s", "duration (s)", "{:.1f}"),
+  ("request_throughput", "requests/s", "{:.2f}"),
+  ("output_throughput", "output tok/s", "{:.1f}"),
+  ("total_token_throughput", "total tok/s", "{:.1f}"),
+  ("speedup", "output tok/s vs first level", "{:.2f}x"),
+  *((f"{s}_ttft_ms", f"TTFT {s} (ms)", "{:.0f}") for s in ("mean", "median", "p99")),
+  *((f"{s}_tpot_ms", f"TPOT {s} (ms)", "{:.1f}") for s in ("mean", "median", "p99")),
+  *((f"{s}_itl_ms", f"ITL {s} (ms)", "{:.1f}") for s in ("mean", "median", "p99")),
+  ("mean_e2el_ms", "latency mean (ms)", "{:.0f}"),
+]
+
+
+def markdown(report: dict) -> str:
+  c, levels = report["config"], report["levels"]
+  header = ["metric", *(f"concurrency {lv['concurrency']}" for lv in levels)]
+  rows = [[title, *(fmt.format(lv[key]) for lv in levels)] for key, title, fmt in ROWS]
+  path = "chat/completions" if c["endpoint"] == "chat" else "completions"
+  ignore_eos = ", ignore_eos" if c["ignore_eos"] else ""
+  lines = [
+    f"# tinyvllm bench serve — {report['timestamp']}",
+    "",
+    f"Server {c['url']}, model `{report['model']}`, endpoint /v1/{path}, greedy, max_tokens {c['max_tokens']}"
+    f"{ignore_eos}, warm-up {'on' if c['warmup'] else 'off'}.",
+    "",
+    markdown_table(header, rows),
+  ]
+  errors = [f"- concurrency {lv['concurrency']}: {e}" for lv in levels for e in lv["errors"]]
+  if errors:
+    lines += ["", "Errors:", *errors]
+  return "\n".join(lines)
