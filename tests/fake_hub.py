@@ -4,6 +4,7 @@ It answers what `huggingface_hub.snapshot_download` asks for: repo info
 (`/api/models/{repo}/revision/{rev}`), the file tree (`/api/models/{repo}/tree/{rev}`), and
 `HEAD`/`GET /{repo}/resolve/{rev}/{path}` (with `Range`), and marks errors with `X-Error-Code` as the Hub
 does. Faults make a file's next GETs drop the connection or stall after some bytes."""
+
 from __future__ import annotations
 
 import hashlib
@@ -27,11 +28,15 @@ class Repo:
 
   def __post_init__(self):
     digest = hashlib.sha1()
-    for name in sorted(self.files): digest.update(name.encode() + self.files[name])
+    for name in sorted(self.files):
+      digest.update(name.encode() + self.files[name])
     self.sha = digest.hexdigest()
 
-  def size(self, path: str) -> int: return self.advertised.get(path, len(self.files[path]))
-  def etag(self, path: str) -> str: return hashlib.sha256(self.files[path]).hexdigest()
+  def size(self, path: str) -> int:
+    return self.advertised.get(path, len(self.files[path]))
+
+  def etag(self, path: str) -> str:
+    return hashlib.sha256(self.files[path]).hexdigest()
 
 
 @dataclass
@@ -59,7 +64,8 @@ class FakeHub:
     self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
   @property
-  def url(self) -> str: return f"http://127.0.0.1:{self.server.server_address[1]}"
+  def url(self) -> str:
+    return f"http://127.0.0.1:{self.server.server_address[1]}"
 
   def __enter__(self) -> FakeHub:
     self.thread.start()
@@ -83,44 +89,69 @@ class FakeHub:
 
 def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
   class Handler(BaseHTTPRequestHandler):
-    def log_message(self, *args) -> None: pass
+    def log_message(self, *args) -> None:
+      pass
 
-    def do_HEAD(self) -> None: self.do_GET()
+    def do_HEAD(self) -> None:
+      self.do_GET()
 
     def do_GET(self) -> None:
       raw = urlsplit(self.path).path
       hub.log.append(Request(self.command, unquote(raw), self.headers.get("Range"), self.headers.get("Authorization")))
       parts = raw.strip("/").split("/")
-      if parts[:2] == ["api", "models"] and len(parts) >= 5: return self.api(parts[2:])
-      if len(parts) >= 5 and parts[2] == "resolve": return self.resolve(parts)
+      if parts[:2] == ["api", "models"] and len(parts) >= 5:
+        return self.api(parts[2:])
+      if len(parts) >= 5 and parts[2] == "resolve":
+        return self.resolve(parts)
       self.send(404, {"error": "Not found"})
 
     def api(self, parts: list[str]) -> None:
       repo_id, kind, rev = "/".join(parts[:2]), parts[2], unquote(parts[3])
-      if (repo := self.find(repo_id, rev)) is None: return
+      if (repo := self.find(repo_id, rev)) is None:
+        return
       if kind == "revision":
-        return self.send(200, {"id": repo_id, "sha": repo.sha, "gated": "manual" if repo.gated else False,
-                               "siblings": [{"rfilename": f} for f in repo.files]})
-      self.send(200, [{"type": "file", "path": f, "size": repo.size(f), "oid": hashlib.sha1(d).hexdigest()}
-                      for f, d in repo.files.items()])
+        return self.send(
+          200,
+          {
+            "id": repo_id,
+            "sha": repo.sha,
+            "gated": "manual" if repo.gated else False,
+            "siblings": [{"rfilename": f} for f in repo.files],
+          },
+        )
+      self.send(
+        200,
+        [
+          {"type": "file", "path": f, "size": repo.size(f), "oid": hashlib.sha1(d).hexdigest()}
+          for f, d in repo.files.items()
+        ],
+      )
 
     def resolve(self, parts: list[str]) -> None:
       repo_id, rev, path = "/".join(parts[:2]), unquote(parts[3]), unquote("/".join(parts[4:]))
-      if (repo := self.find(repo_id, rev)) is None or not self.allowed(repo_id, repo): return
+      if (repo := self.find(repo_id, rev)) is None or not self.allowed(repo_id, repo):
+        return
       if path not in repo.files:
         return self.send(404, {"error": "Entry not found"}, "EntryNotFound", "Entry not found")
       data, size = repo.files[path], repo.size(path)
       start = int(self.headers["Range"].split("=")[1].split("-")[0]) if self.headers.get("Range") else 0
-      headers = {"X-Repo-Commit": repo.sha, "ETag": f'"{repo.etag(path)}"', "Accept-Ranges": "bytes",
-                 "Content-Type": "application/octet-stream"}
-      if start: headers["Content-Range"] = f"bytes {start}-{size - 1}/{size}"
+      headers = {
+        "X-Repo-Commit": repo.sha,
+        "ETag": f'"{repo.etag(path)}"',
+        "Accept-Ranges": "bytes",
+        "Content-Type": "application/octet-stream",
+      }
+      if start:
+        headers["Content-Range"] = f"bytes {start}-{size - 1}/{size}"
       self.send_response(206 if start else 200)
-      for k, v in {**headers, "Content-Length": str(size - start)}.items(): self.send_header(k, v)
+      for k, v in {**headers, "Content-Length": str(size - start)}.items():
+        self.send_header(k, v)
       self.end_headers()
-      if self.command == "HEAD": return
+      if self.command == "HEAD":
+        return
       faults = hub.faults.get((repo_id, path))
       fault = faults.pop(0) if faults else None
-      body = data[start:] if fault is None else data[start:start + fault.after]
+      body = data[start:] if fault is None else data[start : start + fault.after]
       self.wfile.write(body)
       self.wfile.flush()
       if fault and fault.kind == "stall":
@@ -140,10 +171,13 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
 
     def allowed(self, repo_id: str, repo: Repo) -> bool:
       auth = self.headers.get("Authorization")
-      if not repo.gated or auth == f"Bearer {GOOD_TOKEN}": return True
+      if not repo.gated or auth == f"Bearer {GOOD_TOKEN}":
+        return True
       if auth is None:
-        msg = (f"Access to model {repo_id} is restricted. You must have access to it and be authenticated "
-               "to access it. Please log in.")
+        msg = (
+          f"Access to model {repo_id} is restricted. You must have access to it and be authenticated "
+          "to access it. Please log in."
+        )
         self.send(401, {"error": msg}, "GatedRepo", msg)
       else:
         msg = f"Access to model {repo_id} is restricted and you are not in the authorized list."
@@ -155,15 +189,19 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
       self.send_response(code)
       self.send_header("Content-Type", "application/json")
       self.send_header("Content-Length", str(len(body)))
-      if error_code: self.send_header("X-Error-Code", error_code)
-      if message: self.send_header("X-Error-Message", message)
+      if error_code:
+        self.send_header("X-Error-Code", error_code)
+      if message:
+        self.send_header("X-Error-Message", message)
       self.end_headers()
-      if self.command != "HEAD": self.wfile.write(body)
+      if self.command != "HEAD":
+        self.wfile.write(body)
 
   return Handler
 
 
 # ---- model files -------------------------------------------------------------------------------
+
 
 def random_bytes(n: int, seed: int = 0) -> bytes:
   return random.Random(seed).randbytes(n)
@@ -178,13 +216,18 @@ def safetensors_file(n_bytes: int, seed: int = 0) -> bytes:
 
 def gguf_file(arch: str, tensors: dict[str, list[int]], seed: int = 0) -> bytes:
   """A minimal GGUF v3 file: general.architecture + F32 tensor infos + random data."""
-  def string(s: str) -> bytes: return struct.pack("<Q", len(s)) + s.encode()
+
+  def string(s: str) -> bytes:
+    return struct.pack("<Q", len(s)) + s.encode()
+
   kv = string("general.architecture") + struct.pack("<I", 8) + string(arch)
   kv += string("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, 2) + string("a") + string("b")
   kv += string("general.alignment") + struct.pack("<II", 4, 32)
   infos, offset = b"", 0
   for name, dims in tensors.items():
-    infos += string(name) + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims) + struct.pack("<IQ", 0, offset)
+    infos += (
+      string(name) + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims) + struct.pack("<IQ", 0, offset)
+    )
     offset += 4 * _numel(dims)
   head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), 3) + kv + infos
   return head + b"\0" * (-len(head) % 32) + random_bytes(offset, seed)
@@ -192,14 +235,23 @@ def gguf_file(arch: str, tensors: dict[str, list[int]], seed: int = 0) -> bytes:
 
 def _numel(dims: list[int]) -> int:
   n = 1
-  for d in dims: n *= d
+  for d in dims:
+    n *= d
   return n
 
 
 TINY_LLAMA_CONFIG = {
-  "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
-  "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000,
-  "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+  "architectures": ["LlamaForCausalLM"],
+  "model_type": "llama",
+  "hidden_size": 64,
+  "intermediate_size": 128,
+  "num_hidden_layers": 2,
+  "num_attention_heads": 4,
+  "num_key_value_heads": 2,
+  "vocab_size": 1000,
+  "max_position_embeddings": 256,
+  "rms_norm_eps": 1e-5,
+  "tie_word_embeddings": False,
 }
 TINY_LLAMA_PARAMS = "202K"  # 2 layers * (64*16*(2*4+2*2) + 3*64*128 + 2*64) + 2*1000*64 + 64 = 202,048
 
@@ -208,7 +260,9 @@ def tiny_llama_files(weights_kb: int = 300, seed: int = 0) -> dict[str, bytes]:
   return {
     "config.json": json.dumps(TINY_LLAMA_CONFIG).encode(),
     "generation_config.json": b'{"bos_token_id": 1, "eos_token_id": 2, "temperature": 0.6}',
-    "tokenizer.json": json.dumps({"version": "1.0", "model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}}).encode(),
+    "tokenizer.json": json.dumps(
+      {"version": "1.0", "model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}}
+    ).encode(),
     "tokenizer_config.json": b'{"chat_template": "{{ messages }}"}',
     "model.safetensors": safetensors_file(weights_kb * 1000, seed),
   }
@@ -216,19 +270,35 @@ def tiny_llama_files(weights_kb: int = 300, seed: int = 0) -> dict[str, bytes]:
 
 def default_repos() -> dict[str, Repo]:
   llama = tiny_llama_files()
-  bert = {"config.json": json.dumps({"architectures": ["BertModel"], "model_type": "bert"}).encode(),
-          "model.safetensors": safetensors_file(1000)}
+  bert = {
+    "config.json": json.dumps({"architectures": ["BertModel"], "model_type": "bert"}).encode(),
+    "model.safetensors": safetensors_file(1000),
+  }
   sharded = {k: v for k, v in tiny_llama_files(seed=3).items() if k != "model.safetensors"}
-  sharded |= {"model-00001-of-00002.safetensors": safetensors_file(200_000, seed=4),
-              "model-00002-of-00002.safetensors": safetensors_file(400_000, seed=5),
-              "model.safetensors.index.json": b'{"weight_map": {}}'}
+  sharded |= {
+    "model-00001-of-00002.safetensors": safetensors_file(200_000, seed=4),
+    "model-00002-of-00002.safetensors": safetensors_file(400_000, seed=5),
+    "model.safetensors.index.json": b'{"weight_map": {}}',
+  }
   gguf_tensors = {"token_embd.weight": [64, 1000], "blk.0.attn_q.weight": [64, 64]}
   return {
-    "org/tiny-llama": Repo({**llama, "README.md": b"# tiny", ".gitattributes": b"*.bin lfs",
-                            "pytorch_model.bin": random_bytes(5000), "onnx/model.safetensors": safetensors_file(500)},
-                           branches=("main", "v1")),
-    "org/tiny-llama-GGUF": Repo({"README.md": b"# gguf", "tiny-llama-Q8_0.gguf": gguf_file("llama", gguf_tensors, 1),
-                                 "tiny-llama-Q4_K_M.gguf": gguf_file("llama", gguf_tensors, 2)}),
+    "org/tiny-llama": Repo(
+      {
+        **llama,
+        "README.md": b"# tiny",
+        ".gitattributes": b"*.bin lfs",
+        "pytorch_model.bin": random_bytes(5000),
+        "onnx/model.safetensors": safetensors_file(500),
+      },
+      branches=("main", "v1"),
+    ),
+    "org/tiny-llama-GGUF": Repo(
+      {
+        "README.md": b"# gguf",
+        "tiny-llama-Q8_0.gguf": gguf_file("llama", gguf_tensors, 1),
+        "tiny-llama-Q4_K_M.gguf": gguf_file("llama", gguf_tensors, 2),
+      }
+    ),
     "org/gated-llama": Repo(tiny_llama_files(weights_kb=20, seed=6), gated=True),
     "org/bert": Repo(bert),
     "org/flaky": Repo(tiny_llama_files(weights_kb=300, seed=7)),

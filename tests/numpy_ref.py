@@ -1,4 +1,5 @@
 """Independent NumPy reference forward pass for llama / qwen2 / qwen3 (float64 internally)."""
+
 from __future__ import annotations
 import numpy as np
 
@@ -13,7 +14,7 @@ def rope(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
   inv_freq = 1.0 / theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
   freqs = positions[:, None].astype(np.float64) * inv_freq[None, :]
   emb = np.concatenate([freqs, freqs], axis=-1)[:, None, :]
-  x1, x2 = x[..., :d // 2], x[..., d // 2:]
+  x1, x2 = x[..., : d // 2], x[..., d // 2 :]
   return x * np.cos(emb) + np.concatenate([-x2, x1], axis=-1) * np.sin(emb)
 
 

@@ -32,7 +32,8 @@ def test_engine_stays_within_1000_formatted_lines():
     part = f.relative_to(CORE).parts[0]
     sizes[part if part in OUTSIDE else "engine"] += code_lines(f)
   print(
-    f"tinyvllm_core formatted lines: engine {sizes['engine']} (budget 1000), kernels/ {sizes['kernels']}, formats/ {sizes['formats']}"
+    f"tinyvllm_core formatted lines: engine {sizes['engine']} (budget 1000), "
+    f"kernels/ {sizes['kernels']}, formats/ {sizes['formats']}"
   )
   assert sizes["kernels"] > 0 and sizes["formats"] > 0, "kernels/ and formats/ are counted apart from the engine"
   assert sizes["engine"] <= 1000, (

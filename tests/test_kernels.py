@@ -3,6 +3,7 @@ import pytest
 from tinygrad import Tensor, dtypes
 from tinyvllm_core.kernels.linear import gather_rows, linear, quantize_int8, to_panels
 
+
 # The CPU matmul reads weights as [N/8, K, 8] panels with a register block chosen from the row count and the
 # panel count; every block shape (and the size-1 ranges the optimizer skips) must give x @ W.T.
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 6, 8, 12])
@@ -12,13 +13,17 @@ def test_panel_linear_matches_numpy(M, N, K):
   x, w = rng.standard_normal((M, K), dtype=np.float32), rng.standard_normal((N, K), dtype=np.float32)
   y = linear(Tensor(x), to_panels(Tensor(w)).realize()).numpy()
   np.testing.assert_allclose(y, x @ w.T, rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(linear(Tensor(x), Tensor(w)).numpy(), x @ w.T, rtol=1e-4, atol=1e-4)  # the [N, K] path other devices use
+  np.testing.assert_allclose(
+    linear(Tensor(x), Tensor(w)).numpy(), x @ w.T, rtol=1e-4, atol=1e-4
+  )  # the [N, K] path other devices use
+
 
 def test_gather_rows_reads_panels_like_rows():
   table = np.arange(24 * 5, dtype=np.float32).reshape(24, 5)
   index = np.array([0, 7, 8, 23, 9], dtype=np.int32)
   np.testing.assert_array_equal(gather_rows(Tensor(table), Tensor(index)).numpy(), table[index])
   np.testing.assert_array_equal(gather_rows(to_panels(Tensor(table)).realize(), Tensor(index)).numpy(), table[index])
+
 
 @pytest.mark.parametrize("M", [1, 2, 4, 8, 128])  # 128 rows and more: dequantized first, then the float32 kernel
 def test_int8_panels_match_their_dequantized_weights(M):
@@ -27,11 +32,19 @@ def test_int8_panels_match_their_dequantized_weights(M):
   rng = np.random.default_rng(M)
   x, w = rng.standard_normal((M, 64), dtype=np.float32), rng.standard_normal((48, 64), dtype=np.float32)
   q, scale = (to_panels(t).realize() for t in quantize_int8(Tensor(w)))
-  qn, sn = q.numpy().transpose(0, 2, 1).reshape(48, 64).astype(np.float32), scale.numpy().transpose(0, 2, 1).reshape(48, 2)
+  qn, sn = (
+    q.numpy().transpose(0, 2, 1).reshape(48, 64).astype(np.float32),
+    scale.numpy().transpose(0, 2, 1).reshape(48, 2),
+  )
   dequant = qn * np.repeat(sn, 32, axis=1)
   assert np.abs(dequant - w).max() <= sn.max() / 2 + 1e-6 and np.abs(qn).max() == 127
   np.testing.assert_allclose(linear(Tensor(x), q, scale).numpy(), x @ dequant.T, rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(gather_rows(q, Tensor(np.array([0, 47, 9], dtype=np.int32)), scale, dtype=dtypes.float32).numpy(), dequant[[0, 47, 9]], rtol=1e-6)
+  np.testing.assert_allclose(
+    gather_rows(q, Tensor(np.array([0, 47, 9], dtype=np.int32)), scale, dtype=dtypes.float32).numpy(),
+    dequant[[0, 47, 9]],
+    rtol=1e-6,
+  )
+
 
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 8, 128])
 @pytest.mark.parametrize("K", [32, 96])
@@ -47,7 +60,10 @@ def test_4bit_panels_match_their_dequantized_weights(M, K):
   x = rng.standard_normal((M, K), dtype=np.float32)
   np.testing.assert_allclose(linear(Tensor(x), q, s, m).numpy(), x @ w.T, rtol=1e-4, atol=1e-4)
   rows = np.array([0, 47, 9, 8], dtype=np.int32)
-  np.testing.assert_allclose(gather_rows(q, Tensor(rows), s, m, dtype=dtypes.float32).numpy(), w[rows], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    gather_rows(q, Tensor(rows), s, m, dtype=dtypes.float32).numpy(), w[rows], rtol=1e-6, atol=1e-6
+  )
+
 
 @pytest.mark.parametrize("device", ["CPU", "PYTHON"])
 def test_masked_exp_and_split_kernels_on_devices_with_and_without_threads(device, monkeypatch):
@@ -56,14 +72,23 @@ def test_masked_exp_and_split_kernels_on_devices_with_and_without_threads(device
   the same kernels unsplit."""
   from tinygrad.helpers import DEV, NUM_CPU_THREADS
   from tinyvllm_core.kernels.attention import _masked_exp
+
   monkeypatch.setattr(NUM_CPU_THREADS, "value", 2)
   monkeypatch.setattr(DEV, "value", device)
   rng = np.random.default_rng(0)
   scores, context_lens = rng.standard_normal((4, 2, 8), dtype=np.float32), np.array([1, 3, 8, 5], dtype=np.int32)
-  got = Tensor.empty(4, 2, 8, device=device).custom_kernel(Tensor(scores, device=device), Tensor(context_lens, device=device),
-                                                          fxn=_masked_exp)[0].numpy()
+  got = (
+    Tensor.empty(4, 2, 8, device=device)
+    .custom_kernel(Tensor(scores, device=device), Tensor(context_lens, device=device), fxn=_masked_exp)[0]
+    .numpy()
+  )
   masked = np.where(np.arange(8) < context_lens[:, None, None], scores, -np.inf)
   want = np.exp(masked - masked.max(-1, keepdims=True))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   x, w = rng.standard_normal((4, 16), dtype=np.float32), rng.standard_normal((32, 16), dtype=np.float32)
-  np.testing.assert_allclose(linear(Tensor(x, device=device), to_panels(Tensor(w, device=device)).realize()).numpy(), x @ w.T, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+    linear(Tensor(x, device=device), to_panels(Tensor(w, device=device)).realize()).numpy(),
+    x @ w.T,
+    rtol=1e-4,
+    atol=1e-4,
+  )

@@ -1,8 +1,10 @@
 """The tinygrad forward pass (paged KV, chunked prefill, decode) against an independent NumPy reference."""
+
 import numpy as np
 import pytest
 from numpy_ref import reference_logits
 from tinyvllm_core import LLMEngine, SamplingParams
+
 
 def _engine_logits(path, prompt, num_decode, **kw):
   """(engine, logits of the last prompt token and of each decode step read from the sampled rows, all tokens)."""
@@ -15,22 +17,25 @@ def _engine_logits(path, prompt, num_decode, **kw):
       tokens.append(out.delta_token_ids[0])
   return engine, np.stack(logits), tokens
 
+
 @pytest.mark.parametrize("name", ["llama", "qwen3", "qwen2", "llama_tied_bf16_sharded", "qwen3_fp16"])
 @pytest.mark.parametrize("chunk", [512, 5])
 def test_logits_match_numpy_reference(checkpoints, name, chunk):
   path, weights, config = checkpoints[name]
   prompt = [7, 100, 42, 9, 250, 3, 77, 12, 5, 61, 8, 199, 33]
   _, got, tokens = _engine_logits(path, prompt, num_decode=4, max_num_batched_tokens=chunk)
-  ref = reference_logits(weights, config, tokens[:-1])[len(prompt) - 1:]
+  ref = reference_logits(weights, config, tokens[:-1])[len(prompt) - 1 :]
   assert got.shape == ref.shape
   np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
 
 def test_float16_engine_stays_close_to_reference(checkpoints):
   path, weights, config = checkpoints["qwen3"]
   prompt = [7, 100, 42, 9, 250, 3, 77, 12]
   _, got, tokens = _engine_logits(path, prompt, num_decode=3, dtype="float16")
-  ref = reference_logits(weights, config, tokens[:-1])[len(prompt) - 1:]
+  ref = reference_logits(weights, config, tokens[:-1])[len(prompt) - 1 :]
   assert np.abs(got - ref).max() < 2e-2 * np.abs(ref).max()
+
 
 def test_beam_search_keeps_greedy_tokens(checkpoints):
   """beam > 0 captures each jit under tinygrad's BEAM search: other kernel opts, the same model."""
@@ -39,19 +44,31 @@ def test_beam_search_keeps_greedy_tokens(checkpoints):
   _, _, searched = _engine_logits(checkpoints["llama"][0], prompt, num_decode=3, beam=1)
   assert searched == plain
 
+
 def test_bad_engine_settings(checkpoints):
   from tinyvllm_core import ConfigError
-  for kw in (dict(block_size=0), dict(kv_cache_gb=0), dict(dtype="int4"), dict(max_num_seqs=0), dict(quantize="int4"), dict(beam=-1)):
-    with pytest.raises(ConfigError): LLMEngine(checkpoints["llama"][0], device="CPU", **kw)
+
+  for kw in (
+    dict(block_size=0),
+    dict(kv_cache_gb=0),
+    dict(dtype="int4"),
+    dict(max_num_seqs=0),
+    dict(quantize="int4"),
+    dict(beam=-1),
+  ):
+    with pytest.raises(ConfigError):
+      LLMEngine(checkpoints["llama"][0], device="CPU", **kw)
+
 
 def test_kernels_split_over_threads_match_reference(checkpoints, monkeypatch):
   """With 2 CPU threads the big kernels are split in two and the runner runs the parts on two threads at once."""
   from tinygrad.helpers import NUM_CPU_THREADS
+
   monkeypatch.setattr(NUM_CPU_THREADS, "value", 2)
   path, weights, config = checkpoints["qwen3"]
   prompt = [(i * 37) % 200 + 3 for i in range(40)]
   engine, got, tokens = _engine_logits(path, prompt, num_decode=3)
   assert engine.runner.workers  # threads for the other parts of split kernels
   assert any(core_id is not None for replay in engine.runner.direct.values() for *_, core_id, _ in replay.kernels)
-  ref = reference_logits(weights, config, tokens[:-1])[len(prompt) - 1:]
+  ref = reference_logits(weights, config, tokens[:-1])[len(prompt) - 1 :]
   np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())

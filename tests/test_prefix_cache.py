@@ -1,27 +1,39 @@
 """Prefix caching: same greedy tokens with the cache on and off; hits are counted, shared and collision-safe."""
+
 import pytest
 import tinyvllm_core.block_manager as block_manager
 from tinyvllm_core import LLMEngine, SamplingParams
 from test_batching import run, check_block_accounting
 
 SYSTEM = list(range(30, 70))  # 40 shared tokens = 10 blocks of 4
-PROMPTS = [SYSTEM + [5, 6, 7], SYSTEM + [8], SYSTEM[:20], SYSTEM + [5, 6, 7], SYSTEM[:24], SYSTEM + [9, 9, 9, 9, 9, 9, 9, 9, 1]]
+PROMPTS = [
+  SYSTEM + [5, 6, 7],
+  SYSTEM + [8],
+  SYSTEM[:20],
+  SYSTEM + [5, 6, 7],
+  SYSTEM[:24],
+  SYSTEM + [9, 9, 9, 9, 9, 9, 9, 9, 1],
+]
+
 
 def engine(path, caching, **kw):
   return LLMEngine(path, device="CPU", block_size=4, enable_prefix_caching=caching, **{"num_blocks": 128, **kw})
+
 
 @pytest.fixture(scope="module")
 def no_cache(checkpoints):
   e = engine(checkpoints["llama"][0], False)
   return {i: run(e, [p])[0][0] for i, p in enumerate(PROMPTS)}
 
+
 def test_cache_on_equals_off_one_by_one(checkpoints, no_cache):
   e = engine(checkpoints["llama"][0], True)
   cached = []
   for i, p in enumerate(PROMPTS):
-    rid = e.add_request(p, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    e.add_request(p, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
     outs = []
-    while e.has_unfinished_requests(): outs += [o for o in e.step() if o.finished]
+    while e.has_unfinished_requests():
+      outs += [o for o in e.step() if o.finished]
     assert outs[0].token_ids == no_cache[i]
     cached.append(outs[0].num_cached_tokens)
   # first prompt misses; the others reuse SYSTEM's full blocks; SYSTEM[:20] and [:24] are entirely cached
@@ -30,10 +42,14 @@ def test_cache_on_equals_off_one_by_one(checkpoints, no_cache):
   assert e.stats()["prefix_cache_hit_rate"] > 0.5
   assert e.block_manager.num_free_blocks == e.block_manager.num_total_blocks
 
+
 def test_cache_on_equals_off_batched_and_preempted(checkpoints, no_cache):
   assert run(engine(checkpoints["llama"][0], True), PROMPTS, [0, 0, 1, 1, 2, 3])[0] == no_cache
-  done, preempted = run(engine(checkpoints["llama"][0], True, num_blocks=24, max_num_batched_tokens=16), PROMPTS, [0, 1, 2, 3, 4, 5])
+  done, preempted = run(
+    engine(checkpoints["llama"][0], True, num_blocks=24, max_num_batched_tokens=16), PROMPTS, [0, 1, 2, 3, 4, 5]
+  )
   assert preempted > 0 and done == no_cache
+
 
 def test_shared_blocks_are_ref_counted(checkpoints):
   e = engine(checkpoints["llama"][0], True)
@@ -46,11 +62,14 @@ def test_shared_blocks_are_ref_counted(checkpoints):
   assert len(shared) == 10 and all(e.block_manager.blocks[i].ref_count == 2 for i in shared)
   check_block_accounting(e)
 
+
 def _one(e, prompt, max_tokens=10):
   e.add_request(prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
   outs = []
-  while e.has_unfinished_requests(): outs += [o for o in e.step() if o.finished]
+  while e.has_unfinished_requests():
+    outs += [o for o in e.step() if o.finished]
   return outs[0]
+
 
 def test_hash_collision_never_serves_wrong_kv(checkpoints, monkeypatch):
   path = checkpoints["llama"][0]
@@ -61,12 +80,15 @@ def test_hash_collision_never_serves_wrong_kv(checkpoints, monkeypatch):
   _one(e, PROMPTS[0])
   out = _one(e, other)
   assert out.num_cached_tokens == 0 and out.token_ids == expected
-  assert _one(e, PROMPTS[0]).num_cached_tokens == 4  # a true match is still found (first block; later ones collide away)
+  assert (
+    _one(e, PROMPTS[0]).num_cached_tokens == 4
+  )  # a true match is still found (first block; later ones collide away)
+
 
 def test_lru_eviction_drops_chain_tails_first(checkpoints):
   e = engine(checkpoints["llama"][0], True, num_blocks=21)  # 20 usable blocks of 4 tokens
-  assert _one(e, SYSTEM[:17], 1).num_cached_tokens == 0     # 5 blocks, the first 4 full and cached
+  assert _one(e, SYSTEM[:17], 1).num_cached_tokens == 0  # 5 blocks, the first 4 full and cached
   assert _one(e, SYSTEM[:17], 1).num_cached_tokens == 16
-  _one(e, list(range(100, 166)), 1)                         # 17 blocks: the 15 never used, then the chain's tail
-  assert _one(e, SYSTEM[:17], 1).num_cached_tokens == 12    # the chain's head survived
+  _one(e, list(range(100, 166)), 1)  # 17 blocks: the 15 never used, then the chain's tail
+  assert _one(e, SYSTEM[:17], 1).num_cached_tokens == 12  # the chain's head survived
   assert e.block_manager.num_free_blocks == 20

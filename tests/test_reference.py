@@ -18,7 +18,9 @@ def _load(d):
 def test_checkpoint_roundtrip(tmp_path, family, dtype):
   d = make_checkpoint(tmp_path / "m", family, dtype=dtype)
   w, cfg = _load(d)
-  assert cfg["architectures"] == [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[family]]
+  assert cfg["architectures"] == [
+    {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[family]
+  ]
   assert cfg["torch_dtype"] == dtype and cfg["model_type"] == family
   D = cfg.get("head_dim", 16)
   assert D == (32 if family == "qwen3" else 16) and ("head_dim" in cfg) == (family == "qwen3")
@@ -29,18 +31,21 @@ def test_checkpoint_roundtrip(tmp_path, family, dtype):
   assert w["model.layers.0.mlp.down_proj.weight"].shape == (64, 128)
   assert ("model.layers.0.self_attn.q_proj.bias" in w) == (family == "qwen2")
   assert ("model.layers.0.self_attn.k_norm.weight" in w) == (family == "qwen3")
-  if family == "qwen3": assert w["model.layers.0.self_attn.q_norm.weight"].shape == (32,)
+  if family == "qwen3":
+    assert w["model.layers.0.self_attn.q_norm.weight"].shape == (32,)
   assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in w.values())
   if dtype != "bfloat16":  # the safetensors library agrees with our own reader
     ref = load_file(str(d / "model.safetensors"))
     assert all(np.array_equal(ref[k].astype(np.float32), w[k]) for k in w) and set(ref) == set(w)
   f32, _ = _load(make_checkpoint(tmp_path / "f32", family))
   tol = {"float32": 0, "float16": 1e-3, "bfloat16": 8e-3}[dtype]
-  for k in w: np.testing.assert_allclose(w[k], f32[k], rtol=tol, atol=tol * 1e-2)
+  for k in w:
+    np.testing.assert_allclose(w[k], f32[k], rtol=tol, atol=tol * 1e-2)
 
 
 def test_bf16_rounding(tmp_path):
   from model_factory import _bf16_bits
+
   x = np.array([1.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, 1.0 + 2**-8 + 2**-20, -2.5], dtype=np.float32)
   back = (_bf16_bits(x).astype(np.uint32) << 16).view(np.float32)
   assert back.tolist() == [1.0, 1.0, 1.0 + 4 * 2**-8, 1.0 + 2 * 2**-8, -2.5]
@@ -68,9 +73,12 @@ def test_tokenizer(tmp_path):
   ids = tok.encode(text).ids
   assert tok.decode(ids) == text and len(ids) < len(text) and max(ids) < 300
   cfg, tcfg = json.loads((d / "config.json").read_text()), json.loads((d / "tokenizer_config.json").read_text())
-  for s in ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]: assert len(tok.encode(s).ids) == 1
+  for s in ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]:
+    assert len(tok.encode(s).ids) == 1
   assert tok.encode("<|im_start|>user\nhi<|im_end|>").ids[0] == tok.token_to_id("<|im_start|>")
-  assert cfg["eos_token_id"] == tok.token_to_id("<|im_end|>") and cfg["bos_token_id"] == tok.token_to_id("<|endoftext|>")
+  assert cfg["eos_token_id"] == tok.token_to_id("<|im_end|>") and cfg["bos_token_id"] == tok.token_to_id(
+    "<|endoftext|>"
+  )
   assert tcfg["eos_token"] == "<|im_end|>" and "<|im_start|>" in tcfg["chat_template"]
   assert tok.get_vocab_size() <= cfg["vocab_size"]
 
@@ -95,7 +103,7 @@ def test_reference_causal(tmp_path, family):
 def test_reference_matches_loops(tmp_path):
   w, cfg = _load(make_checkpoint(tmp_path / "m", "llama", seed=3, num_layers=1))
   toks = [3, 100, 42, 250, 7]
-  T, H, nh, nkv, D, eps, theta = len(toks), 64, 4, 2, 16, cfg["rms_norm_eps"], cfg["rope_theta"]
+  T, nh, nkv, D, eps, theta = len(toks), 4, 2, 16, cfg["rms_norm_eps"], cfg["rope_theta"]
   L = {k: v.astype(np.float64) for k, v in w.items()}
   p = "model.layers.0."
 
@@ -120,11 +128,12 @@ def test_reference_matches_loops(tmp_path):
   attn = np.zeros(nh * D)
   for head in range(nh):
     kvh = head // (nh // nkv)
-    qh = rot(q[head * D:(head + 1) * D], T - 1)
-    scores = [float(qh @ rot(ks[t][kvh * D:(kvh + 1) * D], t)) / math.sqrt(D) for t in range(T)]
+    qh = rot(q[head * D : (head + 1) * D], T - 1)
+    scores = [float(qh @ rot(ks[t][kvh * D : (kvh + 1) * D], t)) / math.sqrt(D) for t in range(T)]
     m = max(scores)
     probs = [math.exp(s - m) for s in scores]
-    for t in range(T): attn[head * D:(head + 1) * D] += probs[t] / sum(probs) * vs[t][kvh * D:(kvh + 1) * D]
+    for t in range(T):
+      attn[head * D : (head + 1) * D] += probs[t] / sum(probs) * vs[t][kvh * D : (kvh + 1) * D]
   x = xs[-1] + L[p + "self_attn.o_proj.weight"] @ attn
   h = norm(x, L[p + "post_attention_layernorm.weight"])
   g, u = L[p + "mlp.gate_proj.weight"] @ h, L[p + "mlp.up_proj.weight"] @ h
