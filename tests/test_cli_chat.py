@@ -1,5 +1,6 @@
 """`tinyvllm chat` on the real SmolLM2 (greedy): the app driven through a real prompt_toolkit session on pipe
 input, Ctrl+C during a reply, /save + /load, the prefix cache over a 10-turn chat, and the piped console script."""
+
 from __future__ import annotations
 
 import io
@@ -46,6 +47,7 @@ def drive(app: ChatApp, keys: str) -> None:
 
 # ---- through the prompt ------------------------------------------------------------------------
 
+
 def test_two_turns_reuse_the_prefix_cache(smollm2, loop):
   app, screen = make_app(smollm2, loop)
   drive(app, "What is the capital of France?\n/stats\nAnd what is the capital of Germany?\n/stats\n/bye\n")
@@ -59,10 +61,15 @@ def test_two_turns_reuse_the_prefix_cache(smollm2, loop):
 
 def test_commands_and_editing(smollm2, loop):
   app, screen = make_app(smollm2, loop, system="You are a terse assistant.")
-  app.conv.load("You are a terse assistant.", [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}])
-  drive(app, "/set temperature 0\n/set temperature -1\n/set top_k many\n/set colour blue\n/set max_tokens 8\n"
-             "/frobnicate\nnever sent\x03/clear\n/think\n/nothink\n/show\n/help\n"
-             '"""\nSay one word:\nhello\n"""\n/exit\n')
+  app.conv.load(
+    "You are a terse assistant.", [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}]
+  )
+  drive(
+    app,
+    "/set temperature 0\n/set temperature -1\n/set top_k many\n/set colour blue\n/set max_tokens 8\n"
+    "/frobnicate\nnever sent\x03/clear\n/think\n/nothink\n/show\n/help\n"
+    '"""\nSay one word:\nhello\n"""\n/exit\n',
+  )
   lines = screen.getvalue().splitlines()
   errors = [line for line in lines if line.startswith("error:")]
   assert len(errors) == 4 and "temperature must be >= 0" in errors[0] and "top_k" in errors[1]
@@ -74,18 +81,23 @@ def test_commands_and_editing(smollm2, loop):
   assert "thinking off (this model's chat template may ignore it)" in lines
   assert app.conv.template_kwargs == {"enable_thinking": False}
   assert app.params.temperature == 0 and app.params.max_tokens == 8 and app.conv.system == "You are a terse assistant."
-  assert app.conv.messages[0] == {"role": "user", "content": "Say one word:\nhello"}  # only the multi-line message was sent
+  assert app.conv.messages[0] == {
+    "role": "user",
+    "content": "Say one word:\nhello",
+  }  # only the multi-line message was sent
   assert len(app.conv.messages) == 2 and app.last_stats.generated_tokens <= 8
 
 
 def test_ctrl_c_during_a_reply_keeps_the_chat(smollm2, loop, monkeypatch):
   app, screen = make_app(smollm2, loop)
   add, calls = ReplyView.add, []
+
   def add_then_ctrl_c(view, delta):
     add(view, delta)
     if delta and not calls:
       calls.append(delta)
       raise KeyboardInterrupt  # the user presses Ctrl+C right after the first words appear
+
   monkeypatch.setattr(ReplyView, "add", add_then_ctrl_c)
   drive(app, "Write a long story about a dragon.\nWhat is the capital of France?\n/bye\n")
   text = screen.getvalue()
@@ -105,7 +117,12 @@ def test_save_and_load_round_trip(smollm2, loop, tmp_path):
   saved = tmp_path / "chat.json"
   other, other_screen = make_app(smollm2, loop)
   app.handle_line(f"/save {saved}")
-  for line in (f"/load {tmp_path / 'missing.json'}", f"/load {tmp_path / 'bad.json'}", f"/load {tmp_path / 'shape.json'}", f"/load {saved}"):
+  for line in (
+    f"/load {tmp_path / 'missing.json'}",
+    f"/load {tmp_path / 'bad.json'}",
+    f"/load {tmp_path / 'shape.json'}",
+    f"/load {saved}",
+  ):
     assert other.handle_line(line)
   errors = [line for line in other_screen.getvalue().splitlines() if line.startswith("error:")]
   assert len(errors) == 3 and "No such file" in errors[0] and "message 0" in errors[2]
@@ -122,7 +139,11 @@ def test_a_long_history_drops_the_oldest_turns(smollm2, loop):
   app.params = SamplingParams(temperature=0, max_tokens=smollm2.engine.max_model_len - 300)
   ids = app.fit_context("And now?")
   assert ids is not None and len(ids) + app.params.max_tokens <= smollm2.engine.max_model_len
-  assert app.conv.system == "Keep me." and 2 <= len(app.conv.messages) < 13 and app.conv.messages[-1]["content"] == "And now?"
+  assert (
+    app.conv.system == "Keep me."
+    and 2 <= len(app.conv.messages) < 13
+    and app.conv.messages[-1]["content"] == "And now?"
+  )
   assert "oldest turns to fit" in screen.getvalue()
 
 
@@ -130,13 +151,17 @@ def test_a_long_history_drops_the_oldest_turns(smollm2, loop):
 
 TURNS = [
   "Hi! I am planning a small vegetable garden in my backyard this spring and would like some advice to get started.",
-  "The garden gets about six hours of direct sunlight each day. Which vegetables would grow well in that amount of sun?",
+  "The garden gets about six hours of direct sunlight each day. Which vegetables would grow "
+  "well in that amount of sun?",
   "I like tomatoes and peppers the most. How far apart should I plant them so that they have enough room to grow?",
   "What kind of soil do tomatoes prefer, and should I add compost or some kind of fertilizer before planting them?",
-  "How often should I water the garden during the hot summer months, and is it better to water in the morning or evening?",
+  "How often should I water the garden during the hot summer months, and is it better to "
+  "water in the morning or evening?",
   "Some of the leaves on my tomato plants are turning yellow at the bottom. What could be causing this problem?",
-  "Are there any natural ways to keep aphids and other small insects away from my pepper plants without using chemicals?",
-  "When is the right time to harvest peppers, and how can I tell whether a tomato is ripe enough to pick from the vine?",
+  "Are there any natural ways to keep aphids and other small insects away from my pepper "
+  "plants without using chemicals?",
+  "When is the right time to harvest peppers, and how can I tell whether a tomato is ripe "
+  "enough to pick from the vine?",
   "Could I grow some herbs like basil and parsley next to the tomatoes, or would they compete for water and nutrients?",
   "Thank you for all the help! Can you give me a short summary of the most important tips for my first garden?",
 ]
@@ -155,7 +180,7 @@ def test_ten_turn_chat_is_served_from_the_prefix_cache(smollm2, loop):
     ttfts.append(stream.ttft)
     if previous:
       seen = previous[0] + previous[1]  # the last turn's prompt and generated ids
-      assert ids[:len(seen)] == seen, f"turn {turn}: the prompt does not start with what the model saw and generated"
+      assert ids[: len(seen)] == seen, f"turn {turn}: the prompt does not start with what the model saw and generated"
       computed = len(seen) - 1  # the last sampled token is never fed back, so its KV was not computed
       assert out.num_cached_tokens >= computed // bs * bs, f"turn {turn}: {out.num_cached_tokens} cached of {len(ids)}"
     previous = (ids, out.token_ids)
@@ -165,12 +190,19 @@ def test_ten_turn_chat_is_served_from_the_prefix_cache(smollm2, loop):
 
 # ---- the console script ------------------------------------------------------------------------
 
+
 def test_piped_one_shot_with_the_console_script(tmp_path):
   exe = shutil.which("tinyvllm")
   cmd = [exe] if exe else [sys.executable, "-m", "tinyvllm_cli"]
   env = {**os.environ, "TINYVLLM_HOME": str(tmp_path), "NO_COLOR": "1"}  # no last pulled model: the embedded SmolLM2
-  done = subprocess.run([*cmd, "chat", "--temperature", "0", "--max-tokens", "24"], input="What is the capital of France?\n",
-                        capture_output=True, text=True, env=env, timeout=300)
+  done = subprocess.run(
+    [*cmd, "chat", "--temperature", "0", "--max-tokens", "24"],
+    input="What is the capital of France?\n",
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+  )
   assert done.returncode == 0, done.stderr
   assert "Paris" in done.stdout and "Traceback" not in done.stderr
 
@@ -179,9 +211,12 @@ def test_piped_errors_are_one_line(tmp_path):
   exe = shutil.which("tinyvllm")
   cmd = [exe] if exe else [sys.executable, "-m", "tinyvllm_cli"]
   env = {**os.environ, "TINYVLLM_HOME": str(tmp_path)}
-  for args, stdin, expected in [(["--temperature", "-1"], "hi", "temperature must be >= 0"), ([], "  \n", "stdin is empty"),
-                                (["--model", str(tmp_path / "none.gguf")], "hi", "no such model"),
-                                (["--dtype", "half"], "hi", "--dtype 'half': choose auto, float32, float16 or bfloat16")]:
+  for args, stdin, expected in [
+    (["--temperature", "-1"], "hi", "temperature must be >= 0"),
+    ([], "  \n", "stdin is empty"),
+    (["--model", str(tmp_path / "none.gguf")], "hi", "no such model"),
+    (["--dtype", "half"], "hi", "--dtype 'half': choose auto, float32, float16 or bfloat16"),
+  ]:
     done = subprocess.run([*cmd, "chat", *args], input=stdin, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.startswith("error:") and expected in done.stderr and len(done.stderr.strip().splitlines()) == 1
@@ -193,14 +228,35 @@ def test_piped_one_shot_in_float16_reaches_the_engine(checkpoints, monkeypatch):
   from typer.testing import CliRunner
   from tinyvllm_cli import chat as chat_module
   from tinyvllm_cli.main import app
+
   load, engines = chat_module.load_engine, []
+
   def spy(*args, **kwargs):
     engines.append(load(*args, **kwargs)[0])
     return engines[-1], "tiny"
+
   monkeypatch.setattr(chat_module, "load_engine", spy)
-  r = CliRunner().invoke(app, ["chat", "--model", str(checkpoints["llama"][0]), "--device", "CPU", "--dtype", "float16",
-                               "--temperature", "0", "--max-tokens", "4", "--kv-cache-gb", "0.01", "-v"], input="hello there\n",
-                         env={"COLUMNS": "200", "NO_COLOR": "1"})
+  r = CliRunner().invoke(
+    app,
+    [
+      "chat",
+      "--model",
+      str(checkpoints["llama"][0]),
+      "--device",
+      "CPU",
+      "--dtype",
+      "float16",
+      "--temperature",
+      "0",
+      "--max-tokens",
+      "4",
+      "--kv-cache-gb",
+      "0.01",
+      "-v",
+    ],
+    input="hello there\n",
+    env={"COLUMNS": "200", "NO_COLOR": "1"},
+  )
   assert r.exit_code == 0 and "Traceback" not in r.output, r.output
   model = engines[0].runner.model
   assert engines[0].config.dtype == "float16" and model.dtype == dtypes.float16
@@ -213,22 +269,28 @@ def test_a_dtype_the_backend_cannot_compile_is_one_line(capfd):
   """bfloat16 does not compile for every CPU (clang: __bf16 is not supported on this target): one ValueError line
   naming the fix, and the compiler's messages stay off the terminal. Where it compiles, nothing is raised."""
   from tinyvllm_cli.engine_options import check_dtype_compiles
+
   for dtype in ("auto", "float32", "float16", "bfloat16"):
-    try: check_dtype_compiles(dtype, "CPU")
+    try:
+      check_dtype_compiles(dtype, "CPU")
     except ValueError as e:
-      assert dtype == "bfloat16" and str(e).startswith("--dtype bfloat16 does not work on CPU here (") and "\n" not in str(e), e
+      assert (
+        dtype == "bfloat16" and str(e).startswith("--dtype bfloat16 does not work on CPU here (") and "\n" not in str(e)
+      ), e
       assert str(e).endswith("use float32 or float16 (or auto)")
   assert capfd.readouterr().err == ""
 
 
 # ---- pieces ------------------------------------------------------------------------------------
 
+
 def test_thinking_is_split_from_the_answer():
   assert split_thinking("<think>\nhmm, 2+2\n</think>\n\n4") == ("hmm, 2+2", "4")
   assert split_thinking("<think>still thinking") == ("still thinking", "")
   assert split_thinking("plain answer ") == ("", "plain answer ")
   f, runs = ThinkFilter(), []
-  for delta in ["<thi", "nk>a", "b</", "think", ">\n\nan", "swer <", "b>"]: runs += f.feed(delta)
+  for delta in ["<thi", "nk>a", "b</", "think", ">\n\nan", "swer <", "b>"]:
+    runs += f.feed(delta)
   runs += f.flush()
   assert "".join(t for t, thinking in runs if thinking) == "ab"
   assert "".join(t for t, thinking in runs if not thinking) == "\n\nanswer <b>"
@@ -236,18 +298,25 @@ def test_thinking_is_split_from_the_answer():
 
 class CannedStream:
   """What EngineLoop.submit returns, replaying fixed outputs (no model run)."""
+
   def __init__(self, outputs: list[RequestOutput]):
     self.outputs, self.request_id = outputs, "canned"
     self.ttft, self.first_token_time, self.finish_time = 0.1, 1.0, 2.0
-  def __iter__(self): return iter(self.outputs)
+
+  def __iter__(self):
+    return iter(self.outputs)
 
 
 class CannedLoop:
   def __init__(self, deltas: list[str]):
-    text, ids = "".join(deltas), list(range(10, 10 + len(deltas)))
-    self.outputs = [RequestOutput("canned", [1], ids[:i + 1], "".join(deltas[:i + 1]), [ids[i]], d) for i, d in enumerate(deltas)]
+    ids = list(range(10, 10 + len(deltas)))
+    self.outputs = [
+      RequestOutput("canned", [1], ids[: i + 1], "".join(deltas[: i + 1]), [ids[i]], d) for i, d in enumerate(deltas)
+    ]
     self.outputs[-1].finished, self.outputs[-1].finish_reason = True, "stop"
-  def submit(self, ids, params): return CannedStream(self.outputs)
+
+  def submit(self, ids, params):
+    return CannedStream(self.outputs)
 
 
 def test_reasoning_is_dimmed_on_a_terminal_and_kept_out_of_the_history(smollm2):
@@ -258,12 +327,17 @@ def test_reasoning_is_dimmed_on_a_terminal_and_kept_out_of_the_history(smollm2):
     app = ChatApp(smollm2.engine, CannedLoop(deltas), console, GREEDY)
     assert app.reply("Hi") is not None
     assert app.conv.messages == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there!"}]
-    if terminal: assert "\x1b[2m" in screen.getvalue() and "The user" in screen.getvalue()  # dim
-    else: assert screen.getvalue() == "Hello there!\n"  # a pipe gets the answer only
+    if terminal:
+      assert "\x1b[2m" in screen.getvalue() and "The user" in screen.getvalue()  # dim
+    else:
+      assert screen.getvalue() == "Hello there!\n"  # a pipe gets the answer only
 
 
 def test_parse_conversation_accepts_a_leading_system_message():
-  system, messages = parse_conversation({"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "u"}]})
+  system, messages = parse_conversation(
+    {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "u"}]}
+  )
   assert system == "S" and messages == [{"role": "user", "content": "u"}]
   for bad in ([], {"messages": "x"}, {"system": 3, "messages": []}, {"messages": [{"role": "user"}]}):
-    with pytest.raises(ValueError): parse_conversation(bad)
+    with pytest.raises(ValueError):
+      parse_conversation(bad)

@@ -1,4 +1,5 @@
 """`tinyvllm serve-lite`: the OpenAI-compatible server, driven by the official openai client and raw HTTP."""
+
 import http.client, json, os, re, signal, socket, subprocess, sys, threading, time
 from concurrent.futures import ThreadPoolExecutor
 import pytest
@@ -13,13 +14,15 @@ ERROR_KEYS = {"message", "type", "param", "code"}
 
 class Running:
   """A server on a free port of 127.0.0.1, serving from a thread."""
+
   def __init__(self, factory, **kw):
     self.server, self.state = make_server(factory, "127.0.0.1", 0, model_name=kw.pop("model_name", MODEL), **kw)
     self.port = self.server.server_address[1]
     self.url = f"http://127.0.0.1:{self.port}"
     threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
-  def client(self, api_key="unused") -> OpenAI: return OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=120)
+  def client(self, api_key="unused") -> OpenAI:
+    return OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=120)
 
   def request(self, method, path, body=None, headers=None) -> tuple[int, dict | str]:
     conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
@@ -28,8 +31,10 @@ class Running:
       conn.request(method, path, data, {"Content-Type": "application/json", **(headers or {})})
       resp = conn.getresponse()
       text = resp.read().decode()
-      try: return resp.status, json.loads(text)
-      except ValueError: return resp.status, text
+      try:
+        return resp.status, json.loads(text)
+      except ValueError:
+        return resp.status, text
     finally:
       conn.close()
 
@@ -42,7 +47,8 @@ class Running:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
       s = self.state.loop.stats()
-      if s["num_running"] == 0 and s["num_waiting"] == 0 and s["num_free_blocks"] == s["num_total_blocks"]: return s
+      if s["num_running"] == 0 and s["num_waiting"] == 0 and s["num_free_blocks"] == s["num_total_blocks"]:
+        return s
       time.sleep(0.05)
     raise AssertionError(f"the engine did not go idle: {self.state.loop.stats()}")
 
@@ -65,7 +71,8 @@ def srv(checkpoints):
 
 
 @pytest.fixture(scope="module")
-def client(srv): return srv.client()
+def client(srv):
+  return srv.client()
 
 
 # Every JIT-captured batch shape costs the engine seconds on this CPU: prompts of 13-15 tokens (no full 16-token
@@ -78,10 +85,12 @@ def assert_error(status_body, status, param=None):
   got, body = status_body
   assert got == status, body
   assert set(body["error"]) == ERROR_KEYS and body["error"]["message"], body
-  if param: assert body["error"]["param"] == param, body
+  if param:
+    assert body["error"]["param"] == param, body
 
 
 # ---- endpoints ---------------------------------------------------------------------------------
+
 
 def test_health_models_and_metrics(srv):
   assert srv.request("GET", "/health") == (200, {"status": "ok"})
@@ -90,9 +99,17 @@ def test_health_models_and_metrics(srv):
   assert srv.request("GET", f"/v1/models/{MODEL}")[1]["id"] == MODEL
   status, text = srv.request("GET", "/metrics")
   assert status == 200
-  for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prompt_tokens_total",
-               "generation_tokens_total", "prefix_cache_hit_rate", "time_to_first_token_seconds_bucket",
-               "inter_token_latency_seconds_bucket", "e2e_request_latency_seconds_count"):
+  for name in (
+    "num_requests_running",
+    "num_requests_waiting",
+    "kv_cache_usage_perc",
+    "prompt_tokens_total",
+    "generation_tokens_total",
+    "prefix_cache_hit_rate",
+    "time_to_first_token_seconds_bucket",
+    "inter_token_latency_seconds_bucket",
+    "e2e_request_latency_seconds_count",
+  ):
     assert f"tinyvllm:{name}{{" in text
   sample = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*\{(?:[a-z_]+="[^"]*",?)*\} -?[0-9.e+-]+$')
   assert all(line.startswith("# ") or sample.match(line) for line in text.strip().splitlines())
@@ -102,7 +119,9 @@ def test_completion_streaming_equals_non_streaming(client):
   full = client.completions.create(prompt=PROMPTS[0], **GREEDY)
   assert full.choices[0].finish_reason == "length" and full.object == "text_completion"
   assert full.usage.completion_tokens == 8 and full.usage.total_tokens == full.usage.prompt_tokens + 8
-  chunks = list(client.completions.create(prompt=PROMPTS[0], stream=True, stream_options={"include_usage": True}, **GREEDY))
+  chunks = list(
+    client.completions.create(prompt=PROMPTS[0], stream=True, stream_options={"include_usage": True}, **GREEDY)
+  )
   assert "".join(c.choices[0].text for c in chunks if c.choices) == full.choices[0].text
   assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
   assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
@@ -124,8 +143,8 @@ def test_chat_streaming_equals_non_streaming(client):
 
 def test_stop_string_ends_the_text(client):
   text = client.completions.create(prompt=PROMPTS[1], **{**GREEDY, "max_tokens": 16}).choices[0].text
-  stop = next(text[i:i + 2] for i in range(3, len(text) - 1) if text[i:i + 2].strip())
-  want = text[:text.find(stop)]
+  stop = next(text[i : i + 2] for i in range(3, len(text) - 1) if text[i : i + 2].strip())
+  want = text[: text.find(stop)]
   got = client.completions.create(prompt=PROMPTS[1], stop=[stop], **{**GREEDY, "max_tokens": 16})
   assert got.choices[0].text == want and got.choices[0].finish_reason == "stop"
   chunks = list(client.completions.create(prompt=PROMPTS[1], stop=stop, stream=True, **{**GREEDY, "max_tokens": 16}))
@@ -134,16 +153,29 @@ def test_stop_string_ends_the_text(client):
 
 def test_seed_makes_sampling_reproducible(client):
   def sample(seed):
-    return client.completions.create(model=MODEL, prompt=PROMPTS[2], temperature=1.0, seed=seed, max_tokens=12,
-                                     extra_body={"ignore_eos": True, "top_k": 0, "top_p": 1.0}).choices[0].text
+    return (
+      client.completions.create(
+        model=MODEL,
+        prompt=PROMPTS[2],
+        temperature=1.0,
+        seed=seed,
+        max_tokens=12,
+        extra_body={"ignore_eos": True, "top_k": 0, "top_p": 1.0},
+      )
+      .choices[0]
+      .text
+    )
+
   first = sample(7)
   assert sample(7) == first and sample(8) != first
 
 
 def test_sixteen_concurrent_streams_get_their_own_answers(client):
   alone = [client.completions.create(prompt=p, **GREEDY).choices[0].text for p in PROMPTS]
+
   def stream(p):
     return "".join(c.choices[0].text for c in client.completions.create(prompt=p, stream=True, **GREEDY))
+
   with ThreadPoolExecutor(16) as pool:
     together = list(pool.map(stream, PROMPTS))
   assert together == alone and len(set(alone)) > 1
@@ -151,11 +183,17 @@ def test_sixteen_concurrent_streams_get_their_own_answers(client):
 
 def test_disconnect_mid_stream_aborts_and_frees_blocks(srv):
   before = srv.metrics()
-  body = json.dumps({"model": MODEL, "prompt": PROMPTS[3], "max_tokens": 900, "temperature": 0, "ignore_eos": True, "stream": True})
+  body = json.dumps(
+    {"model": MODEL, "prompt": PROMPTS[3], "max_tokens": 900, "temperature": 0, "ignore_eos": True, "stream": True}
+  )
   sock = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
-  sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
+  sock.sendall(
+    "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
+  )
   seen = b""
-  while seen.count(b"data: ") < 3: seen += sock.recv(4096)
+  while seen.count(b"data: ") < 3:
+    seen += sock.recv(4096)
   sock.close()
   srv.wait_idle()
   after = srv.metrics()
@@ -165,30 +203,46 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(srv):
 
 # ---- bad input ---------------------------------------------------------------------------------
 
-BAD = [("/v1/completions", b"{not json", 400, None), ("/v1/completions", b"[1, 2]", 400, None),
-       ("/v1/completions", b"[" * 50000, 400, None),
-       ("/v1/completions", {"model": MODEL}, 400, "prompt"), ("/v1/chat/completions", {"model": MODEL}, 400, "messages"),
-       ("/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
-       ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
-       ("/v1/chat/completions", {"messages": [{"content": "hi"}]}, 400, "messages[0].role"),
-       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": 3}, 400, "chat_template_kwargs"),
-       ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, 400, "temperature"),
-       ("/v1/completions", {"prompt": "hi", "temperature": -1}, 400, None),
-       ("/v1/completions", {"prompt": "hi", "top_p": 0}, 400, None),
-       ("/v1/completions", {"prompt": "hi", "max_tokens": 1.5}, 400, "max_tokens"),
-       ("/v1/completions", {"prompt": "hi", "max_tokens": True}, 400, "max_tokens"),
-       ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
-       ("/v1/completions", {"prompt": "hi", "max_tokens": 5000}, 400, "max_tokens"),
-       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 5000}, 400, "max_completion_tokens"),
-       ("/v1/completions", {"prompt": [5] * 1100}, 400, "prompt"),
-       ("/v1/completions", {"prompt": [99999]}, 400, "prompt"), ("/v1/completions", {"prompt": ""}, 400, "prompt"),
-       ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt"),
-       ("/v1/completions", {"prompt": "hi", "stream": "yes"}, 400, "stream"),
-       ("/v1/completions", {"prompt": "hi", "stream": True, "stream_options": "x"}, 400, "stream_options"),
-       ("/v1/completions", {"prompt": "hi", "stop": [1]}, 400, "stop"), ("/v1/completions", {"prompt": "hi", "stop": ""}, 400, "stop"),
-       ("/v1/completions", {"prompt": "hi", "seed": "x"}, 400, "seed"),
-       ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "n"),
-       ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 404, "model")]
+BAD = [
+  ("/v1/completions", b"{not json", 400, None),
+  ("/v1/completions", b"[1, 2]", 400, None),
+  ("/v1/completions", b"[" * 50000, 400, None),
+  ("/v1/completions", {"model": MODEL}, 400, "prompt"),
+  ("/v1/chat/completions", {"model": MODEL}, 400, "messages"),
+  ("/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
+  ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+  ("/v1/chat/completions", {"messages": [{"content": "hi"}]}, 400, "messages[0].role"),
+  (
+    "/v1/chat/completions",
+    {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": 3},
+    400,
+    "chat_template_kwargs",
+  ),
+  ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, 400, "temperature"),
+  ("/v1/completions", {"prompt": "hi", "temperature": -1}, 400, None),
+  ("/v1/completions", {"prompt": "hi", "top_p": 0}, 400, None),
+  ("/v1/completions", {"prompt": "hi", "max_tokens": 1.5}, 400, "max_tokens"),
+  ("/v1/completions", {"prompt": "hi", "max_tokens": True}, 400, "max_tokens"),
+  ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+  ("/v1/completions", {"prompt": "hi", "max_tokens": 5000}, 400, "max_tokens"),
+  (
+    "/v1/chat/completions",
+    {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 5000},
+    400,
+    "max_completion_tokens",
+  ),
+  ("/v1/completions", {"prompt": [5] * 1100}, 400, "prompt"),
+  ("/v1/completions", {"prompt": [99999]}, 400, "prompt"),
+  ("/v1/completions", {"prompt": ""}, 400, "prompt"),
+  ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt"),
+  ("/v1/completions", {"prompt": "hi", "stream": "yes"}, 400, "stream"),
+  ("/v1/completions", {"prompt": "hi", "stream": True, "stream_options": "x"}, 400, "stream_options"),
+  ("/v1/completions", {"prompt": "hi", "stop": [1]}, 400, "stop"),
+  ("/v1/completions", {"prompt": "hi", "stop": ""}, 400, "stop"),
+  ("/v1/completions", {"prompt": "hi", "seed": "x"}, 400, "seed"),
+  ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "n"),
+  ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 404, "model"),
+]
 
 
 @pytest.mark.parametrize("path,body,status,param", BAD, ids=[f"{i}-{b[3]}" for i, b in enumerate(BAD)])
@@ -226,16 +280,23 @@ def test_stalled_client_times_out_without_blocking_others(srv):
 
 # ---- security, loading, load -------------------------------------------------------------------
 
+
 def test_api_key_is_required_everywhere_but_health(checkpoints):
   s = Running(tiny_factory(checkpoints["llama"][0]), api_key="s3cret")
   try:
     assert s.state.wait_ready(60)
     assert s.request("GET", "/health")[0] == 200
-    for method, path in (("GET", "/v1/models"), ("GET", "/metrics"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions")):
+    for method, path in (
+      ("GET", "/v1/models"),
+      ("GET", "/metrics"),
+      ("POST", "/v1/completions"),
+      ("POST", "/v1/chat/completions"),
+    ):
       assert_error(s.request(method, path, {"prompt": "hi"}), 401)
       assert_error(s.request(method, path, {"prompt": "hi"}, {"Authorization": "Bearer wrong"}), 401)
     assert s.request("GET", "/v1/models", headers={"Authorization": "Bearer s3cret"})[0] == 200
-    with pytest.raises(AuthenticationError): s.client("wrong").models.list()
+    with pytest.raises(AuthenticationError):
+      s.client("wrong").models.list()
     assert [m.id for m in s.client("s3cret").models.list()] == [MODEL]
   finally:
     s.stop()
@@ -243,9 +304,11 @@ def test_api_key_is_required_everywhere_but_health(checkpoints):
 
 def test_health_is_503_while_loading_and_after_a_failed_load(checkpoints):
   go = threading.Event()
+
   def slow():
     assert go.wait(60)
     return tiny_factory(checkpoints["llama"][0])()
+
   s = Running(slow)
   try:
     assert s.request("GET", "/health") == (503, {"status": "loading"})
@@ -255,7 +318,10 @@ def test_health_is_503_while_loading_and_after_a_failed_load(checkpoints):
     assert s.state.wait_ready(60) and s.request("GET", "/health") == (200, {"status": "ok"})
   finally:
     s.stop()
-  def broken(): raise ConfigError("model.safetensors: tensor 'embed' is missing")
+
+  def broken():
+    raise ConfigError("model.safetensors: tensor 'embed' is missing")
+
   s = Running(broken)
   try:
     assert not s.state.wait_ready(10)
@@ -267,8 +333,16 @@ def test_health_is_503_while_loading_and_after_a_failed_load(checkpoints):
 
 def test_bounded_load_run_has_no_failures_and_frees_every_block(srv, tmp_path, capsys):
   (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS))
-  report = bench_serve(srv.url, concurrency="32", num_prompts=200, max_tokens=4, warmup=False, dataset=tmp_path / "prompts.txt",
-                       output_dir=tmp_path / "out", json_output=True)
+  report = bench_serve(
+    srv.url,
+    concurrency="32",
+    num_prompts=200,
+    max_tokens=4,
+    warmup=False,
+    dataset=tmp_path / "prompts.txt",
+    output_dir=tmp_path / "out",
+    json_output=True,
+  )
   level = report["levels"][0]
   assert (level["completed"], level["failed"]) == (200, 0) and level["total_output_tokens"] == 800
   assert level["output_throughput"] > 0 and level["median_ttft_ms"] > 0 and level["median_itl_ms"] > 0
@@ -280,10 +354,25 @@ def test_bounded_load_run_has_no_failures_and_frees_every_block(srv, tmp_path, c
 
 # ---- the command and the real model ------------------------------------------------------------
 
+
 def test_cli_serves_until_ctrl_c(checkpoints):
-  cmd = [sys.executable, "-m", "tinyvllm_cli", "serve-lite", "--model", str(checkpoints["llama"][0]), "--port", "0",
-         "--device", "CPU", "--served-model-name", MODEL]
-  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
+  cmd = [
+    sys.executable,
+    "-m",
+    "tinyvllm_cli",
+    "serve-lite",
+    "--model",
+    str(checkpoints["llama"][0]),
+    "--port",
+    "0",
+    "--device",
+    "CPU",
+    "--served-model-name",
+    MODEL,
+  ]
+  proc = subprocess.Popen(
+    cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"}
+  )
   try:
     lines = [proc.stdout.readline() for _ in range(3)]
     assert lines[1].startswith("warming up: capturing") and lines[2].startswith("ready: tiny"), lines
@@ -292,13 +381,20 @@ def test_cli_serves_until_ctrl_c(checkpoints):
     conn.request("GET", "/health")
     health = conn.getresponse()
     assert health.status == 200 and health.read()
-    conn.request("POST", "/v1/completions", json.dumps({"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 3}), {"Content-Type": "application/json"})
+    conn.request(
+      "POST",
+      "/v1/completions",
+      json.dumps({"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 3}),
+      {"Content-Type": "application/json"},
+    )
     assert json.loads(conn.getresponse().read())["usage"]["completion_tokens"] == 3
     proc.send_signal(signal.SIGINT)
     out, errors = proc.communicate(timeout=30)
   finally:
     proc.kill()
-  assert proc.returncode == 0 and out.strip().splitlines()[-1] == "serve-lite stopped (1 requests served)" and errors == "", (lines, out, errors)
+  assert (
+    proc.returncode == 0 and out.strip().splitlines()[-1] == "serve-lite stopped (1 requests served)" and errors == ""
+  ), (lines, out, errors)
   bad = subprocess.run([*cmd[:4], "--model", "/no/such/model"], capture_output=True, text=True, timeout=60)
   assert bad.returncode == 1 and bad.stderr.startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
 
@@ -307,17 +403,39 @@ def test_cli_dtype_reaches_the_engine_and_a_bad_one_is_one_line(checkpoints, mon
   from typer.testing import CliRunner
   import tinyvllm_core
   from tinyvllm_cli.main import app
+
   seen = {}
+
   def fake_engine(path, **kwargs):
     seen.update(kwargs)
     raise ConfigError("stopped by the test")
+
   monkeypatch.setattr(tinyvllm_core, "LLMEngine", fake_engine)
-  r = CliRunner().invoke(app, ["serve-lite", "--model", str(checkpoints["llama"][0]), "--port", "0", "--device", "CPU", "--dtype", "float16"],
-                         env={"COLUMNS": "200", "NO_COLOR": "1"})
+  r = CliRunner().invoke(
+    app,
+    ["serve-lite", "--model", str(checkpoints["llama"][0]), "--port", "0", "--device", "CPU", "--dtype", "float16"],
+    env={"COLUMNS": "200", "NO_COLOR": "1"},
+  )
   assert r.exit_code == 1 and "could not load" in r.stderr and "stopped by the test" in r.stderr, r.output
   assert seen["dtype"] == "float16" and seen["device"] == "CPU"
-  bad = subprocess.run([sys.executable, "-m", "tinyvllm_cli", "serve-lite", "--model", str(checkpoints["llama"][0]), "--port", "0",
-                        "--dtype", "half"], capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
+  bad = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "tinyvllm_cli",
+      "serve-lite",
+      "--model",
+      str(checkpoints["llama"][0]),
+      "--port",
+      "0",
+      "--dtype",
+      "half",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=60,
+    env={**os.environ, "COLUMNS": "200"},
+  )
   assert bad.returncode == 1 and bad.stdout == "", bad.stderr  # refused before the port is bound or the model loads
   assert bad.stderr.strip() == "error: --dtype 'half': choose auto, float32, float16 or bfloat16"
 
@@ -326,8 +444,12 @@ def test_real_smollm2_through_the_server(smollm2_path):
   s = Running(lambda: LLMEngine(smollm2_path, device="CPU", kv_cache_gb=0.25, max_num_seqs=4), model_name="smollm2")
   try:
     assert s.state.wait_ready(120), s.state.load_error
-    reply = s.client().chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "What is the capital of France?"}],
-                                               temperature=0, max_tokens=24)
+    reply = s.client().chat.completions.create(
+      model="smollm2",
+      messages=[{"role": "user", "content": "What is the capital of France?"}],
+      temperature=0,
+      max_tokens=24,
+    )
     assert "Paris" in reply.choices[0].message.content and reply.choices[0].finish_reason in ("stop", "length")
   finally:
     s.stop()
@@ -336,5 +458,6 @@ def test_real_smollm2_through_the_server(smollm2_path):
 def test_bench_serve_is_a_bench_preset_with_one_line_errors():
   from typer.testing import CliRunner
   from tinyvllm_cli.main import app
+
   r = CliRunner().invoke(app, ["bench", "serve", "--url", "http://127.0.0.1:9", "--timeout", "2", "-c", "1", "-n", "1"])
   assert r.exit_code == 1 and "cannot reach http://127.0.0.1:9" in r.output and "Traceback" not in r.output
