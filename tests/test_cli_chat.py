@@ -88,6 +88,23 @@ def test_commands_and_editing(smollm2, loop):
   assert len(app.conv.messages) == 2 and app.last_stats.generated_tokens <= 8
 
 
+def test_set_penalties_and_show_the_defaults_source(smollm2, loop):
+  app, screen = make_app(smollm2, loop, verbose=True)
+  app.welcome()
+  drive(
+    app,
+    "/set repetition_penalty 1.3\n/set presence_penalty 9\n/set frequency_penalty -0.5\n/set min_p 0.1\n/show\n/exit\n",
+  )
+  lines = screen.getvalue().splitlines()
+  errors = [line for line in lines if line.startswith("error:")]
+  assert len(errors) == 1 and "presence_penalty must be in [-2, 2]" in errors[0]
+  assert (app.params.repetition_penalty, app.params.frequency_penalty, app.params.min_p) == (1.3, -0.5, 0.1)
+  assert any(line.startswith("sampling:") and "defaults: llama.cpp's defaults" in line for line in lines)
+  assert any(line.startswith("defaults") and "llama.cpp's defaults" in line for line in lines)
+  shown = next(line for line in lines if line.startswith("parameters"))
+  assert "min_p 0.1" in shown and "repetition_penalty 1.3" in shown and "frequency_penalty -0.5" in shown
+
+
 def test_ctrl_c_during_a_reply_keeps_the_chat(smollm2, loop, monkeypatch):
   app, screen = make_app(smollm2, loop)
   add, calls = ReplyView.add, []

@@ -151,6 +151,20 @@ def test_stop_string_ends_the_text(client):
   assert "".join(c.choices[0].text for c in chunks) == want
 
 
+def test_penalties_reach_the_sampler(client, checkpoints):
+  """OpenAI's presence / frequency penalties and vLLM's repetition_penalty give what the engine gives alone."""
+  from tinyvllm_core import LLM, SamplingParams
+
+  penalties = dict(presence_penalty=1.5, frequency_penalty=1.0)
+  extra = {"ignore_eos": True, "repetition_penalty": 1.8}
+  reply = client.completions.create(
+    model=MODEL, prompt=PROMPTS[1], temperature=0, max_tokens=8, **penalties, extra_body=extra
+  )
+  llm = LLM(checkpoints["llama"][0], device="CPU", num_blocks=64, block_size=16)
+  params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, repetition_penalty=1.8, **penalties)
+  assert reply.choices[0].text == llm.generate(PROMPTS[1], params)[0].text
+
+
 def test_seed_makes_sampling_reproducible(client):
   def sample(seed):
     return (
@@ -241,6 +255,9 @@ BAD = [
   ("/v1/completions", {"prompt": "hi", "stop": ""}, 400, "stop"),
   ("/v1/completions", {"prompt": "hi", "seed": "x"}, 400, "seed"),
   ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "n"),
+  ("/v1/completions", {"prompt": "hi", "presence_penalty": 3}, 400, None),
+  ("/v1/completions", {"prompt": "hi", "frequency_penalty": "x"}, 400, "frequency_penalty"),
+  ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 0}, 400, None),
   ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 404, "model"),
 ]
 

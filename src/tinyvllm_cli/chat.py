@@ -48,7 +48,8 @@ HELP = [
   ("/help", "this list"),
   ("/clear", "forget the conversation (the system prompt stays)"),
   ("/system TEXT", "set the system prompt (without TEXT: show it)"),
-  ("/set NAME VALUE", "temperature, top_p, top_k, min_p, max_tokens or seed (none: random)"),
+  ("/set NAME VALUE", "temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty, frequency_penalty,"),
+  ("", "max_tokens or seed (none: random)"),
   ("/show", "model, device, parameters and how much of the context is used"),
   ("/stats", "prompt and cached tokens, time to first token and decode speed of the last reply"),
   ("/save FILE, /load FILE", "write or read the conversation as JSON (system, messages)"),
@@ -64,6 +65,7 @@ def _seed(value: str) -> int | None:
 
 
 SETTABLE: dict[str, Callable[[str], object]] = {"temperature": float, "top_p": float, "top_k": int, "min_p": float}
+SETTABLE |= {"repetition_penalty": float, "presence_penalty": float, "frequency_penalty": float}
 SETTABLE |= {"max_tokens": int, "seed": _seed}
 VERBOSE_HELP = "Print token counts, TTFT and tok/s after each reply"
 WARMUP_HELP = "Capture the first reply's batch shapes at start, with a progress bar (not for piped input)"
@@ -183,6 +185,14 @@ def parse_conversation(data: object) -> tuple[str | None, list[dict]]:
 
 
 # ---- the app -------------------------------------------------------------------------------------
+
+
+def sampling_line(p: SamplingParams) -> str:
+  """The sampling settings in one line; penalties only when set."""
+  line = f"temperature {p.temperature} · top_p {p.top_p} · top_k {p.top_k} · min_p {p.min_p}"
+  penalties = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
+  changed = [f"{name} {getattr(p, name)}" for name, off in penalties.items() if getattr(p, name) != off]
+  return " · ".join([line, *changed])
 
 
 class ChatApp:
@@ -373,11 +383,11 @@ class ChatApp:
     """What /show lists: (name, value) rows."""
     mc, p = self.engine.model_config, self.params
     thinking = self.conv.template_kwargs.get("enable_thinking")
-    sampling = f"temperature {p.temperature} · top_p {p.top_p} · top_k {p.top_k} · min_p {p.min_p}"
     return [
       ("model", f"{self.model_name} · {mc.family}, {mc.num_layers} layers"),
       ("device", str(self.engine.device)),
-      ("parameters", f"{sampling} · max_tokens {p.max_tokens} · seed {p.seed}"),
+      ("parameters", f"{sampling_line(p)} · max_tokens {p.max_tokens} · seed {p.seed}"),
+      ("defaults", self.engine.default_params_source),
       ("thinking", "template default" if thinking is None else ("on" if thinking else "off")),
       ("system", self.conv.system or "-"),
       ("context", f"{self.context_used()} / {self.engine.max_model_len} tokens used"),
@@ -430,6 +440,8 @@ class ChatApp:
   def welcome(self) -> None:
     where = f" · {self.model_name} on {self.engine.device} · {self.engine.max_model_len}-token context"
     self.console.print(Text.assemble(("tinyvllm chat", "bold"), where), soft_wrap=True)
+    if self.verbose:
+      self.note(f"sampling: {sampling_line(self.params)} (defaults: {self.engine.default_params_source})")
     self.note('/help for commands · """ for multi-line input · Ctrl+C stops a reply · Ctrl+D or /bye exits')
 
   def note(self, msg: str) -> None:
@@ -517,6 +529,12 @@ def chat(
   temperature: Annotated[float | None, typer.Option(help="0 = greedy (default: the model's generation_config)")] = None,
   top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass in (0, 1]")] = None,
   top_k: Annotated[int | None, typer.Option(help="Sample from the k likeliest tokens (0 = off)")] = None,
+  min_p: Annotated[
+    float | None, typer.Option(help="Drop tokens below this share of the likeliest one's probability")
+  ] = None,
+  repeat_penalty: Annotated[
+    float | None, typer.Option(help="Repetition penalty over prompt and reply (1 = off)")
+  ] = None,
   max_tokens: Annotated[int, typer.Option(help="Longest reply in tokens")] = 512,
   seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling")] = None,
   verbose: Annotated[bool, typer.Option("--verbose", "-v", help=VERBOSE_HELP)] = False,
@@ -531,7 +549,8 @@ def chat(
   echo "What is the capital of France?" | tinyvllm chat"""
   from tinyvllm_core import EngineLoop
 
-  overrides = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed}
+  overrides = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p, "seed": seed}
+  overrides["repetition_penalty"] = repeat_penalty
   overrides = {name: value for name, value in overrides.items() if value is not None}
   _check_settings(max_tokens, overrides, dtype)  # bad values fail before the model loads
   piped = None if sys.stdin.isatty() else _piped_message()

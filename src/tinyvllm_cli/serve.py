@@ -327,6 +327,8 @@ def _sampling_overrides(body: dict, vocab_size: int) -> dict:
     top_k = 0  # every token: the same as no top-k
   overrides = {"temperature": _get(body, "temperature", float), "top_p": _get(body, "top_p", float)}
   overrides |= {"top_k": top_k, "min_p": _get(body, "min_p", float)}
+  for penalty in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
+    overrides[penalty] = _get(body, penalty, float)
   return {name: value for name, value in overrides.items() if value is not None}
 
 
@@ -881,6 +883,11 @@ def _wait(state: ServerState, thread: threading.Thread) -> None:
   say(
     f"ready: {state.model_name} on {engine.device}, context {engine.max_model_len} tokens, "
     f"up to {engine.config.max_num_seqs} sequences at once (Ctrl+C stops)"
+  )
+  p = engine.default_params
+  say(
+    f"sampling defaults (requests may override): temperature {p.temperature}, top_p {p.top_p}, top_k {p.top_k}, "
+    f"min_p {p.min_p}, repetition_penalty {p.repetition_penalty}; from {engine.default_params_source}"
   )
   while thread.is_alive():
     thread.join(0.5)

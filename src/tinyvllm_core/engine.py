@@ -38,6 +38,9 @@ def check_prompt(ids: list[int], max_model_len: int, vocab_size: int) -> None:
     raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
 
 
+Prompts = str | list[str] | list[list[int]]  # one prompt or many, as text or token ids
+
+
 @dataclass
 class RequestOutput:
   request_id: str
@@ -105,7 +108,8 @@ class LLMEngine:
     decoder = Model(files.config, weights, num_blocks, config.block_size, dtype)
     max_blocks = block_table_width(self.max_model_len, config.block_size)
     self.runner = ModelRunner(decoder, self.device, config.block_size, max_blocks, config.beam)
-    self.default_params = SamplingParams.from_generation_config(files.generation_config)
+    # the sampling defaults and where they come from (generation_config.json, else llama.cpp's)
+    self.default_params, self.default_params_source = SamplingParams.from_generation_config(files.generation_config)
     self.seqs: dict[str, Sequence] = {}
     self._detok: dict[str, _Detokenizer] = {}
     self._counter = itertools.count()
@@ -225,17 +229,8 @@ class LLMEngine:
     delta_text = detok.take(() if seq.is_finished else seq.sampling_params.stop)  # a finished request flushes the rest
     if seq.is_finished:
       del self.seqs[seq.request_id], self._detok[seq.request_id]
-    return RequestOutput(
-      seq.request_id,
-      seq.prompt_token_ids,
-      list(seq.output_token_ids),
-      detok.text,
-      delta_ids,
-      delta_text,
-      seq.is_finished,
-      seq.finish_reason,
-      seq.num_cached_tokens,
-    )
+    ids, status = list(seq.output_token_ids), (seq.is_finished, seq.finish_reason, seq.num_cached_tokens)
+    return RequestOutput(seq.request_id, seq.prompt_token_ids, ids, detok.text, delta_ids, delta_text, *status)
 
 
 class LLM:
@@ -245,9 +240,7 @@ class LLM:
     self.engine = LLMEngine(model, **kwargs)
 
   def generate(
-    self,
-    prompts: str | list[str] | list[list[int]],
-    params: SamplingParams | list[SamplingParams] | None = None,
+    self, prompts: Prompts, params: SamplingParams | list[SamplingParams] | None = None
   ) -> list[RequestOutput]:
     if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
       prompts = [prompts]

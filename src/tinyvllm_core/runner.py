@@ -8,7 +8,8 @@ from tinygrad import Tensor, TinyJit, dtypes
 from tinygrad.helpers import BEAM, DEBUG, Context
 
 from .model import Model
-from .sampling import SamplingParams, sample
+from .kernels.penalties import apply_penalties
+from .sampling import SamplingParams, penalty_entries, sample
 from .sequence import Sequence
 
 
@@ -28,6 +29,7 @@ class BatchShape:
   num_blocks: int  # block-table width (bucketed): attention cost follows the real context lengths
   greedy: bool
   filtered: bool  # a sampling row uses top-k or top-p
+  penalty_width: int = 0  # distinct tokens per row the penalties touch (bucketed); 0: no row uses penalties
 
 
 @dataclass
@@ -49,6 +51,32 @@ class Chunk:
 
 def _is_filtered(params: SamplingParams) -> bool:
   return params.temperature > 0 and (params.top_k > 0 or params.top_p < 1)
+
+
+SAMPLING_INPUTS = ("logits_indices", "temperature", "top_k", "top_p", "min_p", "seeds")
+PENALTY_INPUTS = ("penalty_token_ids", "penalty_counts", "penalty_num_tokens", "penalties")
+
+
+def _penalty_entries(seq: Sequence) -> tuple[np.ndarray, np.ndarray]:
+  return penalty_entries(seq.sampling_params, seq.prompt_token_ids, seq.output_token_ids)
+
+
+def _penalty_arrays(entries: dict, sampled: list[Sequence], num_rows: int, width: int) -> dict[str, np.ndarray]:
+  """Per sampled row: its distinct penalized tokens, their output counts, how many, and (repetition, frequency,
+  presence); rows without penalties list nothing."""
+  a = {
+    "penalty_token_ids": np.zeros((num_rows, width), np.int32),
+    "penalty_counts": np.zeros((num_rows, width), np.int32),
+    "penalty_num_tokens": np.zeros(num_rows, np.int32),
+    "penalties": np.tile(np.array([1.0, 0.0, 0.0], np.float32), (num_rows, 1)),
+  }
+  for row, (token_ids, counts) in entries.items():
+    p = sampled[row].sampling_params
+    a["penalty_token_ids"][row, : len(token_ids)] = token_ids
+    a["penalty_counts"][row, : len(counts)] = counts
+    a["penalty_num_tokens"][row] = len(token_ids)
+    a["penalties"][row] = (p.repetition_penalty, p.frequency_penalty, p.presence_penalty)
+  return a
 
 
 class ModelRunner:
@@ -103,8 +131,10 @@ class ModelRunner:
     def layer(x: Tensor, **inputs: Tensor):
       return m.layer(x, **inputs).realize()
 
-    def head(x, logits_indices, temperature, top_k, top_p, min_p, seeds):
+    def head(x, logits_indices, temperature, top_k, top_p, min_p, seeds, **penalties):
       logits = m.head(x, logits_indices).contiguous()  # else argmax/sampling fuse and recompute the lm_head matmul
+      if penalties:
+        logits = apply_penalties(logits, *(penalties[k] for k in PENALTY_INPUTS))
       if shape.greedy:
         next_ids = logits.argmax(-1)
       else:
@@ -116,11 +146,11 @@ class ModelRunner:
     for i in range(m.config.num_layers):
       layer_jit = self._jit(("layer", N, W, i % 2), layer)
       x = self._replay(layer_jit, x, **step_inputs, **m.layer_inputs[i])
-    sampling = {k: b[k] for k in ("logits_indices", "temperature", "top_k", "top_p", "min_p", "seeds")}
-    head_jit = self._jit(("head", N, shape.num_seqs, shape.greedy, shape.filtered), head)
+    sampling = {k: b[k] for k in (*SAMPLING_INPUTS, *PENALTY_INPUTS) if k in b}
+    head_jit = self._jit(("head", N, shape.num_seqs, shape.greedy, shape.filtered, shape.penalty_width), head)
     return self._replay(head_jit, x, **sampling)
 
-  def _batch_shape(self, chunks: list[Chunk], sampled: list[Sequence]) -> BatchShape:
+  def _batch_shape(self, chunks: list[Chunk], sampled: list[Sequence], penalty_width: int) -> BatchShape:
     width = max(-(-c.end // self.block_size) for c in chunks)
     params = [s.sampling_params for s in sampled]
     return BatchShape(
@@ -129,13 +159,16 @@ class ModelRunner:
       num_blocks=min(next_power_of_2(width), self.max_blocks_per_seq),
       greedy=all(p.temperature == 0 for p in params),
       filtered=any(map(_is_filtered, params)),
+      penalty_width=penalty_width,
     )
 
   def prepare(self, scheduled: list[tuple[Sequence, int]]) -> tuple[BatchShape, dict[str, np.ndarray], list[Sequence]]:
     """Flat arrays for the scheduled chunks; the sequences whose chunk reaches their end get a sampled token."""
     chunks = [Chunk(seq, seq.num_computed_tokens, n) for seq, n in scheduled]
     sampled = [c.seq for c in chunks if c.samples]
-    shape = self._batch_shape(chunks, sampled)
+    penalties = {i: _penalty_entries(s) for i, s in enumerate(sampled) if s.sampling_params.penalized}
+    penalty_width = next_power_of_2(max(len(ids) for ids, _ in penalties.values())) if penalties else 0
+    shape = self._batch_shape(chunks, sampled, penalty_width)
     T, S = shape.num_tokens, shape.num_seqs
     a = {
       "token_ids": np.zeros(T, np.int32),
@@ -160,6 +193,8 @@ class ModelRunner:
       a[k][: len(sampled)] = [getattr(s.sampling_params, k) for s in sampled]
     # a fresh seed per generated token, fixed by the request's seed: reproducible whatever the batch
     a["seeds"][: len(sampled)] = [hash((s.sampling_params.seed, len(s.output_token_ids))) & 0xFFFFFFFF for s in sampled]
+    if penalties:
+      a |= _penalty_arrays(penalties, sampled, S, penalty_width)
     return shape, a, sampled
 
   def _fill_rows(self, a: dict[str, np.ndarray], row: int, chunk: Chunk, num_blocks: int) -> None:

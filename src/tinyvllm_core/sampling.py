@@ -2,7 +2,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 from tinygrad import Tensor, dtypes
+
+
+# llama.cpp's sampling defaults, for models that ship no generation_config (every GGUF file)
+LLAMA_CPP_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
+GENERATION_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 @dataclass
@@ -11,6 +17,9 @@ class SamplingParams:
   top_p: float = 1.0
   top_k: int = 0  # 0 or -1: off
   min_p: float = 0.0
+  repetition_penalty: float = 1.0  # HF / vLLM: over prompt and output tokens; > 1 discourages repeats
+  presence_penalty: float = 0.0  # OpenAI: subtracted once from every token already in the output
+  frequency_penalty: float = 0.0  # OpenAI: subtracted once per occurrence in the output
   seed: int | None = None
   max_tokens: int = 256
   stop: list[str] = field(default_factory=list)
@@ -25,14 +34,42 @@ class SamplingParams:
       (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
       (self.top_k >= -1, "top_k must be -1, 0 (off) or a positive count"),
       (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+      (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 = off)"),
+      (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+      (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
       (self.max_tokens >= 1, "max_tokens must be >= 1"),
     ]
     if failed := [msg for ok, msg in checks if not ok]:
       raise ValueError(f"SamplingParams: {failed[0]}")
 
+  @property
+  def penalized(self) -> bool:
+    return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
   @staticmethod
-  def from_generation_config(cfg: dict) -> SamplingParams:
-    return SamplingParams(**{k: cfg[k] for k in ("temperature", "top_p", "top_k", "min_p") if cfg.get(k) is not None})
+  def from_generation_config(cfg: dict) -> tuple[SamplingParams, str]:
+    """The model's defaults and where they come from: generation_config.json when it sets any sampling field
+    (do_sample false = greedy), else llama.cpp's defaults."""
+    fields = {k: cfg[k] for k in GENERATION_FIELDS if cfg.get(k) is not None}
+    if cfg.get("do_sample") is False:
+      return SamplingParams(**fields | {"temperature": 0.0}), "generation_config.json (do_sample false: greedy)"
+    if fields or cfg.get("do_sample"):
+      return SamplingParams(**fields), "generation_config.json"
+    return SamplingParams(**LLAMA_CPP_DEFAULTS), "llama.cpp's defaults (the model has no generation_config)"
+
+
+def penalty_entries(
+  params: SamplingParams, prompt_ids: list[int], output_ids: list[int]
+) -> tuple[np.ndarray, np.ndarray]:
+  """The distinct tokens a row's penalties touch and how often each occurs in the output: the repetition penalty
+  reaches prompt and output tokens, presence and frequency only output tokens."""
+  output_tokens, output_counts = np.unique(np.asarray(output_ids, np.int32), return_counts=True)
+  tokens = output_tokens
+  if params.repetition_penalty != 1:
+    tokens = np.union1d(np.asarray(prompt_ids, np.int32), output_tokens)
+  counts = np.zeros(len(tokens), np.int32)
+  counts[np.searchsorted(tokens, output_tokens)] = output_counts
+  return tokens, counts
 
 
 def hash_uniform(counters: Tensor, seeds: Tensor) -> Tensor:
