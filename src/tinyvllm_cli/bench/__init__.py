@@ -1,48 +1,40 @@
-"""`tinyvllm bench latency | throughput | memory | profile | serve`: the seed tables, the decode-step profile and
-the load on a running server, written to bench_results/ as JSON + markdown.
-
-The presets live in this package's modules (common.py holds what they share); this module only parses
-options, checks them and turns every expected failure into one line."""
+"""`tinyvllm bench latency | throughput | memory | profile | serve`: options and checks; the presets live in this
+package's modules and write bench_results/ as JSON + markdown."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from tinyvllm_cli import ui
-from tinyvllm_cli.bench.common import TOY, BenchError, Run, emit, one_line_errors
+from tinyvllm_cli.bench.common import TOY, BenchError, Run, emit, one_line_errors, parse_ints
 from tinyvllm_cli.engine_options import BeamOption, DeviceOption, DtypeOption, KvCacheGbOption, QuantizeListOption
-from tinyvllm_cli.engine_options import QuantizeOption, check_dtype, check_dtype_compiles
+from tinyvllm_cli.engine_options import QuantizeOption, check_dtype, check_dtype_compiles, quantize_setting
 
 app = typer.Typer(
-  help="Benchmark tinyvllm: latency (single / sequential / concurrent), throughput (vs peers), KV memory, "
-  "decode-step profile, a running server.\n\n"
-  "Example: tinyvllm bench latency, then tinyvllm bench latency --model smollm2",
+  help="Benchmark tinyvllm: latency, throughput (vs peers), KV memory, the decode step, a running server.",
   no_args_is_help=True,
 )
 
 Opt = typer.Option
 ModelOpt = Annotated[Optional[str], Opt("--model", "-m", help="Model: path, pulled repo id, `smollm2` or `toy`.")]
-RANDOM_HELP = "The model's real shapes (a shipped config's repo id, config.json, folder or GGUF) with random weights."
+RANDOM_HELP = "The model's real shapes (shipped repo id, config.json, folder or GGUF) with random weights."
 RandomWeightsOpt = Annotated[bool, Opt("--random-weights", help=RANDOM_HELP)]
 PromptLenOpt = Annotated[int, Opt("--prompt-len", min=1, help="Prompt length in tokens (random ids).")]
 SeedOpt = Annotated[int, Opt("--seed", help="Seed of the random prompts and lengths.")]
 JsonOpt = Annotated[bool, Opt("--json", help="Print the result JSON to stdout.")]
 OutputOpt = Annotated[Path, Opt("--output", "-o", help="Folder for the .json and .md results.")]
-NoteOpt = Annotated[Optional[list[str]], Opt("--note", help="A note for the markdown (repeatable), e.g. other load.")]
+NoteOpt = Annotated[Optional[list[str]], Opt("--note", help="A note for the markdown (repeatable).")]
 RESULTS = Path("bench_results")
 BACKENDS = ("tinyvllm", "vllm", "nanovllm", "transformers", "llamacpp")
-TRANSFORMERS_BATCH = "transformers: requests per generate call."
-TORCH_THREADS = "transformers: torch CPU threads (default: one per core)."
-WARMUP_HELP = "tinyvllm warm-up: `full` (the workload once, untimed: no JIT capture is timed) or `one` (one request)."
 
 
 def check_range(name: str, value: tuple[int, int]) -> None:
-  lo, hi = value
-  if not 1 <= lo <= hi:
-    raise BenchError(f"{name} {lo} {hi}: need 1 <= MIN <= MAX")
+  if not 1 <= value[0] <= value[1]:
+    raise BenchError(f"{name} {value[0]} {value[1]}: need 1 <= MIN <= MAX")
 
 
 @app.command("latency")
@@ -59,11 +51,7 @@ def latency(
   output: OutputOpt = RESULTS,
   note: NoteOpt = None,
 ) -> None:
-  """The seed's latency table: single_request, sequential_N, concurrent_N (continuous batching) and the speedup.
-
-  Without --model it runs the seed's toy model (random weights, dim=64, 4 layers, 4 heads), in seconds.
-
-  Example: tinyvllm bench latency --model smollm2 --device CPU"""
+  """The seed's latency table: single_request, sequential_N, concurrent_N and the speedup (default: the toy model)."""
   from tinyvllm_cli.bench.latency import LatencyParams, latency_report, run_latency
 
   with one_line_errors():
@@ -72,8 +60,7 @@ def latency(
     if prompt_len + max_tokens > context:
       raise BenchError(f"--prompt-len + --max-tokens exceed the model's context ({context})")
     params = LatencyParams(num_requests, prompt_len, max_tokens, kv_cache_gb, beam=beam)
-    rows = run_latency(run, params)
-    emit(run.stem("latency"), *latency_report(run, params, rows), output, as_json)
+    run.emit("latency", *latency_report(run, params, run_latency(run, params)), output, as_json)
 
 
 @app.command("throughput")
@@ -90,13 +77,11 @@ def throughput(
   temperature: Annotated[float, Opt("--temperature", min=0.01, help="Sampling temperature.")] = 0.6,
   seed: SeedOpt = 0,
   kv_cache_gb: KvCacheGbOption = 1.0,
-  max_num_seqs: Annotated[int, Opt("--max-num-seqs", min=1, help="tinyvllm: sequences running at once.")] = 32,
-  max_num_batched_tokens: Annotated[
-    int, Opt("--max-num-batched-tokens", min=1, help="tinyvllm: tokens per step.")
-  ] = 512,
-  transformers_batch_size: Annotated[int, Opt("--transformers-batch-size", min=1, help=TRANSFORMERS_BATCH)] = 8,
-  torch_threads: Annotated[Optional[int], Opt("--torch-threads", min=1, help=TORCH_THREADS)] = None,
-  warmup: Annotated[str, Opt("--warmup", help=WARMUP_HELP)] = "full",
+  max_num_seqs: Annotated[int, Opt("--max-num-seqs", min=1, help="tinyvllm: sequences at once.")] = 32,
+  max_num_batched_tokens: Annotated[int, Opt(min=1, help="tinyvllm: tokens per step.")] = 512,
+  transformers_batch_size: Annotated[int, Opt(min=1, help="transformers: requests per generate call.")] = 8,
+  torch_threads: Annotated[Optional[int], Opt(min=1, help="transformers: torch CPU threads.")] = None,
+  warmup: Annotated[str, Opt("--warmup", help="tinyvllm warm-up: `full` workload or `one` request.")] = "full",
   beam: BeamOption = 0,
   quantize: QuantizeListOption = None,
   dtype: DtypeOption = "auto",
@@ -104,11 +89,9 @@ def throughput(
   output: OutputOpt = RESULTS,
   note: NoteOpt = None,
 ) -> None:
-  """The seed's throughput table on nano-vllm's workload (256 sequences, prompts and outputs of 100-1024 tokens).
-
-  Example: tinyvllm bench throughput --model Qwen/Qwen3-0.6B --random-weights --device METAL --compare transformers"""
+  """The seed's throughput table on nano-vllm's workload (256 sequences, 100-1024 token prompts and outputs)."""
   from tinyvllm_cli.bench.peers import BackendOptions, BackendUnavailable, run_backend
-  from tinyvllm_cli.bench.throughput import EngineOptions, Workload, throughput_report
+  from tinyvllm_cli.bench.throughput import Workload, throughput_report
 
   with one_line_errors():
     names = list(dict.fromkeys([backend, *(compare or [])]))
@@ -135,33 +118,31 @@ def throughput(
       )
     workload = Workload.nano_vllm(num_seqs, input_len, output_len, mc.vocab_size, seed)
     workload.temperature = temperature
-    runs = []
+    results = []
+    skipped = {}
+    engine = (kv_cache_gb, max_num_seqs, max_num_batched_tokens, None, beam, dtype)
+    base = BackendOptions(*engine, transformers_batch_size, seed, warmup, torch_threads)
     for name in names:
       for q in variants if name == "tinyvllm" else ["none"]:
-        engine = EngineOptions(
-          kv_cache_gb, max_num_seqs, max_num_batched_tokens, None if q == "none" else q, beam, dtype
-        )
-        runs.append((name, BackendOptions(engine, transformers_batch_size, seed, warmup, torch_threads)))
-    results, skipped = [], {}
-    for name, opts in runs:
-      label = opts.engine.label if name == "tinyvllm" else name
-      try:
-        results.append(run_backend(name, run.model, run.device, workload, opts))
-      except BackendUnavailable as e:
-        skipped[label] = str(e)
-      except Exception as e:  # a peer's own failure: one line, never a traceback
-        if name == "tinyvllm":
-          raise
-        skipped[label] = f"failed ({type(e).__name__}: {ui.one_line(e)[:300]})"
-      if label in skipped:
-        ui.err.print(f"{label}: {skipped[label]}; skipped", soft_wrap=True, highlight=False, markup=False)
+        opts = replace(base, quantize=quantize_setting(q))
+        label = opts.label if name == "tinyvllm" else name
+        try:
+          results.append(run_backend(name, run.model, run.device, workload, opts))
+        except BackendUnavailable as e:
+          skipped[label] = str(e)
+        except Exception as e:  # a peer's own failure: one line, never a traceback
+          if name == "tinyvllm":
+            raise
+          skipped[label] = f"failed ({type(e).__name__}: {ui.one_line(e)[:300]})"
+        if label in skipped:
+          ui.err.print(f"{label}: {skipped[label]}; skipped", soft_wrap=True, highlight=False, markup=False)
     run.finished()
     if not results:
       raise BenchError("no backend ran: " + "; ".join(f"{n}: {why}" for n, why in skipped.items()))
     params = {
       k: list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v for k, v in ctx.params.items()
     }
-    emit(run.stem("throughput"), *throughput_report(run, workload, params, results, skipped), output, as_json)
+    run.emit("throughput", *throughput_report(run, workload, params, results, skipped), output, as_json)
 
 
 @app.command("memory")
@@ -177,11 +158,7 @@ def memory(
   output: OutputOpt = RESULTS,
   note: NoteOpt = None,
 ) -> None:
-  """KV memory: sequences that fit in one budget, paged blocks vs preallocating max_model_len, and the waste.
-
-  Pure arithmetic over the block manager's rules (checked against the engine's BlockManager); no model runs.
-
-  Example: tinyvllm bench memory --model Qwen/Qwen3-0.6B --kv-cache-gb 4 --max-model-len 4096"""
+  """KV memory: sequences that fit in one budget, paged blocks vs preallocating max_model_len; no model runs."""
   from tinyvllm_core import resolve_dtype
 
   from tinyvllm_cli.bench.memory import MemoryParams, memory_report
@@ -210,24 +187,20 @@ def profile(
   output: OutputOpt = RESULTS,
   note: NoteOpt = None,
 ) -> None:
-  """Profile the decode step per batch size: step time, tokens/s, the engine's phases, the kernel time per part of
-  the model (tinygrad DEBUG=2) and the Python/host share of the step.
-
-  Example: tinyvllm bench profile --model Qwen/Qwen3-0.6B --random-weights --batch-sizes 1,8"""
+  """The decode step per batch size: step time, phases, kernel time per part of the model and the host share."""
   from tinyvllm_core import resolve_dtype
 
   from tinyvllm_cli.bench.profile import ProfileParams, parse_batch_sizes, profile_report, run_profile
 
   with one_line_errors():
-    weights = None if quantize == "none" else quantize
-    params = ProfileParams(parse_batch_sizes(batch_sizes), steps, prompt_len, warmup_steps, kv_cache_gb, seed, weights)
+    sizes = parse_batch_sizes(batch_sizes)
+    params = ProfileParams(sizes, steps, prompt_len, warmup_steps, kv_cache_gb, seed, quantize_setting(quantize))
     run = Run.start(ctx, device, model, random_weights, note)
     context = run.model.model_config().max_position_embeddings
     if prompt_len >= context:
       raise BenchError(f"--prompt-len {prompt_len} is not shorter than the model's context ({context})")
     results = run_profile(run, params)
-    report = profile_report(run, resolve_dtype("auto", run.device), params, results)
-    emit(run.stem("profile"), *report, output, as_json)
+    run.emit("profile", *profile_report(run, resolve_dtype("auto", run.device), params, results), output, as_json)
 
 
 @app.command("serve")
@@ -245,18 +218,17 @@ def bench_serve(
   json_output: JsonOpt = False,
   timeout: Annotated[float, Opt(min=1, help="Seconds to wait for the server and for each request.")] = 600.0,
 ) -> dict:
-  """Benchmark a running server (tinyvllm serve-lite or any OpenAI-compatible one) at several concurrency levels."""
+  """Benchmark a running OpenAI-compatible server (e.g. tinyvllm serve-lite) at several concurrency levels."""
   from datetime import datetime
 
-  from tinyvllm_cli.bench.serve import Target, markdown, parse_levels, read_dataset, run_levels
+  from tinyvllm_cli.bench.serve import Target, markdown, read_dataset, run_levels
 
   with one_line_errors():
     if endpoint not in ("completions", "chat"):
       raise BenchError(f"--endpoint {endpoint!r}: expected completions or chat")
-    levels = parse_levels(concurrency)
+    levels = parse_ints(concurrency, "--concurrency", "1,4,16")
     target = Target(url, endpoint, api_key, timeout)
-    model = target.wait_ready(timeout)
-    started = datetime.now().strftime("%Y%m%d-%H%M%S")
+    model = target.wait_ready()
     config = {
       "url": url,
       "endpoint": endpoint,
@@ -267,7 +239,7 @@ def bench_serve(
       "ignore_eos": ignore_eos,
       "warmup": warmup,
     }
-    report = {"timestamp": started, "model": model, "config": config}
+    report = {"timestamp": datetime.now().strftime("%Y%m%d-%H%M%S"), "model": model, "config": config}
     report["levels"] = run_levels(target, model, config, read_dataset(dataset))
     emit("serve", report, markdown(report), output_dir, json_output)
   return report

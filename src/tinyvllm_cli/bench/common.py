@@ -1,5 +1,4 @@
-"""What every `tinyvllm bench` preset shares: the model under test (real weights, random weights from a config, or
-the seed's toy), running requests through an engine, the machine, the progress bar and the JSON + markdown report."""
+"""What the bench presets share: the model under test, running requests, the machine and the JSON + markdown report."""
 
 from __future__ import annotations
 
@@ -7,6 +6,7 @@ import json
 import math
 import os
 import platform
+import random
 import re
 import tempfile
 import time
@@ -46,6 +46,7 @@ TOY_CONFIG = {
 }
 SHIPPED_ALIASES = {EMBEDDED_ALIAS: "HuggingFaceTB/SmolLM2-135M-Instruct"}
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+ENV_KEYS = ("DEV", "JITBEAM", "BEAM", "DEBUG", "OMP_NUM_THREADS", "NUM_CPU_THREADS", "CC", "TINYVLLM_WIDE")
 
 
 class BenchError(Exception):
@@ -61,18 +62,26 @@ def one_line_errors() -> Iterator[None]:
     ui.fail(e)
 
 
-# ---- the model under test --------------------------------------------------------------------
+def parse_ints(text: str, option: str, example: str) -> list[int]:
+  """ "1,8,32" -> [1, 8, 32] (duplicates dropped, order kept); anything else is a BenchError."""
+  try:
+    values = [int(s) for s in text.split(",") if s.strip()]
+  except ValueError:
+    values = []
+  if not values or min(values) < 1:
+    raise BenchError(f"{option} {text!r}: expected positive integers like {example}")
+  return list(dict.fromkeys(values))
 
 
 @dataclass
 class BenchModel:
-  """A model to benchmark: real weights from `path` (HF folder or .gguf), or random weights shaped by `hf_config`."""
+  """Real weights from `path` (HF folder or .gguf), or random weights shaped by `hf_config`."""
 
   name: str
   path: Path | None = None
-  hf_config: dict | None = None  # config.json contents; None for a GGUF until it is loaded
+  hf_config: dict | None = None  # None for a GGUF: its config lives in its weights
   random_weights: bool = False
-  _loaded: ModelFiles | None = field(default=None, repr=False)  # a GGUF read early: its config lives in its weights
+  _loaded: ModelFiles | None = field(default=None, repr=False)
   _config: ModelConfig | None = field(default=None, repr=False)
 
   @property
@@ -86,23 +95,23 @@ class BenchModel:
 
   def model_config(self) -> ModelConfig:
     """The engine's ModelConfig (a GGUF is read once here and its weights kept for `files`)."""
-    if self._config is not None:
-      return self._config
-    if self.hf_config is not None:
+    from tinyvllm_core.formats import load_model_files
+
+    if self._config is None and self.hf_config is not None:
       self._config = model_config_from_dict(self.hf_config)
-    else:
-      self._loaded = load_files(self.path, "CPU")
+    elif self._config is None:
+      self._loaded = load_model_files(self.path, "CPU")
       self._config = self._loaded.config
     return self._config
 
   def files(self, device: str) -> ModelFiles:
-    """ModelFiles for LLMEngine; the engine takes ownership of the weights."""
-    from tinyvllm_core.formats import ModelFiles
+    """ModelFiles for LLMEngine, which takes ownership of the weights."""
+    from tinyvllm_core.formats import ModelFiles, load_model_files
 
     if self.random_weights:
       return ModelFiles(config=self.model_config(), weights=random_weights(self.model_config(), device), tokenizer=None)
-    loaded, self._loaded = self._loaded, None
-    files = loaded or load_files(self.path, device)
+    files = self._loaded or load_model_files(self.path, device)
+    self._loaded = None
     self._config = files.config
     return files
 
@@ -112,19 +121,8 @@ class BenchModel:
     return {"name": self.name, "path": path, "random_weights": self.random_weights, "config": config}
 
 
-def load_files(path: Path, device: str) -> ModelFiles:
-  from tinyvllm_core import ConfigError
-  from tinyvllm_core.formats import load_model_files
-
-  try:
-    return load_model_files(path, device)
-  except ConfigError as e:
-    raise BenchError(str(e)) from None
-
-
 def model_config_from_dict(cfg: dict) -> ModelConfig:
-  """read_hf_config reads a file; write the dict to a temp file so the engine's own parser checks it."""
-  from tinyvllm_core import ConfigError
+  """The engine's own parser checks the dict (written to a temporary config.json)."""
   from tinyvllm_core.formats import read_hf_config
 
   with tempfile.TemporaryDirectory() as tmp:
@@ -132,7 +130,7 @@ def model_config_from_dict(cfg: dict) -> ModelConfig:
     path.write_text(json.dumps(cfg))
     try:
       return read_hf_config(path)
-    except ConfigError as e:
+    except ValueError as e:
       raise BenchError(str(e).replace(str(path), "config.json")) from None
 
 
@@ -171,52 +169,43 @@ def read_config(path: Path) -> dict:
 
 
 def resolve_bench_model(name: str | None, random_weights: bool) -> BenchModel:
-  """`toy`, a real model (path, pulled repo id, `smollm2`), or with random_weights a config: a shipped repo id,
-  a config.json path, a model folder or .gguf whose shapes are used."""
+  """`toy`, a real model (path, pulled repo id, `smollm2`), or with random_weights the shapes of a shipped repo id,
+  a config.json, a model folder or a .gguf."""
   if name == TOY:
     return BenchModel(TOY, hf_config=dict(TOY_CONFIG), random_weights=True)
-  if random_weights:
-    return random_model(name or "Qwen/Qwen3-0.6B")
-  try:
-    path = resolve_model(name)
-  except ModelNotFoundError as e:
-    hint = "; or add --random-weights to run its real shapes with random weights" if name in shipped_configs() else ""
-    raise BenchError(f"{e}{hint}") from None
-  hf_config = read_config(path / "config.json") if path.is_dir() else None
-  return BenchModel(display_name(name, path), path=path, hf_config=hf_config)
-
-
-def display_name(name: str | None, path: Path) -> str:
-  """A repo id or alias as given (its last part); a path by its folder or file name."""
-  if name and not Path(name).expanduser().exists():
-    return name.split("/")[-1]
-  return path.stem if path.is_file() else path.name
-
-
-def random_model(name: str) -> BenchModel:
+  name = name or ("Qwen/Qwen3-0.6B" if random_weights else None)
   shipped = shipped_configs()
   repo_id = SHIPPED_ALIASES.get(name, name)
-  if repo_id in shipped:
+  if random_weights and repo_id in shipped:
     return BenchModel(repo_id.split("/")[-1], hf_config=read_config(shipped[repo_id]), random_weights=True)
-  path = Path(name).expanduser()
-  if path.suffix == ".json":
-    if not path.is_file():
+  json_path = Path(name).expanduser() if name else None
+  if random_weights and json_path.suffix == ".json":
+    if not json_path.is_file():
       raise BenchError(f"{name}: no such config file")
-    display = path.parent.name if path.name == "config.json" else path.stem
-    return BenchModel(display, hf_config=read_config(path), random_weights=True)
+    display = json_path.parent.name if json_path.name == "config.json" else json_path.stem
+    return BenchModel(display, hf_config=read_config(json_path), random_weights=True)
   try:
     path = resolve_model(name)
   except ModelNotFoundError as e:
-    choices = ", ".join(sorted(shipped))
-    raise BenchError(f"{e}; with --random-weights --model also takes a config.json path or one of: {choices}") from None
+    if random_weights:
+      hint = f"; with --random-weights --model also takes a config.json path or one of: {', '.join(sorted(shipped))}"
+    else:
+      hint = "; or add --random-weights to run its real shapes with random weights" if name in shipped else ""
+    raise BenchError(f"{e}{hint}") from None
+  display = path.stem if path.is_file() else path.name
+  if name and not Path(name).expanduser().exists():
+    display = name.split("/")[-1]
+  hf_config = read_config(path / "config.json") if path.is_dir() else None
+  if path.is_dir() and not random_weights:
+    return BenchModel(display, path=path, hf_config=hf_config)
   if path.is_dir():
-    return BenchModel(display_name(name, path), hf_config=read_config(path / "config.json"), random_weights=True)
-  return BenchModel(display_name(name, path), path=path, random_weights=True)
+    return BenchModel(display, hf_config=hf_config, random_weights=True)
+  return BenchModel(display, path=path, random_weights=random_weights)
 
 
 def random_weights(mc: ModelConfig, device: str, std: float = 0.02) -> dict[str, Tensor]:
-  """The engine's canonical weights for a ModelConfig, uniform with std 0.02 from the core's counter hash (one
-  compiled kernel per shape: tinygrad's rand compiles one per call), built lazily on the device."""
+  """The engine's canonical weights, uniform with std 0.02 from the core's counter hash (one compiled kernel per
+  shape), built lazily on the device."""
   from tinygrad import Tensor, dtypes
   from tinyvllm_core import hash_uniform
 
@@ -231,23 +220,23 @@ def random_weights(mc: ModelConfig, device: str, std: float = 0.02) -> dict[str,
   def ones(n: int) -> Tensor:
     return Tensor.ones(n, device=device).contiguous()
 
-  H, I, hd = mc.hidden_size, mc.intermediate_size, mc.head_dim
-  qkv = (mc.num_heads + 2 * mc.num_kv_heads) * hd
-  weights = {"embed": w(mc.vocab_size, H), "norm": ones(H)}
-  weights["lm_head"] = weights["embed"] if mc.tie_word_embeddings else w(mc.vocab_size, H)
+  hidden = mc.hidden_size
+  qkv = (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim
+  weights = {"embed": w(mc.vocab_size, hidden), "norm": ones(hidden)}
+  weights["lm_head"] = weights["embed"] if mc.tie_word_embeddings else w(mc.vocab_size, hidden)
   for i in range(mc.num_layers):
     p = f"layers.{i}."
-    weights[p + "qkv"] = w(qkv, H)
-    weights[p + "o"] = w(H, mc.num_heads * hd)
-    weights[p + "gate_up"] = w(2 * I, H)
-    weights[p + "down"] = w(H, I)
-    weights[p + "attn_norm"] = ones(H)
-    weights[p + "mlp_norm"] = ones(H)
+    weights[p + "qkv"] = w(qkv, hidden)
+    weights[p + "o"] = w(hidden, mc.num_heads * mc.head_dim)
+    weights[p + "gate_up"] = w(2 * mc.intermediate_size, hidden)
+    weights[p + "down"] = w(hidden, mc.intermediate_size)
+    weights[p + "attn_norm"] = ones(hidden)
+    weights[p + "mlp_norm"] = ones(hidden)
     if mc.qkv_bias:
       weights[p + "qkv_bias"] = Tensor.zeros(qkv, device=device).contiguous()
     if mc.qk_norm:
-      weights[p + "q_norm"] = ones(hd)
-      weights[p + "k_norm"] = ones(hd)
+      weights[p + "q_norm"] = ones(mc.head_dim)
+      weights[p + "k_norm"] = ones(mc.head_dim)
   return weights
 
 
@@ -255,9 +244,9 @@ class PromptSource:
   """Distinct random token-id prompts (no two share a block, so the prefix cache never helps)."""
 
   def __init__(self, vocab_size: int, length: int, seed: int):
-    import random
-
-    self.rng, self.vocab_size, self.length = random.Random(seed), vocab_size, length
+    self.rng = random.Random(seed)
+    self.vocab_size = vocab_size
+    self.length = length
 
   def take(self, n: int) -> list[list[int]]:
     return [[self.rng.randrange(self.vocab_size) for _ in range(self.length)] for _ in range(n)]
@@ -266,8 +255,8 @@ class PromptSource:
 def run_requests(
   engine, prompts: list[list[int]], params: list, advance: Callable[[int], None], t0: float
 ) -> list[dict]:
-  """LLM.generate with timings: add every request, step the engine until all finish. Each request's prompt and
-  output token counts, finish reason and arrival / first token / finish times in seconds from t0."""
+  """Add every request and step the engine until all finish; each request's token counts, finish reason and
+  arrival / first token / finish times in seconds from t0."""
   timings = {}
   for prompt, sp in zip(prompts, params):
     request_id = engine.add_request(prompt, sp)
@@ -282,21 +271,11 @@ def run_requests(
   return list(timings.values())
 
 
-# ---- the machine -----------------------------------------------------------------------------
-
-
 def version(pkg: str) -> str | None:
   try:
     return metadata.version(pkg)
   except metadata.PackageNotFoundError:
     return None
-
-
-def load_average() -> list[float] | None:
-  return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-
-
-ENV_KEYS = ("DEV", "JITBEAM", "BEAM", "DEBUG", "OMP_NUM_THREADS", "NUM_CPU_THREADS", "CC", "TINYVLLM_WIDE")
 
 
 def machine_info(device: str) -> dict:
@@ -305,7 +284,7 @@ def machine_info(device: str) -> dict:
     "machine": platform.machine(),
     "processor": platform.processor() or None,
     "cpu_count": os.cpu_count(),
-    "load_average": load_average(),
+    "load_average": list(os.getloadavg()),
     "tinygrad_backend": device,
     "python": platform.python_version(),
     "tinyvllm": version("tinyvllm"),
@@ -315,22 +294,13 @@ def machine_info(device: str) -> dict:
 
 
 def machine_line(m: dict) -> str:
-  env = m["env"]
-  load = f", load average {m['load_average'][0]:.2f} at start" if m.get("load_average") else ""
-  if m.get("load_average_end"):
-    load += f" and {m['load_average_end'][0]:.2f} at the end"
-  extra = f", JITBEAM={env['JITBEAM']}" if "JITBEAM" in env else ""
-  if m["tinygrad_backend"].startswith("CPU"):  # clang-19 or newer compiles the 8-wide kernels (README, How it works)
-    extra += f", compiler {env.get('CC', 'clang')}"
-    if "TINYVLLM_WIDE" in env:
-      extra += f" (TINYVLLM_WIDE={env['TINYVLLM_WIDE']})"
+  end = m.get("load_average_end")
+  load = f"load average {m['load_average'][0]:.2f} at start" + (f" and {end[0]:.2f} at the end" if end else "")
+  env = "".join(f", {k}={v}" for k, v in m["env"].items())
   return (
-    f"{m['platform']}, {m['cpu_count']} CPUs{load}; tinygrad {m['tinygrad']} on {m['tinygrad_backend']}{extra}; "
+    f"{m['platform']}, {m['cpu_count']} CPUs, {load}; tinygrad {m['tinygrad']} on {m['tinygrad_backend']}{env}; "
     f"tinyvllm {m['tinyvllm']}; Python {m['python']}"
   )
-
-
-# ---- one run: the command, the progress bar and the report ------------------------------------
 
 
 def invocation(ctx: typer.Context) -> str:
@@ -340,7 +310,8 @@ def invocation(ctx: typer.Context) -> str:
     source = ctx.get_parameter_source(param.name)
     if param.name == "note" or source is None or source.name != "COMMANDLINE":  # typer vendors its own click
       continue
-    value, flag = ctx.params.get(param.name), param.opts[0]
+    value = ctx.params.get(param.name)
+    flag = param.opts[0]
     if isinstance(value, bool):
       parts += [flag] if value else []
     elif isinstance(value, (list, tuple)) and param.multiple:
@@ -354,7 +325,7 @@ def invocation(ctx: typer.Context) -> str:
 
 @dataclass
 class Run:
-  """One preset's run: the command as typed, the device, the model, the machine (at the start) and the notes."""
+  """One preset's run: the command as typed, the device, the model, the machine and the notes."""
 
   command: str
   device: str
@@ -363,9 +334,7 @@ class Run:
   notes: list[str]
 
   @staticmethod
-  def start(
-    ctx: typer.Context, device: str | None, model: str | None, random_weights: bool, notes: list[str] | None
-  ) -> Run:
+  def start(ctx: typer.Context, device: str | None, model: str | None, random_weights: bool, notes) -> Run:
     from tinyvllm_core import resolve_device
 
     dev = resolve_device(device)
@@ -373,34 +342,31 @@ class Run:
     return Run(invocation(ctx), dev, bench_model, machine_info(dev), notes or [])
 
   def finished(self) -> None:
-    """Add the load average after the run (other jobs on a shared machine)."""
-    self.machine["load_average_end"] = load_average()
+    self.machine["load_average_end"] = list(os.getloadavg())
 
   def data(self, preset: str, **fields) -> dict:
     """The JSON report: what ran where, the preset's own fields, the machine and the notes."""
     head = {"preset": preset, "command": self.command, "timestamp": timestamp(), "model": self.model.describe()}
     return head | {"device": self.device, **fields, "machine": self.machine, "notes": self.notes}
 
-  def markdown(self, title: str, lines: list[str]) -> str:
+  def markdown(self, preset: str, lines: list[str]) -> str:
+    title = f"# tinyvllm bench {preset}: {self.model.name} on {self.device}"
+    machine = f"Machine: {machine_line(self.machine)}"
     notes = [f"\nNote: {n}" for n in self.notes]
-    return "\n".join([f"# tinyvllm bench {title}", "", f"`{self.command}`", "", *lines, *notes])
+    return "\n".join([title, "", f"`{self.command}`", "", machine, "", *lines, *notes])
 
-  def stem(self, preset: str) -> str:
-    return f"{preset}-{self.model.slug}-{self.device.lower()}"
+  def weights(self) -> str:
+    return "random weights" if self.model.random_weights else "real weights"
+
+  def emit(self, preset: str, data: dict, markdown: str, out_dir: Path, as_json: bool) -> None:
+    emit(f"{preset}-{self.model.slug}-{self.device.lower()}", data, markdown, out_dir, as_json)
 
 
 @contextmanager
 def progress_bar(description: str, total: int, unit: str = "tokens") -> Iterator[Callable[[int], None]]:
   """A rich progress bar on stderr while requests run; yields advance(n)."""
-  columns = (
-    TextColumn("{task.description}"),
-    BarColumn(),
-    MofNCompleteColumn(),
-    TextColumn(unit),
-    TimeElapsedColumn(),
-    TimeRemainingColumn(),
-  )
-  with Progress(*columns, console=ui.err, transient=True) as progress:
+  columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit))
+  with Progress(*columns, TimeElapsedColumn(), TimeRemainingColumn(), console=ui.err, transient=True) as progress:
     task = progress.add_task(description, total=total)
     yield lambda n=1: progress.advance(task, n)
 
@@ -414,7 +380,8 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 def emit(stem: str, data: dict, markdown: str, out_dir: Path, as_json: bool) -> None:
   """Write <stem>-<time>.json and .md into out_dir; print the markdown (or with as_json the JSON) to stdout."""
   stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-  json_path, md_path = out_dir / f"{stem}-{stamp}.json", out_dir / f"{stem}-{stamp}.md"
+  json_path = out_dir / f"{stem}-{stamp}.json"
+  md_path = out_dir / f"{stem}-{stamp}.md"
   try:
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(data, indent=2) + "\n")
@@ -424,8 +391,7 @@ def emit(stem: str, data: dict, markdown: str, out_dir: Path, as_json: bool) -> 
   if as_json:
     print(json.dumps(data, indent=2))
   else:
-    ui.say(markdown.rstrip())
-    ui.say("")
+    ui.say(markdown.rstrip() + "\n")
   ui.err.print(f"wrote {json_path} and {md_path.name}", soft_wrap=True, highlight=False)
 
 

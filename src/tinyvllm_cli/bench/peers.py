@@ -1,7 +1,5 @@
-"""The peers `tinyvllm bench throughput --compare` runs on the same workload: vLLM and nano-vLLM through
-their Python APIs (as in nano-vllm's bench.py), Hugging Face transformers (batched `generate`) and llama.cpp
-through llama-cpp-python (one sequence at a time, on the same GGUF file).
-A backend that is not installed or cannot run this model raises BackendUnavailable: one line, skipped."""
+"""The peers `tinyvllm bench throughput --compare` runs on the same workload: vLLM and nano-vLLM (as in nano-vllm's
+bench.py), transformers (batched `generate`) and llama.cpp (one sequence at a time, on the same GGUF file)."""
 
 from __future__ import annotations
 
@@ -11,25 +9,22 @@ import json
 import os
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from tinyvllm_cli.bench.common import SHIPPED_ALIASES, TOY, BenchModel, hf_config_from, now, progress_bar
 from tinyvllm_cli.bench.common import shipped_configs, version
-from tinyvllm_cli.bench.throughput import BackendResult, EngineOptions, Workload, run_tinyvllm
+from tinyvllm_cli.bench.throughput import BackendOptions, BackendResult, Workload, run_tinyvllm
 
-PIP_NAMES = {
-  "vllm": "vllm",
-  "nanovllm": "nano-vllm",
-  "transformers": "transformers torch",
-  "llamacpp": "llama-cpp-python",
+PACKAGES = {  # backend -> (what to pip install, the modules it imports)
+  "vllm": ("vllm", ["vllm"]),
+  "nanovllm": ("nano-vllm", ["nanovllm"]),
+  "transformers": ("transformers torch", ["transformers", "torch"]),
+  "llamacpp": ("llama-cpp-python", ["llama_cpp"]),
 }
-MODULES = {
-  "vllm": ["vllm"],
-  "nanovllm": ["nanovllm"],
-  "transformers": ["transformers", "torch"],
-  "llamacpp": ["llama_cpp"],
+LLAMA_FTYPES = {  # general.file_type
+  **{0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M"},
+  **{13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16"},
 }
 
 
@@ -37,62 +32,55 @@ class BackendUnavailable(Exception):
   """This backend cannot run here; the message says why in one line."""
 
 
-@dataclass
-class BackendOptions:
-  engine: EngineOptions = field(default_factory=EngineOptions)
-  transformers_batch_size: int = 8
-  seed: int = 0
-  warmup: str = "full"  # tinyvllm: "full" (the workload once, untimed) or "one" (nano-vllm's single request)
-  torch_threads: int | None = None  # transformers: torch's CPU threads (None: torch's default, one per core)
-
-
 def run_backend(name: str, model: BenchModel, device: str, workload: Workload, opts: BackendOptions) -> BackendResult:
   if name == "tinyvllm":
-    return run_tinyvllm(model, device, workload, opts.engine, opts.warmup)
+    return run_tinyvllm(model, device, workload, opts)
   if name == "llamacpp":
     check_gguf(model)  # first: installing llama-cpp-python would not help
-  if any(importlib.util.find_spec(module) is None for module in MODULES[name]):
-    raise BackendUnavailable(f"not installed (pip install {PIP_NAMES[name]})")
+  pip_names, modules = PACKAGES[name]
+  if any(importlib.util.find_spec(module) is None for module in modules):
+    raise BackendUnavailable(f"not installed (pip install {pip_names})")
   runner = {"vllm": run_vllm, "nanovllm": run_nanovllm, "transformers": run_transformers, "llamacpp": run_llamacpp}
   return runner[name](model, device, workload, opts)
 
 
-def counted(workload: Workload, gen: list[int]) -> list[dict]:
-  return [{"prompt_tokens": len(p), "output_tokens": g} for p, g in zip(workload.prompts, gen)]
+def counted(name: str, workload: Workload, gen: list[int], duration: float) -> BackendResult:
+  requests = [{"prompt_tokens": len(p), "output_tokens": g} for p, g in zip(workload.prompts, gen)]
+  info = {"version": version(PACKAGES[name][0])}
+  return BackendResult(name, len(gen), workload.input_tokens, sum(gen), duration, requests, info)
 
 
 @contextmanager
 def config_folder(model: BenchModel) -> Iterator[tuple[Path, str]]:
-  """A temporary model folder holding only the config.json a peer builds a random-weight model from, and where
-  that config came from."""
+  """A temporary folder holding the config.json a peer builds a random-weight model from, and where it came from."""
   repo = SHIPPED_ALIASES.get(model.name)
   if model.hf_config is not None:
-    config, source = model.hf_config, "its config.json"
+    config = model.hf_config
+    source = "its config.json"
   elif repo in shipped_configs():
-    config, source = json.loads(shipped_configs()[repo].read_text()), f"the shipped {repo} config.json"
+    config = json.loads(shipped_configs()[repo].read_text())
+    source = f"the shipped {repo} config.json"
   else:
-    config, source = hf_config_from(model.model_config()), "the GGUF's shapes"
+    config = hf_config_from(model.model_config())
+    source = "the GGUF's shapes"
   with tempfile.TemporaryDirectory(prefix="tinyvllm-bench-") as tmp:
     Path(tmp, "config.json").write_text(json.dumps(config))
     yield Path(tmp), source
 
 
-# ---- vLLM and nano-vLLM (GPU engines; same calls as nano-vllm's bench.py) --------------------
-
-
 def run_vllm(model: BenchModel, device: str, workload: Workload, opts: BackendOptions) -> BackendResult:
   from vllm import LLM, SamplingParams
 
-  if model.path is not None and model.path.suffix == ".gguf" and not model.random_weights:
+  dummy = model.random_weights
+  if model.path is not None and model.path.suffix == ".gguf" and not dummy:
     raise BackendUnavailable("needs a Hugging Face model folder (or --random-weights), not a GGUF file")
-  real = not model.random_weights and model.path is not None
   with config_folder(model) as (folder, _):
-    path = model.path if real else folder
-    dummy = model.random_weights
+    path = folder if dummy or model.path is None else model.path
+    load_format = "dummy" if dummy else "auto"
     llm = LLM(
       model=str(path),
       max_model_len=workload.max_len(),
-      load_format="dummy" if dummy else "auto",
+      load_format=load_format,
       skip_tokenizer_init=dummy,
       seed=opts.seed,
     )
@@ -105,57 +93,51 @@ def run_vllm(model: BenchModel, device: str, workload: Workload, opts: BackendOp
     t0 = now()
     outs = llm.generate([{"prompt_token_ids": p} for p in workload.prompts], params, use_tqdm=False)
     duration = now() - t0
-  gen = [len(o.outputs[0].token_ids) for o in outs]
-  info = {"version": version("vllm")}
-  return BackendResult("vllm", len(outs), workload.input_tokens, sum(gen), duration, counted(workload, gen), info)
+  return counted("vllm", workload, [len(o.outputs[0].token_ids) for o in outs], duration)
 
 
 def run_nanovllm(model: BenchModel, device: str, workload: Workload, opts: BackendOptions) -> BackendResult:
   from nanovllm import LLM, SamplingParams
 
   if model.random_weights or model.path is None or not model.path.is_dir():
-    raise BackendUnavailable(
-      "loads real safetensors weights and a tokenizer from a Hugging Face model folder; "
-      "not available for a GGUF file or --random-weights"
-    )
+    raise BackendUnavailable("loads real weights from a Hugging Face model folder; not a GGUF file or --random-weights")
   llm = LLM(str(model.path), enforce_eager=False, max_model_len=max(4096, workload.max_len()))
   params = [
     SamplingParams(temperature=workload.temperature, ignore_eos=True, max_tokens=n) for n in workload.output_lens
   ]
   llm.generate(["Benchmark: "], SamplingParams())
-  # use_tqdm=False where this version's generate takes it (nano-vllm's bench passes it)
   no_tqdm = {"use_tqdm": False} if "use_tqdm" in inspect.signature(llm.generate).parameters else {}
   t0 = now()
   outs = llm.generate(workload.prompts, params, **no_tqdm)
   duration = now() - t0
-  gen = [len(o["token_ids"]) for o in outs]
-  info = {"version": version("nano-vllm")}
-  return BackendResult("nanovllm", len(outs), workload.input_tokens, sum(gen), duration, counted(workload, gen), info)
-
-
-# ---- Hugging Face transformers (static batches of `generate`) --------------------------------
+  return counted("nanovllm", workload, [len(o["token_ids"]) for o in outs], duration)
 
 
 def run_transformers(model: BenchModel, device: str, workload: Workload, opts: BackendOptions) -> BackendResult:
-  """Requests sorted by output length, in batches of `transformers_batch_size`, left-padded, sampled at the
-  workload's temperature (top_k/top_p off), EOS ignored. A batch decodes until its longest request is done:
-  only each request's own max_tokens count as generated tokens; the rest is computed and not counted."""
+  """Requests sorted by output length in static batches of `transformers_batch_size`, left-padded, sampled, EOS
+  ignored; a batch decodes until its longest request is done, and only each request's own max_tokens count."""
   import torch
 
   torch.manual_seed(opts.seed)
   if opts.torch_threads:
     torch.set_num_threads(opts.torch_threads)
   hf, torch_device, notes = transformers_model(model, device)
-  n, bs = len(workload.prompts), opts.transformers_batch_size
+  n = len(workload.prompts)
+  bs = opts.transformers_batch_size
   order = sorted(range(n), key=lambda i: (workload.output_lens[i], len(workload.prompts[i])))
   batches = [order[i : i + bs] for i in range(0, n, bs)]
-  hf_generate(hf, torch_device, [workload.prompts[0][:8]], 16, workload.temperature, lambda k: None)  # warm-up
+  hf_generate(hf, torch_device, [workload.prompts[0][:8]], [16], workload.temperature, lambda k: None)  # warm-up
   requests = [{} for _ in range(n)]
   with progress_bar(f"transformers ({model.name}, {torch_device})", workload.gen_tokens) as advance:
     t0 = now()
     for batch in batches:
-      for i, timing in zip(batch, timed_batch(hf, torch_device, workload, batch, t0, advance)):
-        requests[i] = timing
+      lens = [workload.output_lens[i] for i in batch]
+      start = now() - t0
+      ticks = hf_generate(hf, torch_device, [workload.prompts[i] for i in batch], lens, workload.temperature, advance)
+      end = now() - t0
+      for i, m in zip(batch, lens):  # a request finishes at the step that produced its own last counted token
+        timing = {"prompt_tokens": len(workload.prompts[i]), "output_tokens": m, "arrival": start}
+        requests[i] = timing | {"first_token": ticks[0] - t0, "finish": ticks[m - 1] - t0, "batch_finish": end}
     duration = now() - t0
   computed = sum(len(b) * max(workload.output_lens[i] for i in b) for b in batches)
   threads = torch.get_num_threads()
@@ -176,41 +158,15 @@ def run_transformers(model: BenchModel, device: str, workload: Workload, opts: B
   return BackendResult("transformers", n, workload.input_tokens, workload.gen_tokens, duration, requests, info)
 
 
-def timed_batch(hf, torch_device: str, workload: Workload, batch: list[int], t0: float, advance) -> list[dict]:
-  """One generate call; a request's finish is the step that produced its own last counted token."""
-  lens = [workload.output_lens[i] for i in batch]
-  start = now() - t0
-  ticks = []
-
-  def on_step(k: int) -> None:
-    ticks.append(now() - t0)
-    advance(sum(1 for m in lens if m >= k))
-
-  hf_generate(hf, torch_device, [workload.prompts[i] for i in batch], max(lens), workload.temperature, on_step)
-  end = now() - t0
-  return [
-    {
-      "prompt_tokens": len(workload.prompts[i]),
-      "output_tokens": m,
-      "arrival": start,
-      "first_token": ticks[0],
-      "finish": ticks[m - 1],
-      "batch_finish": end,
-    }
-    for i, m in zip(batch, lens)
-  ]
-
-
 def transformers_model(model: BenchModel, device: str) -> tuple[object, str, list[str]]:
   import torch
   from transformers import AutoConfig, AutoModelForCausalLM
 
+  torch_device = "cpu"
   if device in ("CUDA", "NV") and torch.cuda.is_available():
     torch_device = "cuda"
   elif device == "METAL" and torch.backends.mps.is_available():
     torch_device = "mps"
-  else:
-    torch_device = "cpu"
   dtype = torch.float32 if torch_device == "cpu" else torch.float16
   dtype_name = str(dtype).replace("torch.", "")
   if not model.random_weights and model.path is not None and model.path.is_dir():
@@ -221,26 +177,24 @@ def transformers_model(model: BenchModel, device: str) -> tuple[object, str, lis
       hf_config = AutoConfig.from_pretrained(str(folder))
     hf = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     why = "" if model.random_weights else " (transformers cannot load this model's weights here)"
-    notes = [
-      f"random weights built from {source}{why}, {dtype_name}; speed does not depend on weight values with ignore_eos"
-    ]
+    notes = [f"random weights built from {source}{why}, {dtype_name}"]
   hf.generation_config.eos_token_id = None  # ignore_eos: a None in the call's GenerationConfig falls back to this
   return hf.to(torch_device).eval(), torch_device, notes
 
 
-def hf_generate(hf, torch_device: str, prompts: list[list[int]], max_tokens: int, temperature: float, on_step) -> None:
+def hf_generate(hf, torch_device: str, prompts: list[list[int]], lens: list[int], temperature: float, advance) -> list:
+  """One left-padded generate call of max(lens) steps; the time of each step (advance: the tokens counted)."""
   import torch
   from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-  class Tick(StoppingCriteria):
-    """Called once per decode step; never stops generation, only reports progress."""
+  ticks = []
 
-    def __init__(self):
-      self.k = 0
+  class Tick(StoppingCriteria):
+    """Called once per decode step; never stops generation."""
 
     def __call__(self, input_ids, scores, **kwargs):
-      self.k += 1
-      on_step(self.k)
+      ticks.append(now())
+      advance(sum(1 for m in lens if m >= len(ticks)))
       return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
   width = max(map(len, prompts))
@@ -249,15 +203,8 @@ def hf_generate(hf, torch_device: str, prompts: list[list[int]], max_tokens: int
   for row, p in enumerate(prompts):
     ids[row, width - len(p) :] = torch.tensor(p)
     mask[row, width - len(p) :] = 1
-  config = GenerationConfig(
-    do_sample=True,
-    temperature=temperature,
-    top_k=0,
-    top_p=1.0,
-    max_new_tokens=max_tokens,
-    pad_token_id=0,
-    eos_token_id=None,
-  )
+  sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+  config = GenerationConfig(**sampling, max_new_tokens=max(lens), pad_token_id=0, eos_token_id=None)
   with torch.inference_mode():
     hf.generate(
       input_ids=ids.to(torch_device),
@@ -265,14 +212,7 @@ def hf_generate(hf, torch_device: str, prompts: list[list[int]], max_tokens: int
       generation_config=config,
       stopping_criteria=StoppingCriteriaList([Tick()]),
     )
-
-
-# ---- llama.cpp (llama-cpp-python, one sequence at a time, on the same GGUF file) ------------
-
-LLAMA_FTYPES = {  # general.file_type
-  **{0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M"},
-  **{13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16"},
-}
+  return ticks
 
 
 def check_gguf(model: BenchModel) -> None:
@@ -291,12 +231,12 @@ def check_gguf(model: BenchModel) -> None:
 
 
 def run_llamacpp(model: BenchModel, device: str, workload: Workload, opts: BackendOptions) -> BackendResult:
-  """The requests one after another (a Llama object holds one sequence), each from an empty KV cache: prefill
-  the prompt, then sample at the workload's temperature (top_k/top_p/min_p off) until its own max_tokens;
-  `Llama.generate` never stops at EOS, so EOS is ignored as for the other backends."""
+  """One request after another (a Llama holds one sequence), each from an empty KV cache, sampled until its own
+  max_tokens (`Llama.generate` never stops at EOS)."""
+  import ctypes
+
   import llama_cpp
 
-  check_gguf(model)
   threads = os.cpu_count() or 1
   gpu = device != "CPU" and bool(llama_cpp.llama_supports_gpu_offload())
   gpu_layers = -1 if gpu else 0
@@ -312,7 +252,11 @@ def run_llamacpp(model: BenchModel, device: str, workload: Workload, opts: Backe
   )
   llm.set_seed(opts.seed)  # Llama(seed=0) means "random seed"; set_seed keeps 0
   try:
-    desc, ftype = llama_model_desc(llm)
+    buf = ctypes.create_string_buffer(256)
+    llama_cpp.llama_model_desc(llm.model, buf, len(buf))
+    desc = buf.value.decode("utf-8", "replace")
+    file_type = llm.metadata.get("general.file_type")
+    ftype = LLAMA_FTYPES.get(int(file_type), f"file type {file_type}") if file_type else desc.split(" ")[-1]
     sizes = {"n_ctx": llm.n_ctx(), "n_batch": llm.n_batch}  # as llama.cpp took them (n_batch is capped at n_ctx)
     llama_request(llm, workload.other_tokens().prompts[0][:8], 16, workload.temperature, 0.0, lambda n=1: None)
     with progress_bar(f"llamacpp ({model.name}, {'GPU' if gpu else 'CPU'})", workload.gen_tokens) as advance:
@@ -328,22 +272,16 @@ def run_llamacpp(model: BenchModel, device: str, workload: Workload, opts: Backe
   prefill_s = sum(r["first_token"] - r["arrival"] for r in requests)
   decode_s = sum(r["finish"] - r["first_token"] for r in requests)
   decoded = gen - len(requests)  # the first token of each request comes with its prefill
-  where = (
-    "all layers offloaded to the GPU" if gpu else f"on the CPU with {threads} thread(s) (n_threads = the CPU cores)"
-  )
-  speeds = "prefill/decode split not measurable"
-  if prefill_s > 0:
-    speeds = f"prefill {workload.input_tokens / prefill_s:,.1f} tok/s"
-    if decoded and decode_s > 0:
-      speeds += f", decode {decoded / decode_s:,.1f} tok/s"
+  where = "all layers offloaded to the GPU" if gpu else f"on the CPU with {threads} thread(s)"
+  speeds = f"prefill {workload.input_tokens / max(prefill_s, 1e-9):,.1f} tok/s"
+  speeds += f", decode {decoded / max(decode_s, 1e-9):,.1f} tok/s"
   notes = [
-    "requests run one at a time: llama-cpp-python's Llama serves one sequence (no batching); "
-    "each starts from an empty KV cache",
+    "requests run one at a time: llama-cpp-python's Llama serves one sequence (no batching), from an empty KV cache",
     f"reads the GGUF's own quantized weights ({ftype}) with llama.cpp's own kernels, {where}",
     speeds,
   ]
   info = {
-    "version": version("llama_cpp_python") or version("llama-cpp-python") or getattr(llama_cpp, "__version__", None),
+    "version": version("llama_cpp_python") or getattr(llama_cpp, "__version__", None),
     "n_threads": threads,
     "n_threads_batch": threads,
     "n_gpu_layers": gpu_layers,
@@ -355,50 +293,31 @@ def run_llamacpp(model: BenchModel, device: str, workload: Workload, opts: Backe
     "decode_s": decode_s,
     "notes": notes,
   }
-  input_tokens = sum(r["prompt_tokens"] for r in requests)
-  return BackendResult("llamacpp", len(requests), input_tokens, gen, duration, requests, info)
-
-
-def llama_model_desc(llm) -> tuple[str, str]:
-  """llama.cpp's model description (e.g. "llama ?B Q4_1") and the GGUF's weight type from general.file_type."""
-  import ctypes
-
-  import llama_cpp
-
-  try:
-    buf = ctypes.create_string_buffer(256)
-    llama_cpp.llama_model_desc(llm.model, buf, len(buf))
-    desc = buf.value.decode("utf-8", "replace")
-  except (AttributeError, TypeError, ValueError, ctypes.ArgumentError):  # an API change must not fail the run
-    desc = ""
-  try:
-    file_type = llm.metadata["general.file_type"]
-    ftype = LLAMA_FTYPES.get(int(file_type), f"file type {file_type}")
-  except (AttributeError, KeyError, ValueError):
-    ftype = desc.split(" ")[-1] if desc else "quantized"
-  return desc, ftype
+  return BackendResult("llamacpp", len(requests), workload.input_tokens, gen, duration, requests, info)
 
 
 def llama_request(llm, prompt: list[int], max_tokens: int, temperature: float, t0: float, advance) -> dict:
   """One request; only its own max_tokens are drawn from the generator (EOS does not stop it)."""
   llm.reset()  # no prefix reuse from the previous request
-  arrival, first, count = now() - t0, None, 0
+  arrival = now() - t0
+  first = None
+  count = 0
   sampling = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0, "temp": temperature, "repeat_penalty": 1.0}
   tokens = llm.generate(prompt, reset=True, **sampling)
   try:
     for _ in tokens:
       count += 1
-      if first is None:
-        first = now() - t0
+      first = first or now() - t0
       advance(1)
       if count == max_tokens:
         break
   finally:
     tokens.close()
+  finish = now() - t0
   return {
     "prompt_tokens": len(prompt),
     "output_tokens": count,
     "arrival": arrival,
     "first_token": first,
-    "finish": now() - t0,
+    "finish": finish,
   }

@@ -1,13 +1,5 @@
-"""`tinyvllm bench profile`: where a decode step's time goes, per batch size.
-
-For each batch size B: B seeded random prompts (greedy, ignore_eos) are stepped until every sequence is
-decoding, a few more steps warm up (a new batch shape is captured by TinyJit on first use), then `--steps`
-decode steps are timed: the step's wall time and the engine's own phases (`engine.last_step_timings`:
-schedule, prepare, forward = kernel launches + device time + reading back the sampled ids, postprocess).
-Two more steps run with tinygrad's per-kernel timing (DEBUG=2) switched on; its lines give each kernel's
-time, grouped into the model's parts (the matmuls by their weight's shape). The host's share of the step
-is schedule + prepare + postprocess + launch overhead (forward minus the kernel time) + what step() spends
-outside those phases."""
+"""`tinyvllm bench profile`: where a decode step's time goes per batch size: wall time, the engine's phases, the
+kernels by part of the model (tinygrad's DEBUG=2 lines) and the host's share."""
 
 from __future__ import annotations
 
@@ -16,12 +8,11 @@ import io
 import re
 import statistics
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from tinyvllm_cli import ui
-from tinyvllm_cli.bench.common import BenchError, PromptSource, Run, machine_line, markdown_table, now
+from tinyvllm_cli.bench.common import BenchError, PromptSource, Run, markdown_table, now, parse_ints
 
 if TYPE_CHECKING:
   from tinyvllm_core import ModelConfig
@@ -32,6 +23,14 @@ OTHER = "norms/rope/residual/activation"
 CATEGORIES = ("embedding", *LINEARS, "attention", "sampling", OTHER)
 EXTRA_CATEGORIES = ("other matmul", "transfers", "graph batches")  # shown only when a run has them
 PHASES = ("schedule_s", "prepare_s", "forward_s", "postprocess_s")
+ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+# *** CPU     5972 r_320_2_3_4_144_4   arg  3 mem   1.62 GB tm   1604.26us/     1.65ms ( ...
+KERNEL_LINE = re.compile(
+  r"^\*\*\*\s+\S+\s+\d+\s+(?P<name>.+?)\s+arg\s+\d+\s+mem\s+.*?\btm\s+(?P<t>[\d.]+)\s*(?P<unit>us|ms|s)\b"
+)
+UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+LINEAR_NAME = re.compile(r"^linear_(\d+)_(\d+)_(\d+)$")
+NEXT_LINEAR = {None: ("qkv",), "qkv": ("o",), "o": ("gate_up",), "gate_up": ("down",), "down": ("qkv", "lm_head")}
 
 
 @dataclass
@@ -42,37 +41,11 @@ class ProfileParams:
   warmup_steps: int = 3
   kv_cache_gb: float = 1.0
   seed: int = 0
-  quantize: str | None = None  # int8 or gguf weights
+  quantize: str | None = None
 
 
 def parse_batch_sizes(text: str) -> list[int]:
-  """ "1,8,32" -> [1, 8, 32] (duplicates dropped, order kept); anything else is a BenchError."""
-  try:
-    sizes = [int(s) for s in text.split(",") if s.strip()]
-  except ValueError:
-    sizes = []
-  if not sizes or min(sizes) < 1:
-    raise BenchError(f"--batch-sizes {text!r}: expected positive integers like 1,8,32")
-  return list(dict.fromkeys(sizes))
-
-
-# ---- tinygrad's DEBUG=2 lines --------------------------------------------------------------------
-
-ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
-# *** CPU     5972 r_320_2_3_4_144_4   arg  3 mem   1.62 GB tm   1604.26us/     1.65ms ( ...
-KERNEL_LINE = re.compile(
-  r"^\*\*\*\s+\S+\s+\d+\s+(?P<name>.+?)\s+arg\s+\d+\s+mem\s+.*?\btm\s+(?P<t>[\d.]+)\s*(?P<unit>us|ms|s)\b"
-)
-UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
-LINEAR_NAME = re.compile(r"^linear_(\d+)_(\d+)_(\d+)$")
-NEXT_LINEAR = {
-  None: ("qkv",),
-  "qkv": ("o",),
-  "o": ("gate_up",),
-  "gate_up": ("down",),
-  "down": ("qkv", "lm_head"),
-  "lm_head": (),
-}
+  return parse_ints(text, "--batch-sizes", "1,8,32")
 
 
 def parse_kernel_lines(text: str) -> list[tuple[str, float]]:
@@ -83,28 +56,28 @@ def parse_kernel_lines(text: str) -> list[tuple[str, float]]:
 
 def linear_shapes(mc: ModelConfig) -> dict[tuple[int, int], list[str]]:
   """(N, K) of each matmul's weight -> the matmuls with that shape (in layer order)."""
-  H, I, hd = mc.hidden_size, mc.intermediate_size, mc.head_dim
+  hidden = mc.hidden_size
   weights = {
-    "qkv": ((mc.num_heads + 2 * mc.num_kv_heads) * hd, H),
-    "o": (H, mc.num_heads * hd),
-    "gate_up": (2 * I, H),
-    "down": (H, I),
-    "lm_head": (mc.vocab_size, H),
+    "qkv": ((mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim, hidden),
+    "o": (hidden, mc.num_heads * mc.head_dim),
+    "gate_up": (2 * mc.intermediate_size, hidden),
+    "down": (hidden, mc.intermediate_size),
+    "lm_head": (mc.vocab_size, hidden),
   }
-  shapes: dict[tuple[int, int], list[str]] = defaultdict(list)
+  shapes = defaultdict(list)
   for name, shape in weights.items():
     shapes[shape].append(name)
   return dict(shapes)
 
 
-def categorize_step(
-  kernels: list[tuple[str, float]], shapes: dict[tuple[int, int], list[str]]
-) -> list[tuple[str, str, float]]:
-  """(category, name, seconds) for one decode step's kernels, in order. `linear_{M}_{N}_{K}` kernels are
-  the matmuls, told apart by (N, K) (and by their order in a layer where two share a shape); kv_write,
-  paged_qk, paged_pv and what runs between paged_qk and paged_pv (mask, softmax) are attention; what
-  runs after the lm_head matmul is sampling; a gather_rows first is the embedding."""
-  out, prev, in_attention, after_head = [], None, False, False
+def categorize_step(kernels: list[tuple[str, float]], shapes: dict) -> list[tuple[str, str, float]]:
+  """(category, name, seconds) per kernel of one decode step. `linear_{M}_{N}_{K}` kernels are matmuls told apart
+  by (N, K) and their order in a layer; kv_write, paged_qk, paged_pv and what runs between are attention; what runs
+  after lm_head is sampling; a first gather_rows is the embedding."""
+  out = []
+  prev = None
+  in_attention = False
+  after_head = False
   for i, (name, secs) in enumerate(kernels):
     linear = LINEAR_NAME.match(name)
     if name.startswith("copy"):
@@ -112,8 +85,8 @@ def categorize_step(
     elif name.startswith("batched"):
       cat = "graph batches"
     elif linear:
-      candidates = shapes.get((int(linear[2]), int(linear[3])), [])
-      cat = next((c for c in candidates if c in NEXT_LINEAR[prev]), candidates[0] if candidates else "other matmul")
+      candidates = shapes.get((int(linear[2]), int(linear[3])), ["other matmul"])
+      cat = next((c for c in candidates if c in NEXT_LINEAR.get(prev, ())), candidates[0])
       prev = cat if cat in LINEARS else prev
       after_head = cat == "lm_head"
     elif after_head:
@@ -129,25 +102,8 @@ def categorize_step(
   return out
 
 
-def capture_kernels(run: Callable[[], object]) -> list[tuple[str, float]]:
-  """Run `run()` with tinygrad's per-kernel timing on (DEBUG=2) and return its kernels."""
-  from tinygrad.helpers import DEBUG
-
-  buf, old = io.StringIO(), DEBUG.value
-  DEBUG.value = 2
-  try:
-    with contextlib.redirect_stdout(buf):
-      run()
-  finally:
-    DEBUG.value = old
-  return parse_kernel_lines(buf.getvalue())
-
-
-# ---- running ---------------------------------------------------------------------------------
-
-
 def step(engine, contexts: dict[str, int]) -> float:
-  """One engine step; returns its wall time and keeps each request's context length (prompt + output)."""
+  """One engine step's wall time; keeps each request's context length."""
   t0 = now()
   outputs = engine.step()
   wall = now() - t0
@@ -162,8 +118,8 @@ def all_decoding(engine, b: int) -> bool:
 
 
 def one_width_from(context_len: int, window: int, block_size: int) -> int:
-  """The first context length >= context_len from which `window` steps (context_len, context_len + 1, ...) keep one
-  block-table width (a new width is a new TinyJit capture)."""
+  """The first context length >= context_len from which `window` steps keep one block-table width (a new width is a
+  new TinyJit capture)."""
   from tinyvllm_core import block_table_width
 
   while block_table_width(context_len, block_size) != block_table_width(context_len + window - 1, block_size):
@@ -172,12 +128,15 @@ def one_width_from(context_len: int, window: int, block_size: int) -> int:
 
 
 def profile_batch(engine, b: int, p: ProfileParams, prompts: PromptSource, shapes: dict) -> dict:
+  """B prompts stepped until all decode, warmed up until the timed + DEBUG steps share one block-table width (no JIT
+  capture is timed), then the timed steps and the DEBUG=2 steps."""
+  from tinygrad.helpers import Context
   from tinyvllm_core import SamplingParams
 
-  bs, window = engine.config.block_size, p.steps + DEBUG_STEPS
+  bs = engine.config.block_size
+  window = p.steps + DEBUG_STEPS
   # chunked prefill lets early sequences decode while later ones prefill: at most this many steps before all decode
   prefill_bound = -(-b * p.prompt_len // engine.config.max_num_batched_tokens) + 1
-  # the last warm-up step and the timed + DEBUG steps after it share one width: that width is captured before timing
   end_context = one_width_from(p.prompt_len + prefill_bound + p.warmup_steps, window + 1, bs) + window + 1
   max_tokens = end_context - p.prompt_len + 1
   if end_context + 1 > engine.max_model_len:
@@ -185,12 +144,10 @@ def profile_batch(engine, b: int, p: ProfileParams, prompts: PromptSource, shape
       f"--prompt-len {p.prompt_len} + {max_tokens} generated tokens exceed the engine's context "
       f"({engine.max_model_len} tokens); shorten --prompt-len or --steps, or raise --kv-cache-gb"
     )
-  blocks, total_blocks = b * -(-(end_context + 1) // bs), engine.stats()["num_total_blocks"]
+  blocks = b * -(-(end_context + 1) // bs)
+  total_blocks = engine.stats()["num_total_blocks"]
   if blocks > total_blocks:
-    raise BenchError(
-      f"batch size {b} needs up to {blocks} KV blocks of {bs} tokens but the cache has {total_blocks}; "
-      "raise --kv-cache-gb"
-    )
+    raise BenchError(f"batch size {b} needs {blocks} KV blocks but the cache has {total_blocks}; raise --kv-cache-gb")
   params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
   ids = [engine.add_request(prompt, params) for prompt in prompts.take(b)]
   contexts = {rid: p.prompt_len for rid in ids}  # request -> the context length of its next decode step
@@ -201,26 +158,25 @@ def profile_batch(engine, b: int, p: ProfileParams, prompts: PromptSource, shape
         raise BenchError(f"batch size {b}: the sequences never all decoded at once")
       step(engine, contexts)
       prefill_steps += 1
-    # a few steps, and on until the last one (its context: the next one's - 1, as every sequence decodes) and the
-    # timed + DEBUG steps share one block-table width: no JIT capture of a new width is timed
     warmup = 0
     while warmup < p.warmup_steps or one_width_from(last := max(contexts.values()) - 1, window + 1, bs) != last:
       step(engine, contexts)
       warmup += 1
     first_context = max(contexts.values())
-    walls, phases = [], defaultdict(list)
+    walls = []
+    phases = defaultdict(list)
     for _ in range(p.steps):
       walls.append(step(engine, contexts))
-      t = engine.last_step_timings
       if not all_decoding(engine, b):
-        raise BenchError(
-          f"batch size {b}: a timed step ran {t.get('num_seqs')} sequences, not {b} (preempted? raise --kv-cache-gb)"
-        )
+        raise BenchError(f"batch size {b}: a timed step did not decode all {b} sequences (raise --kv-cache-gb)")
       for k in PHASES:
-        phases[k].append(t[k])
+        phases[k].append(engine.last_step_timings[k])
     debug_steps = []
     for _ in range(DEBUG_STEPS):
-      kernels = capture_kernels(lambda: step(engine, contexts))
+      buf = io.StringIO()
+      with contextlib.redirect_stdout(buf), Context(DEBUG=2):  # tinygrad's per-kernel timing
+        step(engine, contexts)
+      kernels = parse_kernel_lines(buf.getvalue())
       if not all_decoding(engine, b):
         raise BenchError(f"batch size {b}: a profiled step did not decode all {b} sequences")
       debug_steps.append(categorize_step(kernels, shapes))
@@ -231,19 +187,13 @@ def profile_batch(engine, b: int, p: ProfileParams, prompts: PromptSource, shape
 
 
 def batch_summary(
-  b: int,
-  walls: list[float],
-  phases: dict[str, list[float]],
-  debug_steps: list[list[tuple[str, str, float]]],
-  prefill_steps: int,
-  warmup: int,
-  first_context: int,
+  b: int, walls: list, phases: dict, debug_steps: list, prefill_steps: int, warmup: int, first_context: int
 ) -> dict:
   step_s = statistics.median(walls)
   med = {k: statistics.median(v) for k, v in phases.items()}
   n = len(debug_steps)
-  per_cat: dict[str, float] = defaultdict(float)
-  per_kernel: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0])  # -> [count, seconds] per step
+  per_cat = defaultdict(float)
+  per_kernel = defaultdict(lambda: [0.0, 0.0])  # (category, name) -> [count, seconds] per step
   for kernels in debug_steps:
     for cat, name, secs in kernels:
       per_cat[cat] += secs / n
@@ -255,8 +205,8 @@ def batch_summary(
     return 100 * secs / kernel_total if kernel_total else 0.0
 
   shown = (*CATEGORIES, *(c for c in EXTRA_CATEGORIES if c in per_cat))
-  categories = {c: {"ms": per_cat.get(c, 0.0) * 1e3, "pct": pct_of_kernels(per_cat.get(c, 0.0))} for c in shown}
-  linears = sum(per_cat.get(c, 0.0) for c in LINEARS)
+  categories = {c: {"ms": per_cat[c] * 1e3, "pct": pct_of_kernels(per_cat[c])} for c in shown}
+  linears = sum(per_cat[c] for c in LINEARS)
   host = {
     "schedule": med["schedule_s"],
     "prepare": med["prepare_s"],
@@ -284,9 +234,7 @@ def batch_summary(
       "linears_ms": linears * 1e3,
       "linears_pct": pct_of_kernels(linears),
       "categories": categories,
-      "by_name": [
-        {"category": c, "name": name, "count": count, "ms": secs * 1e3} for (c, name), (count, secs) in by_name
-      ],
+      "by_name": [{"category": c, "name": k, "count": count, "ms": secs * 1e3} for (c, k), (count, secs) in by_name],
     },
     "host": {k: {"ms": v * 1e3, "pct_of_step": 100 * v / step_s} for k, v in host.items()},
     "python_share_pct": 100 * sum(host.values()) / step_s,
@@ -296,9 +244,8 @@ def batch_summary(
 
 
 def with_estimates(results: list[dict]) -> list[dict]:
-  """Where the DEBUG=2 kernel time came out above the forward phase (the launch overhead is below the run's noise, as
-  on a loaded machine at large batches), add the host share with the largest launch overhead measured at another
-  batch size (the same kernels are launched whatever B is)."""
+  """Where the launch overhead came out below the noise (floored), add the host share with the largest launch
+  overhead measured at another batch size (the same kernels are launched whatever B is)."""
   measured = [r for r in results if not r["launch_overhead_floored"]]
   if not measured:
     return results
@@ -334,8 +281,6 @@ def run_profile(run: Run, p: ProfileParams) -> list[dict]:
   return with_estimates(results)
 
 
-# ---- the report ------------------------------------------------------------------------------
-
 HOST_ROWS = {
   "schedule": "schedule (scheduler, seeds)",
   "prepare": "prepare (batch arrays, input copies)",
@@ -350,7 +295,7 @@ def ms_pct(ms: float, pct: float) -> str:
 
 
 def label(category: str) -> str:
-  return f"linear {category}" if category in LINEARS else category
+  return f"linear: {category}" if category in LINEARS else category
 
 
 def profile_table(results: list[dict]) -> str:
@@ -372,22 +317,20 @@ def profile_table(results: list[dict]) -> str:
     ["linears (all matmuls)", *(ms_pct(k["linears_ms"], k["linears_pct"]) for k in kernels)],
   ]
   for c in dict.fromkeys(c for k in kernels for c in k["categories"]):
-    cells = [ms_pct(**k["categories"][c]) if c in k["categories"] else "-" for k in kernels]
-    title = f"linear: {c}" if c in LINEARS else c
-    rows.append([title, *cells])
+    rows.append([label(c), *(ms_pct(**k["categories"][c]) if c in k["categories"] else "-" for k in kernels)])
   return markdown_table(["", *(f"B={r['batch_size']}" for r in results)], rows)
 
 
 def dominates_line(r: dict) -> str:
   """What takes the step's time at one batch size, from the numbers."""
-  cats, kernels = r["kernels"]["categories"], r["kernels"]
+  kernels = r["kernels"]
+  cats = kernels["categories"]
   top = sorted(cats, key=lambda c: -cats[c]["ms"])[:2]
   host_top = max(r["host"], key=lambda k: r["host"][k]["ms"])
   bigger = "kernels" if kernels["pct_of_step"] >= r["python_share_pct"] else "host/Python"
+  largest = f"(largest: {host_top.replace('_', ' ')} {r['host'][host_top]['pct_of_step']:.0f}%)."
   if r["launch_overhead_floored"]:
     largest = "(launch overhead below the noise, see the note)."
-  else:
-    largest = f"(largest: {host_top.replace('_', ' ')} {r['host'][host_top]['pct_of_step']:.0f}%)."
   return (
     f"B={r['batch_size']}: {bigger} dominate; kernels {kernels['pct_of_step']:.0f}% of the step "
     f"(linears {kernels['linears_pct']:.0f}% of kernel time; top: {label(top[0])} {cats[top[0]]['pct']:.0f}%, "
@@ -396,7 +339,8 @@ def dominates_line(r: dict) -> str:
 
 
 def noise_line(r: dict) -> str:
-  walls, forward_ms = r["step_s_all"], r["phases_median_s"]["forward_s"] * 1e3
+  walls = r["step_s_all"]
+  forward_ms = r["phases_median_s"]["forward_s"] * 1e3
   line = (
     f"Noise at B={r['batch_size']}: the DEBUG=2 kernel time ({r['kernels']['total_s'] * 1e3:.1f} ms per step) came "
     f"out above the median forward phase ({forward_ms:.1f} ms; timed steps took {min(walls) * 1e3:.1f}-"
@@ -415,24 +359,14 @@ def profile_report(run: Run, dtype: str, p: ProfileParams, results: list[dict]) 
   from tinygrad.helpers import NUM_CPU_THREADS
 
   threads = NUM_CPU_THREADS.value if run.device.startswith("CPU") else None
-  parameters = asdict(p) | {
-    "debug_steps": DEBUG_STEPS,
-    "temperature": 0.0,
-    "ignore_eos": True,
-    "prompts": "distinct random token ids",
-  }
+  parameters = asdict(p) | {"debug_steps": DEBUG_STEPS, "temperature": 0.0, "ignore_eos": True}
+  parameters["prompts"] = "distinct random token ids"
   data = run.data("profile", dtype=dtype, cpu_threads=threads, parameters=parameters, results=results)
-  weights = ("random weights" if run.model.random_weights else "real weights") + (
-    f", {p.quantize}" if p.quantize else ""
-  )
+  weights = run.weights() + (f", {p.quantize}" if p.quantize else "")
   lines = [
-    f"Model: {run.model.name} ({weights}), dtype {dtype}, tinygrad {run.machine.get('tinygrad')}, {data['timestamp']}",
-    "",
-    f"Machine: {machine_line(run.machine)}",
-    "",
-    f"Workload: per batch size B, B prompts of {p.prompt_len} random token ids, greedy, ignore_eos; stepped until all "
-    f"B sequences decode, {p.warmup_steps}+ warm-up steps (no JIT capture is timed), then {p.steps} decode steps "
-    f"timed (medians) and {DEBUG_STEPS} more with tinygrad's per-kernel timing (DEBUG=2) for the kernel breakdown.",
+    f"Model: {run.model.name} ({weights}), dtype {dtype}. Per batch size B: B prompts of {p.prompt_len} random token "
+    f"ids, greedy; {p.warmup_steps}+ untimed warm-up steps once all decode, {p.steps} timed decode steps (medians) "
+    f"and {DEBUG_STEPS} more with tinygrad's per-kernel timing (DEBUG=2).",
     "",
     profile_table(results),
     "",
@@ -440,34 +374,11 @@ def profile_report(run: Run, dtype: str, p: ProfileParams, results: list[dict]) 
     *(f"- {dominates_line(r)}" for r in results),
     "",
     *(f"{noise_line(r)}\n" for r in results if r["launch_overhead_floored"]),
-    "Host share = schedule + prepare + launch overhead + postprocess + step() outside its phases, over the median step "
-    "wall time. Launch overhead = the median forward phase (kernel launches, device time, reading back the sampled "
-    "ids) minus the kernel time from the DEBUG=2 steps, floored at 0. Kernel percentages are of the kernel time per "
-    "step.",
+    "Host share = schedule + prepare + launch overhead (forward phase - kernel time, floored at 0) + postprocess + "
+    "step() outside its phases, over the median step.",
   ]
   if not any(r["kernels"]["linears_ms"] for r in results):
-    lines += [
-      "",
-      f"No `linear_*` kernels were seen: on this device the matmuls run as tinygrad's own kernels and are "
-      f"counted under {OTHER}.",
-    ]
-  if any("graph batches" in r["kernels"]["categories"] for r in results):
-    lines += [
-      "",
-      "Some kernels ran inside JIT graphs (`batched N` lines), which DEBUG=2 times as one entry: see graph batches.",
-    ]
-  if threads:
-    more = (
-      ""
-      if threads == 1
-      else (
-        ": with more than one thread they exceed the forward phase; NUM_CPU_THREADS=1 gives a one-core breakdown with "
-        "the host share"
-      )
-    )
-    lines += [
-      "",
-      f"CPU kernels split over {threads} thread(s) (tinygrad's NUM_CPU_THREADS); the runner runs the parts "
-      f"at once, the DEBUG=2 steps one after another, so the kernel times are one core's{more}.",
-    ]
-  return data, run.markdown(f"profile: {run.model.name} on {run.device}", lines)
+    lines.append(f"\nNo `linear_*` kernels were seen: the matmuls are counted under {OTHER}.")
+  if threads and threads > 1:
+    lines.append(f"\nCPU kernels ran on {threads} threads; NUM_CPU_THREADS=1 gives a one-core kernel breakdown.")
+  return data, run.markdown("profile", lines)

@@ -1,12 +1,10 @@
-"""`tinyvllm bench serve`: load an OpenAI-compatible server the way `vllm bench serve` does: streaming
-requests from a thread pool at each concurrency level; throughput, TTFT, TPOT and ITL per level."""
+"""`tinyvllm bench serve`: streaming requests from a thread pool at each concurrency level, as `vllm bench serve`."""
 
 from __future__ import annotations
 
 import http.client
 import json
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,22 +36,25 @@ class Result:
 
 
 class Target:
-  """Where requests go: base URL, endpoint, model and headers."""
+  """Where requests go: base URL, endpoint and headers."""
 
   def __init__(self, url: str, endpoint: str, api_key: str | None, timeout: float):
     parts = urlsplit(url if "://" in url else f"http://{url}")
     if parts.scheme not in ("http", "https") or not parts.hostname:
       raise BenchError(f"{url!r} is not an http(s) URL")
-    self.url, self.scheme, self.host, self.port = url, parts.scheme, parts.hostname, parts.port
+    self.url = url
+    self.parts = parts
     self.base = parts.path.rstrip("/").removesuffix("/v1")
-    self.endpoint, self.timeout = endpoint, timeout
+    self.path = self.base + ("/v1/chat/completions" if endpoint == "chat" else "/v1/completions")
+    self.endpoint = endpoint
+    self.timeout = timeout
     self.headers = {"Content-Type": "application/json"}
     if api_key:
       self.headers["Authorization"] = f"Bearer {api_key}"
 
   def connect(self) -> http.client.HTTPConnection:
-    cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
-    return cls(self.host, self.port, timeout=self.timeout)
+    cls = http.client.HTTPSConnection if self.parts.scheme == "https" else http.client.HTTPConnection
+    return cls(self.parts.hostname, self.parts.port, timeout=self.timeout)
 
   def get(self, path: str) -> tuple[int, Any]:
     conn = self.connect()
@@ -68,37 +69,39 @@ class Target:
     except ValueError:
       return resp.status, data.decode(errors="replace")
 
-  def body(self, model: str, prompt: str, max_tokens: int, ignore_eos: bool) -> dict:
-    payload = {"messages": [{"role": "user", "content": prompt}]} if self.endpoint == "chat" else {"prompt": prompt}
-    options = {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": ignore_eos, "stream": True}
-    return {"model": model, **payload, **options, "stream_options": {"include_usage": True}}
-
-  def wait_ready(self, timeout: float) -> str:
+  def wait_ready(self) -> str:
     """Wait for /health, then return the served model id from /v1/models."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + self.timeout
     while True:
       try:
         status, _ = self.get("/health")
       except OSError as e:
-        raise BenchError(
-          f"cannot reach {self.url}: {e.strerror or e}; start a server with `tinyvllm serve-lite`"
-        ) from None
+        why = e.strerror or e
+        raise BenchError(f"cannot reach {self.url}: {why}; start a server with `tinyvllm serve-lite`") from None
       if status == 200:
         break
       if time.monotonic() > deadline:
-        raise BenchError(f"{self.url}/health still answers {status} after {timeout:.0f} s")
+        raise BenchError(f"{self.url}/health still answers {status} after {self.timeout:.0f} s")
       time.sleep(1)
     status, models = self.get("/v1/models")
     if status != 200:
       raise BenchError(f"{self.url}/v1/models answered {status}: {models}")
     return models["data"][0]["id"]
 
-
-def make_prompts(n: int, first: int, dataset: list[str] | None) -> list[str]:
-  """n prompts: the dataset's lines in turn, else short story requests on varied topics."""
-  if dataset:
-    return [dataset[i % len(dataset)] for i in range(first, first + n)]
-  return [f"Request {i}: write a short story about {TOPICS[i % len(TOPICS)]}." for i in range(first, first + n)]
+  def stream(self, body: dict) -> Result:
+    """One streaming request, timed."""
+    conn = self.connect()
+    start = now()
+    try:
+      conn.request("POST", self.path, json.dumps(body), self.headers)
+      resp = conn.getresponse()
+      if resp.status != 200:
+        return Result(False, error=f"HTTP {resp.status}: {error_message(resp.read())}")
+      return read_events(resp, start)
+    except (OSError, http.client.HTTPException, ValueError) as e:
+      return Result(False, error=one_line(f"{type(e).__name__}: {e}"))
+    finally:
+      conn.close()
 
 
 def read_dataset(path: Path | None) -> list[str] | None:
@@ -113,36 +116,9 @@ def read_dataset(path: Path | None) -> list[str] | None:
   return lines
 
 
-def parse_levels(concurrency: str) -> list[int]:
-  try:
-    levels = [int(c) for c in concurrency.split(",") if c.strip()]
-  except ValueError:
-    levels = []
-  if not levels or min(levels) < 1:
-    raise BenchError(f"--concurrency {concurrency!r}: expected positive integers like 1,4,16")
-  return levels
-
-
-# ---- one streaming request -----------------------------------------------------------------------
-
-
-def stream_request(target: Target, body: dict) -> Result:
-  path = target.base + ("/v1/chat/completions" if target.endpoint == "chat" else "/v1/completions")
-  conn, start = target.connect(), now()
-  try:
-    conn.request("POST", path, json.dumps(body), target.headers)
-    resp = conn.getresponse()
-    if resp.status != 200:
-      return Result(False, error=f"HTTP {resp.status}: {error_message(resp.read())}")
-    return read_events(resp, start)
-  except (OSError, http.client.HTTPException, ValueError) as e:
-    return Result(False, error=one_line(f"{type(e).__name__}: {e}"))
-  finally:
-    conn.close()
-
-
 def read_events(resp: http.client.HTTPResponse, start: float) -> Result:
-  res, first, last = Result(True), None, None
+  res = Result(True)
+  last = None
   for line in resp:
     data = line[6:].strip()
     if not line.startswith(b"data: ") or data == b"[DONE]":  # read on to the end so the connection closes cleanly
@@ -151,19 +127,20 @@ def read_events(resp: http.client.HTTPResponse, start: float) -> Result:
     if "error" in event:
       return Result(False, error=one_line(event["error"].get("message", event["error"])))
     if event.get("usage"):
-      res.prompt_tokens, res.output_tokens = event["usage"]["prompt_tokens"], event["usage"]["completion_tokens"]
+      res.prompt_tokens = event["usage"]["prompt_tokens"]
+      res.output_tokens = event["usage"]["completion_tokens"]
     choice = (event.get("choices") or [{}])[0]
     if choice.get("text") or (choice.get("delta") or {}).get("content"):
       t = now()
-      if first is None:
-        first = t
+      if last is None:
+        res.ttft = t - start
       else:
         res.itl.append(t - last)
       last = t
   res.latency = now() - start
-  res.ttft = (first or now()) - start
-  if first is None and res.output_tokens == 0:
+  if last is None and res.output_tokens == 0:
     return Result(False, error="the stream ended without output")
+  res.ttft = res.ttft or res.latency
   return res
 
 
@@ -172,21 +149,6 @@ def error_message(data: bytes) -> str:
     return one_line(json.loads(data)["error"]["message"])
   except (ValueError, KeyError, TypeError):
     return one_line(data.decode(errors="replace"))[:200]
-
-
-# ---- a level: N requests, C at a time ------------------------------------------------------------
-
-
-def run_level(
-  target: Target, bodies: list[dict], concurrency: int, advance: Callable[[], None]
-) -> tuple[list[Result], float]:
-  start = now()
-  results = []
-  with ThreadPoolExecutor(concurrency) as pool:
-    for f in as_completed([pool.submit(stream_request, target, b) for b in bodies]):
-      results.append(f.result())
-      advance()
-  return results, now() - start
 
 
 def stats(values: list[float], prefix: str) -> dict:
@@ -198,9 +160,18 @@ def stats(values: list[float], prefix: str) -> dict:
   }
 
 
-def summarize(results: list[Result], duration: float, concurrency: int) -> dict:
+def run_level(target: Target, bodies: list[dict], concurrency: int, title: str) -> dict:
+  """N requests, C at a time, and their summary."""
+  start = now()
+  results = []
+  with progress_bar(title, len(bodies), unit="requests") as advance, ThreadPoolExecutor(concurrency) as pool:
+    for f in as_completed([pool.submit(target.stream, b) for b in bodies]):
+      results.append(f.result())
+      advance()
+  duration = now() - start
   ok = [r for r in results if r.ok]
-  prompt, output = sum(r.prompt_tokens for r in ok), sum(r.output_tokens for r in ok)
+  prompt = sum(r.prompt_tokens for r in ok)
+  output = sum(r.output_tokens for r in ok)
   tpot = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
   return {
     "concurrency": concurrency,
@@ -227,21 +198,26 @@ def run_levels(target: Target, model: str, config: dict, dataset: list[str] | No
     n = config["num_prompts"] or max(8, 4 * c)
 
     def bodies(first: int) -> list[dict]:
-      prompts = make_prompts(n, first, dataset)
-      return [target.body(model, p, config["max_tokens"], config["ignore_eos"]) for p in prompts]
+      """n prompts: the dataset's lines in turn, else short story requests on varied topics."""
+      out = []
+      for i in range(first, first + n):
+        topic = TOPICS[i % len(TOPICS)]
+        prompt = dataset[i % len(dataset)] if dataset else f"Request {i}: write a short story about {topic}."
+        payload = (
+          {"messages": [{"role": "user", "content": prompt}]} if target.endpoint == "chat" else {"prompt": prompt}
+        )
+        options = {"max_tokens": config["max_tokens"], "temperature": 0, "ignore_eos": config["ignore_eos"]}
+        out.append({"model": model, **payload, **options, "stream": True, "stream_options": {"include_usage": True}})
+      return out
 
     if config["warmup"]:  # the same mix of prompt lengths once, untimed: the server captures its new batch shapes here
-      with progress_bar(f"warm-up   c={c}", n, unit="requests") as advance:
-        run_level(target, bodies(10_000), c, advance)
-    with progress_bar(f"measuring c={c}", n, unit="requests") as advance:
-      level = summarize(*run_level(target, bodies(0), c, advance), c)
+      run_level(target, bodies(10_000), c, f"warm-up   c={c}")
+    level = run_level(target, bodies(0), c, f"measuring c={c}")
     first = levels[0]["output_throughput"] if levels else 0.0
     level["speedup"] = level["output_throughput"] / first if first else 1.0
     levels.append(level)
   return levels
 
-
-# ---- the report ----------------------------------------------------------------------------------
 
 ROWS = [
   ("num_prompts", "requests", "{:d}"),
@@ -260,11 +236,13 @@ ROWS = [
 
 
 def markdown(report: dict) -> str:
-  c, levels = report["config"], report["levels"]
+  c = report["config"]
+  levels = report["levels"]
   header = ["metric", *(f"concurrency {lv['concurrency']}" for lv in levels)]
   rows = [[title, *(fmt.format(lv[key]) for lv in levels)] for key, title, fmt in ROWS]
   path = "chat/completions" if c["endpoint"] == "chat" else "completions"
   ignore_eos = ", ignore_eos" if c["ignore_eos"] else ""
+  errors = [f"- concurrency {lv['concurrency']}: {e}" for lv in levels for e in lv["errors"]]
   lines = [
     f"# tinyvllm bench serve — {report['timestamp']}",
     "",
@@ -272,8 +250,6 @@ def markdown(report: dict) -> str:
     f"{ignore_eos}, warm-up {'on' if c['warmup'] else 'off'}.",
     "",
     markdown_table(header, rows),
+    *(["", "Errors:", *errors] if errors else []),
   ]
-  errors = [f"- concurrency {lv['concurrency']}: {e}" for lv in levels for e in lv["errors"]]
-  if errors:
-    lines += ["", "Errors:", *errors]
   return "\n".join(lines)

@@ -1,17 +1,11 @@
-"""`tinyvllm bench throughput`: the seed's table (001) on nano-vllm's workload, for tinyvllm and its peers.
-
-nano-vllm's bench.py: random.seed(0); 256 prompts of randint(100, 1024) token ids randint(0, 10000);
-max_tokens randint(100, 1024) each; temperature 0.6, ignore_eos; one warm-up request, then only the
-generate call is timed. Every backend gets the same workload, one after the other. nano-vllm captures its
-CUDA graphs at start-up; tinygrad captures a JIT per new batch shape on first sight, so tinyvllm's default
-warm-up runs the workload once untimed (`--warmup one` is nano-vllm's single request)."""
+"""`tinyvllm bench throughput`: the seed's table (001) on nano-vllm's bench.py workload, for tinyvllm and its peers."""
 
 from __future__ import annotations
 
 import random
 from dataclasses import asdict, dataclass, field
 
-from tinyvllm_cli.bench.common import BenchModel, Run, machine_line, markdown_table, now, progress_bar, run_requests
+from tinyvllm_cli.bench.common import BenchModel, Run, markdown_table, now, progress_bar, run_requests
 
 
 @dataclass
@@ -31,7 +25,8 @@ class Workload:
   @staticmethod
   def nano_vllm(num_seqs: int, input_len: tuple[int, int], output_len: tuple[int, int], vocab_size: int, seed: int = 0):
     """nano-vllm's generator, call for call (token ids are capped by a smaller vocabulary)."""
-    rng, top = random.Random(seed), min(10000, vocab_size - 1)
+    rng = random.Random(seed)
+    top = min(10000, vocab_size - 1)
     prompts = [[rng.randint(0, top) for _ in range(rng.randint(*input_len))] for _ in range(num_seqs)]
     return Workload(prompts, [rng.randint(*output_len) for _ in range(num_seqs)])
 
@@ -45,13 +40,22 @@ class Workload:
 
 
 @dataclass
-class EngineOptions:
+class BackendOptions:
   kv_cache_gb: float = 1.0
   max_num_seqs: int = 32
   max_num_batched_tokens: int = 512
   quantize: str | None = None  # int8 or gguf weights
-  beam: int = 0  # tinygrad BEAM width while capturing
-  dtype: str = "auto"  # float32 | float16 | bfloat16; auto = float32 on CPU, float16 elsewhere
+  beam: int = 0
+  dtype: str = "auto"
+  transformers_batch_size: int = 8
+  seed: int = 0
+  warmup: str = "full"  # tinyvllm: the workload once untimed, or "one" request (nano-vllm's)
+  torch_threads: int | None = None
+
+  def engine(self) -> dict:
+    """LLMEngine's settings."""
+    keys = ("kv_cache_gb", "max_num_seqs", "max_num_batched_tokens", "quantize", "beam", "dtype")
+    return {k: getattr(self, k) for k in keys}
 
   @property
   def label(self) -> str:
@@ -67,7 +71,7 @@ class BackendResult:
   input_tokens: int
   gen_tokens: int
   duration: float
-  requests: list[dict] = field(default_factory=list)  # raw per-request timings (s, relative to the timed start)
+  requests: list[dict] = field(default_factory=list)  # per-request timings (s, from the timed start)
   info: dict = field(default_factory=dict)
 
   @property
@@ -82,17 +86,16 @@ class BackendResult:
     return asdict(self) | {"gen_throughput": self.gen_throughput, "total_throughput": self.total_throughput}
 
 
-def run_tinyvllm(model: BenchModel, device: str, workload: Workload, opts: EngineOptions, warmup: str) -> BackendResult:
-  """warmup "full": the workload once untimed, with other token ids (so the prefix cache cannot help) and the
-  same lengths, so the scheduler builds the same batches and every JIT capture happens before timing;
-  "one": nano-vllm's single warm-up request (JIT captures of new batch shapes are then timed)."""
+def run_tinyvllm(model: BenchModel, device: str, workload: Workload, opts: BackendOptions) -> BackendResult:
+  """Warm-up "full" runs the workload once with other token ids (same batches, no prefix-cache hits), so every JIT
+  capture happens before timing."""
   from tinyvllm_core import LLMEngine, SamplingParams, resolve_dtype
 
-  engine = LLMEngine(model.files(device), device=device, **asdict(opts))
+  engine = LLMEngine(model.files(device), device=device, **opts.engine())
   temperature = workload.temperature
   params = [SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True) for n in workload.output_lens]
   where = f"({model.name}, {device})"
-  if warmup == "full":
+  if opts.warmup == "full":
     with progress_bar(f"{opts.label} warm-up {where}", workload.gen_tokens) as advance:
       run_requests(engine, workload.other_tokens().prompts, params, advance, now())
   else:
@@ -104,9 +107,9 @@ def run_tinyvllm(model: BenchModel, device: str, workload: Workload, opts: Engin
     requests = run_requests(engine, workload.prompts, params, advance, t0)
     duration = now() - t0
   info = {
-    "engine": asdict(opts),
+    "engine": opts.engine(),
     "dtype": resolve_dtype(opts.dtype, device),
-    "warmup": warmup,
+    "warmup": opts.warmup,
     "max_model_len": engine.max_model_len,
     "stats": engine.stats(),
   }
@@ -114,8 +117,6 @@ def run_tinyvllm(model: BenchModel, device: str, workload: Workload, opts: Engin
   gen_tokens = sum(r["output_tokens"] for r in requests)
   return BackendResult(opts.label, len(requests), input_tokens, gen_tokens, duration, requests, info)
 
-
-# ---- the table -------------------------------------------------------------------------------
 
 METRICS = [
   ("Total Sequences", "num_seqs", "{:,}"),
@@ -126,34 +127,15 @@ METRICS = [
   ("Total Throughput", "total_throughput", "{:,.2f} tok/s"),
 ]
 WARMUP_TEXT = {
-  "one": "Warm-up: one request per backend (tinyvllm's JIT captures of new batch shapes are timed).",
-  "full": "Warm-up: tinyvllm runs the workload once untimed with other token ids (same batch shapes, no prefix-cache "
-  "hits), so no JIT capture is timed; the peers warm up with one request.",
+  "one": "Warm-up: one request per backend (tinyvllm's JIT captures are timed).",
+  "full": "Warm-up: tinyvllm runs the workload once untimed with other token ids; the peers run one request.",
 }
 
 
-def throughput_table(results: list[BackendResult]) -> str:
-  first, others = results[0], results[1:]
-  header = ["Metric", *(r.backend for r in results), *(f"{r.backend} / {first.backend}" for r in others)]
-  rows = []
-  for name, key, fmt in METRICS:
-    values = [getattr(r, key) for r in results]
-    rows.append([f"**{name}**", *(fmt.format(v) for v in values), *(f"{v / values[0]:.2f}x" for v in values[1:])])
-  return markdown_table(header, rows)
-
-
-def throughput_report(
-  run: Run, workload: Workload, params: dict, results: list[BackendResult], skipped: dict[str, str]
-):
+def throughput_report(run: Run, workload: Workload, params: dict, results: list[BackendResult], skipped: dict):
   first = results[0]
-  ratios = {
-    r.backend: {
-      "duration": r.duration / first.duration,
-      "gen_throughput": r.gen_throughput / first.gen_throughput,
-      "total_throughput": r.total_throughput / first.total_throughput,
-    }
-    for r in results[1:]
-  }
+  keys = ("duration", "gen_throughput", "total_throughput")
+  ratios = {r.backend: {k: getattr(r, k) / getattr(first, k) for k in keys} for r in results[1:]}
   described = {
     "num_seqs": len(workload.prompts),
     "input_tokens": workload.input_tokens,
@@ -165,16 +147,18 @@ def throughput_report(
   data = run.data(
     "throughput", parameters=params, workload=described, results=summaries, skipped=skipped, ratios_to_first=ratios
   )
-  weights = "random weights from its config" if run.model.random_weights else "real weights"
+  header = ["Metric", *(r.backend for r in results), *(f"{r.backend} / {first.backend}" for r in results[1:])]
+  rows = []
+  for name, key, fmt in METRICS:
+    values = [getattr(r, key) for r in results]
+    rows.append([f"**{name}**", *(fmt.format(v) for v in values), *(f"{v / values[0]:.2f}x" for v in values[1:])])
   lines = [
     f"Workload: nano-vllm's bench generator (seed {params['seed']}): {len(workload.prompts)} sequences, prompt "
     f"lengths randint{tuple(params['input_len'])} of random token ids, output lengths "
     f"randint{tuple(params['output_len'])}, temperature {workload.temperature}, ignore_eos. Model: {run.model.name} "
-    f"({weights}). {WARMUP_TEXT[params['warmup']]} Only the generate call is timed.",
+    f"({run.weights()}). {WARMUP_TEXT[params['warmup']]} Only the generate call is timed.",
     "",
-    f"Machine: {machine_line(run.machine)}",
-    "",
-    throughput_table(results),
+    markdown_table(header, rows),
     "",
   ]
   for r in results[1:]:
@@ -184,4 +168,4 @@ def throughput_report(
     )
   lines += [f"\nSkipped {name}: {why}" for name, why in skipped.items()]
   lines += [f"\nNote ({r.backend}): {n}" for r in results for n in r.info.get("notes", [])]
-  return data, run.markdown(f"throughput: {run.model.name} on {run.device}", lines)
+  return data, run.markdown("throughput", lines)
