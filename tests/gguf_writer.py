@@ -10,6 +10,7 @@ from __future__ import annotations
 import json, struct
 from pathlib import Path
 import numpy as np
+from numpy_ref import rope_parameters
 from model_factory import load_numpy_weights
 
 GGML_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 8}
@@ -237,7 +238,7 @@ def write_gguf(
     f"{a}.feed_forward_length": (UINT32, cfg["intermediate_size"]),
     f"{a}.attention.head_count": (UINT32, nh),
     f"{a}.attention.head_count_kv": (UINT32, cfg.get("num_key_value_heads") or nh),
-    f"{a}.rope.freq_base": (FLOAT32, cfg.get("rope_theta", 10000.0)),
+    f"{a}.rope.freq_base": (FLOAT32, rope_parameters(cfg)["rope_theta"]),
     f"{a}.attention.layer_norm_rms_epsilon": (FLOAT32, cfg["rms_norm_eps"]),
   }
   if (hd := cfg.get("head_dim")) is not None:
@@ -248,6 +249,7 @@ def write_gguf(
       f"{a}.rope.dimension_count": (UINT32, hd or cfg["hidden_size"] // nh),
     }
   kv |= tokenizer_metadata(hf_dir, cfg["vocab_size"], pre)
+  kv |= rope_scaling_metadata(cfg, a)
   for k, v in (edit_metadata or {}).items():
     if v is None:
       kv.pop(k, None)
@@ -264,5 +266,40 @@ def write_gguf(
     raw, d = quantize(g, t)
     tensors.append((gguf_name(hf), g.shape, GGML_TYPES[t], raw))
     deq[hf] = unpermute_rope(d, n) if n else d
+  if (factors := llama3_rope_factors(cfg)) is not None:  # what llama.cpp's converter writes for Llama 3.1+
+    tensors.append(("rope_freqs.weight", factors.shape, GGML_TYPES["F32"], factors.tobytes()))
   write_gguf_file(path, kv, tensors)
   return deq
+
+
+def rope_scaling_metadata(cfg: dict, arch: str) -> dict:
+  p = rope_parameters(cfg)
+  if p.get("rope_type") not in ("linear", "yarn"):
+    return {}
+  original = p.get("original_max_position_embeddings") or cfg["max_position_embeddings"]
+  return {
+    f"{arch}.rope.scaling.type": (STRING, p["rope_type"]),
+    f"{arch}.rope.scaling.factor": (FLOAT32, p["factor"]),
+    f"{arch}.rope.scaling.original_context_length": (UINT32, original),
+  }
+
+
+def llama3_rope_factors(cfg: dict) -> np.ndarray | None:
+  """Per-frequency divisors, as llama.cpp's convert_hf_to_gguf.py computes them for rope_type llama3."""
+  p = rope_parameters(cfg)
+  if p.get("rope_type") != "llama3":
+    return None
+  d = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+  base, factor, low, high = p["rope_theta"], p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+  original = p["original_max_position_embeddings"]
+  factors = []
+  for freq in 1.0 / base ** (np.arange(0, d, 2) / d):
+    wavelen = 2 * np.pi / freq
+    if wavelen < original / high:
+      factors.append(1.0)
+    elif wavelen > original / low:
+      factors.append(factor)
+    else:
+      smooth = (original / wavelen - low) / (high - low)
+      factors.append(1 / ((1 - smooth) / factor + smooth))
+  return np.array(factors, np.float32)

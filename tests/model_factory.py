@@ -101,7 +101,7 @@ def load_numpy_weights(dirpath: Path) -> dict[str, np.ndarray]:
   return out
 
 
-def random_weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
+def random_weights(cfg: dict, seed: int, qk_gain: float = 1.0) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(seed)
   H, I, V, D = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["head_dim"]
   nh, nkv, qwen2, qwen3 = (
@@ -121,8 +121,8 @@ def random_weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
   for i in range(cfg["num_hidden_layers"]):
     p = f"model.layers.{i}."
     w[p + "input_layernorm.weight"] = norm(H)
-    w[p + "self_attn.q_proj.weight"] = lin(nh * D, H, 1.5)
-    w[p + "self_attn.k_proj.weight"] = lin(nkv * D, H, 1.5)
+    w[p + "self_attn.q_proj.weight"] = lin(nh * D, H, 1.5 * qk_gain)
+    w[p + "self_attn.k_proj.weight"] = lin(nkv * D, H, 1.5 * qk_gain)
     w[p + "self_attn.v_proj.weight"] = lin(nkv * D, H)
     w[p + "self_attn.o_proj.weight"] = lin(H, nh * D, 2.0)
     if qwen2:
@@ -160,7 +160,11 @@ def make_checkpoint(
   rms_norm_eps: float = 1e-5,
   dtype: str = "float32",
   shards: int = 1,
+  config_overrides: dict | None = None,
+  qk_gain: float = 1.0,
 ) -> Path:
+  """config_overrides: config.json keys to set; a value of None removes the key (e.g. rope_theta in the
+  transformers 5 layout). qk_gain > 1 sharpens attention, so a wrong position or frequency shows in the logits."""
   assert (
     family in ARCHITECTURES
     and dtype in ("float32", "float16", "bfloat16")
@@ -208,6 +212,8 @@ def make_checkpoint(
     cfg |= {"use_sliding_window": False, "sliding_window": None, "max_window_layers": num_layers}
   if family == "qwen3":
     cfg["attention_bias"] = False
+  cfg |= config_overrides or {}
+  cfg = {k: v for k, v in cfg.items() if v is not None or k not in (config_overrides or {})}
   (dirpath / "config.json").write_text(json.dumps(cfg, indent=2))
   (dirpath / "generation_config.json").write_text(
     json.dumps(
@@ -231,7 +237,7 @@ def make_checkpoint(
     )
   )
 
-  weights = random_weights(cfg | {"head_dim": head_dim}, seed)
+  weights = random_weights(cfg | {"head_dim": head_dim}, seed, qk_gain)
   if shards == 1:
     _save(weights, dirpath / "model.safetensors", dtype)
     return dirpath

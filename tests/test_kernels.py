@@ -77,14 +77,13 @@ def test_masked_exp_and_split_kernels_on_devices_with_and_without_threads(device
   monkeypatch.setattr(DEV, "value", device)
   rng = np.random.default_rng(0)
   scores, context_lens = rng.standard_normal((4, 2, 8), dtype=np.float32), np.array([1, 3, 8, 5], dtype=np.int32)
-  got = (
-    Tensor.empty(4, 2, 8, device=device)
-    .custom_kernel(Tensor(scores, device=device), Tensor(context_lens, device=device), fxn=_masked_exp)[0]
-    .numpy()
-  )
-  masked = np.where(np.arange(8) < context_lens[:, None, None], scores, -np.inf)
-  want = np.exp(masked - masked.max(-1, keepdims=True))
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  for window in (2**30, 3):  # no sliding window, then the last 3 positions of each row
+    inputs = [Tensor(a, device=device) for a in (scores, context_lens, np.array([window], np.int32))]
+    got = Tensor.empty(4, 2, 8, device=device).custom_kernel(*inputs, fxn=_masked_exp)[0].numpy()
+    positions, ends = np.arange(8), context_lens[:, None, None]
+    masked = np.where((positions < ends) & (positions >= ends - window), scores, -np.inf)
+    want = np.exp(masked - masked.max(-1, keepdims=True))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   x, w = rng.standard_normal((4, 16), dtype=np.float32), rng.standard_normal((32, 16), dtype=np.float32)
   np.testing.assert_allclose(
     linear(Tensor(x, device=device), to_panels(Tensor(w, device=device)).realize()).numpy(),

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+  from .formats.rope import RopeScaling
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 QUANTIZE = (None, "int8", "gguf")
@@ -24,6 +28,10 @@ class ModelConfig:
   rope_theta: float = 10000.0
   max_position_embeddings: int = 2048
   tie_word_embeddings: bool = False
+  rope_scaling: RopeScaling | None = None
+  rope_freq_factors: tuple[float, ...] | None = None  # GGUF rope_freqs.weight: each frequency divided by its factor
+  sliding_window: int | None = None  # a token attends to at most this many positions (itself included)
+  max_window_layers: int = 0  # layers from this index on use the sliding window (Qwen2); Mistral: all
 
   @property
   def qk_norm(self) -> bool:
@@ -32,6 +40,9 @@ class ModelConfig:
   @property
   def qkv_bias(self) -> bool:
     return self.family == "qwen2"
+
+  def window(self, layer: int) -> int | None:
+    return self.sliding_window if layer >= self.max_window_layers else None
 
 
 @dataclass

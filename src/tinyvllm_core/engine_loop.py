@@ -11,25 +11,6 @@ from .engine import LLMEngine, RequestOutput
 from .sampling import SamplingParams
 
 
-def _per_thread_tinygrad_cache() -> None:
-  """tinygrad keeps one sqlite connection for its disk cache, usable only by the thread that opened it."""
-  import tinygrad.helpers as helpers
-
-  local, lock, open_connection = threading.local(), threading.Lock(), helpers.db_connection
-
-  def db_connection():
-    if getattr(local, "connection", None) is None:
-      with lock:
-        helpers._db_connection = None
-        local.connection = open_connection()
-    return local.connection
-
-  helpers.db_connection = db_connection
-
-
-_per_thread_tinygrad_cache()  # engine loops, model loaders and server threads all compile kernels
-
-
 @dataclass(eq=False)
 class RequestStream:
   """One request's outputs, read by the caller's thread; timings are stamped by the engine loop."""

@@ -1,10 +1,10 @@
 from __future__ import annotations
 
-import numpy as np
 from tinygrad import Tensor, dtypes
 from tinygrad.dtype import DType
 
 from .config import ModelConfig
+from .formats.rope import rope_frequencies
 from .kernels.attention import paged_attention, write_kv
 from .kernels.linear import gather_rows, linear
 
@@ -33,8 +33,8 @@ class Model:
 
   def __init__(self, config: ModelConfig, weights: dict[str, Tensor], num_blocks: int, block_size: int, dtype: DType):
     self.config, self.weights, self.dtype = config, weights, dtype
-    exponents = np.arange(0, config.head_dim, 2, dtype=np.float64) / config.head_dim
-    self.inv_freq = Tensor(1.0 / (config.rope_theta**exponents), dtype=dtypes.float32).realize()
+    inv_freq, self.rope_scale = rope_frequencies(config)
+    self.inv_freq = Tensor(inv_freq, dtype=dtypes.float32).realize()
     kv_width = config.num_kv_heads * config.head_dim
     self.layer_inputs = []  # what the layer jit gets for layer i; K is transposed per block (paged_qk)
     for _ in range(config.num_layers):
@@ -42,7 +42,8 @@ class Model:
       v_pool = (
         Tensor.zeros(num_blocks, block_size, config.num_kv_heads, config.head_dim, dtype=dtype).contiguous().realize()
       )
-      self.layer_inputs.append({"k_pool": k_pool, "v_pool": v_pool})
+      window = Tensor([config.window(len(self.layer_inputs)) or 2**30], dtype=dtypes.int32).realize()
+      self.layer_inputs.append({"k_pool": k_pool, "v_pool": v_pool, "window": window})
     for name, w in weights.items():
       if name.startswith("layers."):
         _, i, key = name.split(".")
@@ -54,7 +55,7 @@ class Model:
     freqs = positions.float().reshape(-1, 1, 1) * self.inv_freq.reshape(1, 1, -1)
     table, *scale = _matrix(self.weights, "embed")
     x = gather_rows(table, token_ids, *scale, dtype=self.dtype)
-    return x, freqs.cos(), freqs.sin()
+    return x, freqs.cos() * self.rope_scale, freqs.sin() * self.rope_scale
 
   def layer(self, x: Tensor, k_pool: Tensor, v_pool: Tensor, **inputs: Tensor) -> Tensor:
     """inputs: the step's cos, sin, block_tables, context_lens and slot_mapping, and the layer's weights."""
@@ -74,7 +75,7 @@ class Model:
       q, k = rms_norm(q, w["q_norm"], c.rms_norm_eps), rms_norm(k, w["k_norm"], c.rms_norm_eps)
     q, k = rope(q, w["cos"], w["sin"]), rope(k, w["cos"], w["sin"]).reshape(N, kv_size)
     k_pool, v_pool = write_kv(k_pool, v_pool, k, v, w["slot_mapping"])
-    attn = paged_attention(q, k_pool, v_pool, w["block_tables"], w["context_lens"]).cast(x.dtype)
+    attn = paged_attention(q, k_pool, v_pool, w["block_tables"], w["context_lens"], w["window"]).cast(x.dtype)
     return linear(attn.reshape(N, q_size), *_matrix(w, "o"))
 
   def mlp(self, x: Tensor, w: dict[str, Tensor]) -> Tensor:

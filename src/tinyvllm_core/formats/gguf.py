@@ -1,6 +1,7 @@
 """GGUF files: metadata and tensor table, Q8_0/Q4_0/Q4_1 blocks memory-mapped as stored, everything else through
 tinygrad's gguf_load."""
 
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -8,7 +9,10 @@ from pathlib import Path
 import numpy as np
 from tinygrad import Tensor
 
+from dataclasses import replace
+
 from ..config import ConfigError, ModelConfig
+from .rope import RopeScaling
 
 GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 GGUF_NAMES = {
@@ -95,6 +99,21 @@ def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
   return w.reshape(n_heads, -1, 2, w.shape[-1]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _rope_scaling(kv: dict, arch: str, path: Path) -> RopeScaling | None:
+  """{arch}.rope.scaling.*: linear or yarn (llama3's frequencies come as the rope_freqs.weight tensor instead)."""
+  kind = kv.get(f"{arch}.rope.scaling.type", "none")
+  if kind == "none":
+    return None
+  if kind not in ("linear", "yarn"):
+    raise ConfigError(f"{path}: metadata '{arch}.rope.scaling.type' {kind!r} is not supported (none, linear, yarn)")
+  factor = kv.get(f"{arch}.rope.scaling.factor", 1.0)
+  original = kv.get(f"{arch}.rope.scaling.original_context_length")
+  attention_factor = kv.get(f"{arch}.rope.scaling.attn_factor")
+  if kind == "yarn" and attention_factor is not None:  # llama.cpp multiplies it into yarn's own 0.1 ln(factor) + 1
+    attention_factor *= 0.1 * math.log(factor) + 1.0
+  return RopeScaling(kind, factor, original, attention_factor=attention_factor)
+
+
 def model_config(kv: dict, path: Path, has_output: bool) -> ModelConfig:
   arch = kv.get("general.architecture", "?")
   if arch not in GGUF_ARCHITECTURES:
@@ -122,6 +141,8 @@ def model_config(kv: dict, path: Path, has_output: bool) -> ModelConfig:
     rope_theta=kv.get(f"{arch}.rope.freq_base", 10000.0),
     max_position_embeddings=need("context_length"),
     tie_word_embeddings=not has_output,
+    rope_scaling=_rope_scaling(kv, arch, path),
+    sliding_window=kv.get(f"{arch}.attention.sliding_window"),
   )
 
 
@@ -136,6 +157,8 @@ def read_gguf(path: Path, device: str) -> tuple[dict, ModelConfig, dict[str, np.
   except errors as e:
     raise ConfigError(f"{path}: not a valid GGUF file ({e})") from None
   config = model_config(kv, path, "output.weight" in sd)
+  if "rope_freqs.weight" in sd:  # llama3's scaled frequencies, as divisors
+    config = replace(config, rope_freq_factors=tuple(sd.pop("rope_freqs.weight").float().tolist()))
   try:
     blocks = _blocks(path, read_gguf_header(path)[1])
     weights = {k: blocks[k] if k in blocks else v.float().numpy() for k, v in sd.items()}

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ConfigError, ModelConfig
+from .rope import rope_from_hf
 
 # HF `architectures` entry -> our model family
 SUPPORTED_ARCHITECTURES = {
@@ -56,6 +57,9 @@ def model_config(path: Path) -> ModelConfig:
     return cfg[key]
 
   heads, hidden = need("num_attention_heads"), need("hidden_size")
+  _check_arithmetic(cfg, family, path)
+  rope_theta, rope_scaling = rope_from_hf(cfg, path)
+  sliding_window, max_window_layers = _sliding_window(cfg, family, path)
   return ModelConfig(
     family=family,
     vocab_size=need("vocab_size"),
@@ -66,10 +70,40 @@ def model_config(path: Path) -> ModelConfig:
     num_kv_heads=cfg.get("num_key_value_heads") or heads,
     head_dim=cfg.get("head_dim") or hidden // heads,
     rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-    rope_theta=cfg.get("rope_theta", 10000.0),
+    rope_theta=rope_theta,
     max_position_embeddings=cfg.get("max_position_embeddings", 2048),
     tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+    rope_scaling=rope_scaling,
+    sliding_window=sliding_window,
+    max_window_layers=max_window_layers,
   )
+
+
+def _check_arithmetic(cfg: dict, family: str, path: Path) -> None:
+  """Fields that would change the arithmetic in a way the model does not implement are errors, not defaults."""
+  if cfg.get("hidden_act", "silu") != "silu":
+    raise ConfigError(f"{path}: hidden_act {cfg['hidden_act']!r} is not supported (silu only)")
+  if family != "qwen2" and cfg.get("attention_bias"):
+    raise ConfigError(f"{path}: attention_bias true is not supported for {family}")
+  if cfg.get("mlp_bias"):
+    raise ConfigError(f"{path}: mlp_bias true is not supported")
+
+
+def _sliding_window(cfg: dict, family: str, path: Path) -> tuple[int | None, int]:
+  """(window, first layer that uses it): Mistral's sliding_window on every layer; Qwen2/3's when use_sliding_window,
+  from max_window_layers on (or as layer_types lists them)."""
+  window = cfg.get("sliding_window")
+  if family != "llama" and not cfg.get("use_sliding_window"):
+    window = None
+  if window is None:
+    return None, 0
+  first = cfg.get("max_window_layers", 0) if family != "llama" else 0
+  if layer_types := cfg.get("layer_types"):
+    sliding = [kind == "sliding_attention" for kind in layer_types]
+    first = sliding.index(True) if True in sliding else len(sliding)
+    if not all(sliding[first:]):
+      raise ConfigError(f"{path}: layer_types interleaves sliding and full attention, which is not supported")
+  return window, first
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:

@@ -40,15 +40,16 @@ def _paged_qk(out: UOp, q: UOp, k_pool: UOp, block_tables: UOp) -> UOp:
   return store.sink(arg=KernelInfo(name="paged_qk", opts_to_apply=opts))
 
 
-def _masked_exp(out: UOp, scores: UOp, context_lens: UOp) -> UOp:
-  """exp(score - row max) over each row's first context_len scores, 0 past them: a softmax divided after PV (one exp
-  per score)."""
+def _masked_exp(out: UOp, scores: UOp, context_lens: UOp, window: UOp) -> UOp:
+  """exp(score - row max) over each row's last `window` of its first context_len scores, 0 elsewhere: a softmax
+  divided after PV (one exp per score)."""
   (num_tokens, num_heads, width), log2e = scores.shape, 1.4426950408889634
   n, h, t = UOp.range(num_tokens, 0), UOp.range(num_heads, 1), UOp.range(width, 2)
   t1 = UOp.range(width, 3, AxisType.REDUCE)
   ctx = context_lens[n].load()  # scores past a row's context (other sequences' padding, the causal future) are dropped
-  row_max = (t1 < ctx).where(scores[n, h, t1].load(), -float("inf")).reduce(t1, arg=Ops.MAX)
-  exp = (t < ctx).where(((scores[n, h, t].load() - row_max) * log2e).exp2(), 0.0)
+  start = ctx - window[0].load()  # sliding window: the oldest position still attended to (negative: none dropped)
+  row_max = ((t1 < ctx) & (t1 >= start)).where(scores[n, h, t1].load(), -float("inf")).reduce(t1, arg=Ops.MAX)
+  exp = ((t < ctx) & (t >= start)).where(((scores[n, h, t].load() - row_max) * log2e).exp2(), 0.0)
   opts = upcast({"n": num_tokens, "h": num_heads, "t": width})
   return out.index(n, h, t).store(exp).end(n, h, t).sink(arg=KernelInfo(name="masked_exp", opts_to_apply=opts))
 
@@ -76,14 +77,17 @@ def write_kv(k_pool: Tensor, v_pool: Tensor, k: Tensor, v: Tensor, slot_mapping:
   return k_pool.custom_kernel(v_pool, k.contiguous(), v.contiguous(), slot_mapping, fxn=_kv_write)[:2]
 
 
-def paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor, context_lens: Tensor) -> Tensor:
-  """Causal attention of q [tokens, heads, head_dim] over each row's first context_len cached tokens -> float32."""
+def paged_attention(
+  q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor, context_lens: Tensor, window: Tensor
+) -> Tensor:
+  """Causal attention of q [tokens, heads, head_dim] over the last `window` of each row's first context_len cached
+  tokens -> float32."""
   num_tokens, num_heads, head_dim = q.shape
   width = block_tables.shape[1] * v_pool.shape[1]
   scores = Tensor.empty(num_tokens, num_heads, width, dtype=dtypes.float32)
   scores = scores.custom_kernel(q.contiguous(), k_pool, block_tables, fxn=_paged_qk)[0]
   probs = Tensor.empty(num_tokens, num_heads, width, dtype=dtypes.float32)
-  probs = probs.custom_kernel(scores, context_lens, fxn=_masked_exp)[0]
+  probs = probs.custom_kernel(scores, context_lens, window, fxn=_masked_exp)[0]
   attn = Tensor.empty(num_tokens, num_heads, head_dim, dtype=dtypes.float32)
   attn = attn.custom_kernel(probs, v_pool, block_tables, fxn=_paged_pv)[0]
   return attn / probs.sum(-1, keepdim=True)
