@@ -11,6 +11,7 @@ from huggingface_hub import constants
 from typer.testing import CliRunner
 
 from tinyvllm_cli.bench.common import TOY_CONFIG, random_weights, resolve_bench_model, shipped_configs
+from tinyvllm_cli.bench.seed_tables import default_scale, scaled_workload
 from tinyvllm_cli.bench.throughput import Workload
 from tinyvllm_cli.main import app
 
@@ -337,6 +338,9 @@ def test_shipped_configs_parse_and_build_random_weights():
     (("latency", "--device", "NO_SUCH_DEVICE"), "is not available"),
     (("memory", "--model", "/no/such/config.json"), "no such config file"),
     (("memory", "--kv-cache-gb", "0.001", "--max-model-len", "8192"), "less than one --max-model-len"),
+    (("--full", "--scale", "2"), "--full and --scale: give one"),
+    (("--device", "CPU", "latency"), "--device goes after the preset's name (`tinyvllm bench latency --device"),
+    (("--device", "NO_SUCH_DEVICE"), "is not available"),
   ],
 )
 def test_bad_input_is_one_line(args: tuple[str, ...], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -344,3 +348,46 @@ def test_bad_input_is_one_line(args: tuple[str, ...], message: str, tmp_path: Pa
   monkeypatch.setenv("TINYVLLM_HOME", str(tmp_path / "tinyvllm"))
   assert message in error_line(bench(*args, "--output", str(tmp_path / "results")))
   assert not (tmp_path / "results").exists()
+
+
+# ---- the seed tables in one go ---------------------------------------------------------------
+
+
+def test_bench_help_shows_the_seed_tables_command_first():
+  r = bench("--help")
+  assert r.exit_code == 0, r.output
+  first_lines = r.output.split("Options")[0]
+  assert "tinyvllm bench --device X` runs the seed tables in one go" in " ".join(first_lines.split())
+
+
+def test_seed_workload_scale():
+  assert scaled_workload(1) == {"num_seqs": 256, "lengths": (100, 1024)}
+  assert scaled_workload(8) == {"num_seqs": 32, "lengths": (12, 128)}
+  assert scaled_workload(1000) == {"num_seqs": 1, "lengths": (1, 1)}
+  assert default_scale("CPU") == 8 and default_scale("METAL") == 2 and default_scale("CUDA:1") == 2
+
+
+def test_bench_device_writes_both_seed_tables(tmp_path: Path):
+  out = tmp_path / "results"
+  args = ("--device", "CPU", "--model", "toy", "--scale", "64", "--kv-cache-gb", "0.01", "--output", str(out))
+  r = bench(*args, "--note", "shared CPU")
+  assert r.exit_code == 0, r.output
+  scale_text = "seed 001's workload scaled 1/64 for CPU: 4 sequences, prompts and outputs of 1-16 tokens"
+  assert scale_text in r.stdout
+  files = sorted(f.name for f in out.iterdir())
+  assert [f.split("-")[0] for f in files] == ["latency"] * 2 + ["throughput"] * 2, files
+  assert [f.rsplit(".", 1)[1] for f in files] == ["json", "md"] * 2, files
+  latency = json.loads((out / files[0]).read_text())
+  throughput = json.loads((out / files[2]).read_text())
+  ran_by = "run by `tinyvllm bench --model toy --device CPU --scale 64 --kv-cache-gb 0.01 --output"
+  assert latency["preset"] == "latency" and latency["device"] == "CPU" and latency["model"]["name"] == "toy"
+  assert [row["name"] for row in latency["results"]] == ["single_request", "sequential_5", "concurrent_5"]
+  assert latency["command"].startswith("tinyvllm bench latency --model toy --device CPU --kv-cache-gb 0.01")
+  assert latency["notes"][0] == "shared CPU" and latency["notes"][1].startswith(ran_by)
+  assert throughput["preset"] == "throughput" and throughput["workload"]["num_seqs"] == 4
+  assert throughput["parameters"]["input_len"] == [1, 16] and throughput["parameters"]["output_len"] == [1, 16]
+  assert throughput["results"]["tinyvllm"]["gen_tokens"] == throughput["workload"]["gen_tokens"] > 0
+  assert "--num-seqs 4 --input-len 1 16 --output-len 1 16" in throughput["command"]
+  assert any(scale_text in note for note in throughput["notes"])
+  markdown = (out / files[3]).read_text()
+  assert "| **Gen Throughput** |" in markdown and "scaled 1/64 for CPU" in markdown

@@ -17,6 +17,8 @@ from tinyvllm_cli.bench.profile import (
   categorize_step,
   linear_shapes,
   noise_line,
+  ProfileParams,
+  one_penalty_width,
   one_width_from,
   parse_batch_sizes,
   parse_kernel_lines,
@@ -205,6 +207,8 @@ def test_profile_tiny_model(tmp_path: Path):
     (("--random-weights", "--model", "nobody/nothing"), "nobody/nothing is not downloaded"),
     (("--random-weights", "--prompt-len", "9000"), "--prompt-len 9000 is not shorter than the model's context"),
     (("--device", "NO_SUCH_DEVICE"), "is not available"),
+    (("--presence-penalty", "3"), "presence_penalty must be in [-2, 2]"),
+    (("--repetition-penalty", "0"), "repetition_penalty must be > 0"),
   ],
 )
 def test_profile_bad_input_is_one_line(
@@ -263,3 +267,32 @@ def test_warm_up_runs_into_the_timed_steps_block_table_width():
   assert (
     one_width_from(53, 13, 16) == 65 and one_width_from(64, 13, 16) == 65
   )  # the first step at 65 captures width 8, untimed
+
+
+def test_profile_with_penalties(tmp_path: Path):
+  model = make_checkpoint(tmp_path / "tiny-llama", "llama", num_layers=1)
+  out = tmp_path / "results"
+  penalties = ("--repetition-penalty", "1.1", "--presence-penalty", "0.5", "--frequency-penalty", "0.5")
+  sizes = ("--batch-sizes", "1,2", "--steps", "2", "--prompt-len", "4", "--warmup-steps", "1")
+  options = ("--device", "CPU", *sizes, *penalties, "--kv-cache-gb", "0.01", "--output", str(out))
+  r = bench("profile", "--model", str(model), *options)
+  assert r.exit_code == 0, r.output
+  data, md = written(out, "profile-tiny-llama-cpu-")
+  parameters = data["parameters"]
+  assert parameters["penalized"] and parameters["repetition_penalty"] == 1.1 and parameters["presence_penalty"] == 0.5
+  for row in data["results"]:
+    sampling = [k["name"] for k in row["kernels"]["by_name"] if k["category"] == "sampling"]
+    assert "penalize" in sampling, sampling
+    assert row["timing_attempts"] == 1  # the warm-up ran until the penalties' width stays for the timed steps
+  assert "greedy, penalties: repetition penalty 1.1, presence penalty 0.5, frequency penalty 0.5;" in md
+
+
+def test_penalty_width_must_stay_for_the_window():
+  off = ProfileParams([1]).sampling(8)
+  on = ProfileParams([1], repetition_penalty=1.1).sampling(8)
+  prompt = [5, 6, 7]
+  # the last step penalized the prompt and the output before its own token: 3 + 2 distinct = 5 -> width 8
+  tokens = {"a": (prompt, [1, 2, 3]), "b": (prompt, [1])}
+  assert one_penalty_width(on, tokens, 3) and not one_penalty_width(on, tokens, 4)
+  assert one_penalty_width(off, tokens, 100) and one_penalty_width(on, {}, 100)
+  assert ProfileParams([1]).penalties_text() == "no penalties"

@@ -1,5 +1,6 @@
-"""`tinyvllm bench latency | throughput | memory | profile | serve`: options and checks; the presets live in this
-package's modules and write bench_results/ as JSON + markdown."""
+"""`tinyvllm bench --device X` (the seed tables in one go) and `tinyvllm bench latency | throughput | memory | profile |
+serve`: options and checks; the presets live in this package's modules and write bench_results/ as JSON +
+markdown."""
 
 from __future__ import annotations
 
@@ -11,13 +12,22 @@ import typer
 
 from tinyvllm_cli import ui
 from tinyvllm_cli.bench.common import TOY, BenchError, Run, emit, one_line_errors, parse_ints
-from tinyvllm_cli.engine_options import BeamOption, DeviceOption, DtypeOption, KvCacheGbOption, QuantizeListOption
+from tinyvllm_cli.bench.seed_tables import CPU_SCALE, OTHER_SCALE
+from tinyvllm_cli.engine_options import MODEL_HELP, BeamOption, DeviceOption, DtypeOption, KvCacheGbOption
+from tinyvllm_cli.engine_options import QuantizeListOption
 from tinyvllm_cli.engine_options import QuantizeOption, check_dtype, check_dtype_compiles, quantize_setting
 
-app = typer.Typer(
-  help="Benchmark tinyvllm: latency, throughput (vs peers), KV memory, the decode step, a running server.",
-  no_args_is_help=True,
+BENCH_HELP = (
+  "Benchmark tinyvllm. `tinyvllm bench --device X` runs the seed tables in one go on that device: the latency table "
+  "(single / sequential / concurrent) and the throughput table (seed 001's workload, scaled to a few minutes; "
+  "--full for its 256 sequences), written to bench_results/. Or one preset: latency, throughput (vs peers), "
+  "memory (KV), profile (the decode step), serve (a running server)."
 )
+SCALE_HELP = (
+  f"Divide the throughput workload's sequence count and lengths by this (default: {CPU_SCALE} on CPU, "
+  f"{OTHER_SCALE} elsewhere)."
+)
+app = typer.Typer(help=BENCH_HELP, no_args_is_help=True)
 
 Opt = typer.Option
 ModelOpt = Annotated[Optional[str], Opt("--model", "-m", help="Model: path, pulled repo id, `smollm2` or `toy`.")]
@@ -35,6 +45,33 @@ BACKENDS = ("tinyvllm", "vllm", "nanovllm", "transformers", "llamacpp")
 def check_range(name: str, value: tuple[int, int]) -> None:
   if not 1 <= value[0] <= value[1]:
     raise BenchError(f"{name} {value[0]} {value[1]}: need 1 <= MIN <= MAX")
+
+
+@app.callback(invoke_without_command=True)
+def seed_tables(
+  ctx: typer.Context,
+  model: Annotated[Optional[str], Opt("--model", "-m", help=f"{MODEL_HELP} Or `toy`.")] = None,
+  device: DeviceOption = None,
+  full: Annotated[bool, Opt("--full", help="Seed 001's whole workload: 256 sequences, 100-1024 tokens.")] = False,
+  scale: Annotated[Optional[int], Opt("--scale", min=1, show_default=False, help=SCALE_HELP)] = None,
+  kv_cache_gb: KvCacheGbOption = 1.0,
+  output: OutputOpt = RESULTS,
+  note: NoteOpt = None,
+) -> None:
+  """The seed tables in one go: `bench latency` then `bench throughput` on a scaled workload (a preset named after
+  `bench` runs alone)."""
+  from tinyvllm_cli.bench.seed_tables import run_seed_tables
+
+  sources = {p.opts[0]: ctx.get_parameter_source(p.name) for p in ctx.command.params}
+  given = [flag for flag, source in sources.items() if source is not None and source.name == "COMMANDLINE"]
+  if ctx.invoked_subcommand is not None:
+    if given:
+      ui.fail(f"{given[0]} goes after the preset's name (`tinyvllm bench {ctx.invoked_subcommand} {given[0]} ...`)")
+    return
+  with one_line_errors():
+    if full and scale is not None:
+      raise BenchError("--full and --scale: give one (--full is --scale 1)")
+    run_seed_tables(ctx, model, device, 1 if full else scale, kv_cache_gb, output, note or [])
 
 
 @app.command("latency")
@@ -183,18 +220,26 @@ def profile(
   seed: SeedOpt = 0,
   quantize: QuantizeOption = None,
   kv_cache_gb: KvCacheGbOption = 1.0,
+  repetition_penalty: Annotated[float, Opt(help="Repetition penalty of every sequence (1 = off).")] = 1.0,
+  presence_penalty: Annotated[float, Opt(help="Presence penalty of every sequence (0 = off).")] = 0.0,
+  frequency_penalty: Annotated[float, Opt(help="Frequency penalty of every sequence (0 = off).")] = 0.0,
   as_json: JsonOpt = False,
   output: OutputOpt = RESULTS,
   note: NoteOpt = None,
 ) -> None:
-  """The decode step per batch size: step time, phases, kernel time per part of the model and the host share."""
+  """The decode step per batch size: step time, phases, kernel time per part of the model and the host share
+  (greedy; the penalty options measure what penalties cost)."""
   from tinyvllm_core import resolve_dtype
 
   from tinyvllm_cli.bench.profile import ProfileParams, parse_batch_sizes, profile_report, run_profile
 
   with one_line_errors():
     sizes = parse_batch_sizes(batch_sizes)
-    params = ProfileParams(sizes, steps, prompt_len, warmup_steps, kv_cache_gb, seed, quantize_setting(quantize))
+    penalties = (repetition_penalty, presence_penalty, frequency_penalty)
+    params = ProfileParams(
+      sizes, steps, prompt_len, warmup_steps, kv_cache_gb, seed, quantize_setting(quantize), *penalties
+    )
+    params.sampling(1)  # a bad penalty is one line before the model loads
     run = Run.start(ctx, device, model, random_weights, note)
     context = run.model.model_config().max_position_embeddings
     if prompt_len >= context:

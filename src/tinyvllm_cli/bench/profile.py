@@ -30,6 +30,9 @@ KERNEL_LINE = re.compile(
 )
 UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 LINEAR_NAME = re.compile(r"^linear_(\d+)_(\d+)_(\d+)$")
+PENALTY_OFF = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
+PENALTIES = tuple(PENALTY_OFF)
+TIMING_ATTEMPTS = 3  # a timed window that captured a new batch shape (a new penalty width) is timed again
 NEXT_LINEAR = {None: ("qkv",), "qkv": ("o",), "o": ("gate_up",), "gate_up": ("down",), "down": ("qkv", "lm_head")}
 
 
@@ -42,6 +45,24 @@ class ProfileParams:
   kv_cache_gb: float = 1.0
   seed: int = 0
   quantize: str | None = None
+  repetition_penalty: float = 1.0
+  presence_penalty: float = 0.0
+  frequency_penalty: float = 0.0
+
+  def sampling(self, max_tokens: int):
+    """Greedy with this profile's penalties (off by default)."""
+    from tinyvllm_core import SamplingParams
+
+    penalties = {k: getattr(self, k) for k in PENALTIES}
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **penalties)
+
+  @property
+  def penalized(self) -> bool:
+    return self.sampling(1).penalized
+
+  def penalties_text(self) -> str:
+    on = [f"{k.replace('_', ' ')} {getattr(self, k)}" for k in PENALTIES if getattr(self, k) != PENALTY_OFF[k]]
+    return "penalties: " + ", ".join(on) if on else "no penalties"
 
 
 def parse_batch_sizes(text: str) -> list[int]:
@@ -102,14 +123,32 @@ def categorize_step(kernels: list[tuple[str, float]], shapes: dict) -> list[tupl
   return out
 
 
-def step(engine, contexts: dict[str, int]) -> float:
-  """One engine step's wall time; keeps each request's context length."""
+def step(engine, contexts: dict[str, int], tokens: dict[str, tuple] | None = None) -> float:
+  """One engine step's wall time; keeps each request's context length (and with `tokens` its prompt and output)."""
   t0 = now()
   outputs = engine.step()
   wall = now() - t0
   for o in outputs:
     contexts[o.request_id] = len(o.prompt_token_ids) + len(o.token_ids)
+    if tokens is not None:
+      tokens[o.request_id] = (o.prompt_token_ids, o.token_ids)
   return wall
+
+
+def one_penalty_width(params, tokens: dict[str, tuple], window: int) -> bool:
+  """Whether the penalized tokens' padded width of the last step (a power of 2 over the row with the most; a new
+  width is a new capture) stays for `window` more steps: each step adds at most one token per row."""
+  from tinyvllm_core.sampling import penalty_entries
+
+  if not params.penalized or not tokens:
+    return True
+  # the last step penalized the tokens before the one it sampled
+  most = max(len(penalty_entries(params, prompt, output[:-1])[0]) for prompt, output in tokens.values())
+  return next_power_of_2(most) == next_power_of_2(most + window)
+
+
+def next_power_of_2(n: int) -> int:
+  return 1 << max(0, n - 1).bit_length()
 
 
 def all_decoding(engine, b: int) -> bool:
@@ -127,17 +166,41 @@ def one_width_from(context_len: int, window: int, block_size: int) -> int:
   return context_len
 
 
+def time_window(engine, b: int, p: ProfileParams, contexts: dict[str, int]) -> tuple[list, dict, list]:
+  """The timed steps (wall times, phases) and the DEBUG=2 steps (categorized kernels are parsed by the caller)."""
+  from tinygrad.helpers import Context
+
+  walls = []
+  phases = defaultdict(list)
+  for _ in range(p.steps):
+    walls.append(step(engine, contexts))
+    if not all_decoding(engine, b):
+      raise BenchError(f"batch size {b}: a timed step did not decode all {b} sequences (raise --kv-cache-gb)")
+    for k in PHASES:
+      phases[k].append(engine.last_step_timings[k])
+  debug_outputs = []
+  for _ in range(DEBUG_STEPS):
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), Context(DEBUG=2):  # tinygrad's per-kernel timing
+      step(engine, contexts)
+    if not all_decoding(engine, b):
+      raise BenchError(f"batch size {b}: a profiled step did not decode all {b} sequences")
+    debug_outputs.append(buf.getvalue())
+  return walls, phases, debug_outputs
+
+
 def profile_batch(engine, b: int, p: ProfileParams, prompts: PromptSource, shapes: dict) -> dict:
   """B prompts stepped until all decode, warmed up until the timed + DEBUG steps share one block-table width (no JIT
-  capture is timed), then the timed steps and the DEBUG=2 steps."""
-  from tinygrad.helpers import Context
-  from tinyvllm_core import SamplingParams
-
+  capture is timed), then the timed steps and the DEBUG=2 steps. With penalties the padded width of each row's
+  penalized tokens grows with the output: a window in which it changed (a new capture) is timed again."""
   bs = engine.config.block_size
   window = p.steps + DEBUG_STEPS
   # chunked prefill lets early sequences decode while later ones prefill: at most this many steps before all decode
   prefill_bound = -(-b * p.prompt_len // engine.config.max_num_batched_tokens) + 1
-  end_context = one_width_from(p.prompt_len + prefill_bound + p.warmup_steps, window + 1, bs) + window + 1
+  penalty_wait = window + 1 if p.penalized else 0  # at most this many steps waiting for one penalty width
+  retries = (TIMING_ATTEMPTS - 1) * window
+  start = one_width_from(p.prompt_len + prefill_bound + p.warmup_steps + penalty_wait, window + 1, bs)
+  end_context = start + window + 1 + retries
   max_tokens = end_context - p.prompt_len + 1
   if end_context + 1 > engine.max_model_len:
     raise BenchError(
@@ -148,42 +211,41 @@ def profile_batch(engine, b: int, p: ProfileParams, prompts: PromptSource, shape
   total_blocks = engine.stats()["num_total_blocks"]
   if blocks > total_blocks:
     raise BenchError(f"batch size {b} needs {blocks} KV blocks but the cache has {total_blocks}; raise --kv-cache-gb")
-  params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+  params = p.sampling(max_tokens)
   ids = [engine.add_request(prompt, params) for prompt in prompts.take(b)]
   contexts = {rid: p.prompt_len for rid in ids}  # request -> the context length of its next decode step
+  tokens = {}  # request -> (prompt, output) token ids, for the penalties' width
   try:
     prefill_steps = 0
     while not all_decoding(engine, b):
       if prefill_steps > 2 * prefill_bound + 4:
         raise BenchError(f"batch size {b}: the sequences never all decoded at once")
-      step(engine, contexts)
+      step(engine, contexts, tokens)
       prefill_steps += 1
     warmup = 0
-    while warmup < p.warmup_steps or one_width_from(last := max(contexts.values()) - 1, window + 1, bs) != last:
-      step(engine, contexts)
+    while True:
+      last = max(contexts.values()) - 1
+      block_width_ready = one_width_from(last, window + 1, bs) == last
+      penalty_ready = warmup >= p.warmup_steps + penalty_wait or one_penalty_width(params, tokens, window + 1)
+      if warmup >= p.warmup_steps and block_width_ready and penalty_ready:
+        break
+      step(engine, contexts, tokens)
       warmup += 1
-    first_context = max(contexts.values())
-    walls = []
-    phases = defaultdict(list)
-    for _ in range(p.steps):
-      walls.append(step(engine, contexts))
-      if not all_decoding(engine, b):
-        raise BenchError(f"batch size {b}: a timed step did not decode all {b} sequences (raise --kv-cache-gb)")
-      for k in PHASES:
-        phases[k].append(engine.last_step_timings[k])
-    debug_steps = []
-    for _ in range(DEBUG_STEPS):
-      buf = io.StringIO()
-      with contextlib.redirect_stdout(buf), Context(DEBUG=2):  # tinygrad's per-kernel timing
-        step(engine, contexts)
-      kernels = parse_kernel_lines(buf.getvalue())
-      if not all_decoding(engine, b):
-        raise BenchError(f"batch size {b}: a profiled step did not decode all {b} sequences")
-      debug_steps.append(categorize_step(kernels, shapes))
+    for attempt in range(1, TIMING_ATTEMPTS + 1):
+      first_context = max(contexts.values())
+      shapes_before = len(engine.captured_shapes())
+      walls, phases, debug_outputs = time_window(engine, b, p, contexts)
+      if len(engine.captured_shapes()) == shapes_before:
+        break
+      if attempt == TIMING_ATTEMPTS:
+        raise BenchError(f"batch size {b}: every timed window captured a new batch shape; try another --steps")
   finally:
     for rid in ids:
       engine.abort(rid)
-  return batch_summary(b, walls, phases, debug_steps, prefill_steps, warmup, first_context)
+  debug_steps = [categorize_step(parse_kernel_lines(text), shapes) for text in debug_outputs]
+  summary = batch_summary(b, walls, phases, debug_steps, prefill_steps, warmup, first_context)
+  summary["timing_attempts"] = attempt
+  return summary
 
 
 def batch_summary(
@@ -360,13 +422,14 @@ def profile_report(run: Run, dtype: str, p: ProfileParams, results: list[dict]) 
 
   threads = NUM_CPU_THREADS.value if run.device.startswith("CPU") else None
   parameters = asdict(p) | {"debug_steps": DEBUG_STEPS, "temperature": 0.0, "ignore_eos": True}
+  parameters["penalized"] = p.penalized
   parameters["prompts"] = "distinct random token ids"
   data = run.data("profile", dtype=dtype, cpu_threads=threads, parameters=parameters, results=results)
   weights = run.weights() + (f", {p.quantize}" if p.quantize else "")
   lines = [
     f"Model: {run.model.name} ({weights}), dtype {dtype}. Per batch size B: B prompts of {p.prompt_len} random token "
-    f"ids, greedy; {p.warmup_steps}+ untimed warm-up steps once all decode, {p.steps} timed decode steps (medians) "
-    f"and {DEBUG_STEPS} more with tinygrad's per-kernel timing (DEBUG=2).",
+    f"ids, greedy, {p.penalties_text()}; {p.warmup_steps}+ untimed warm-up steps once all decode, {p.steps} timed "
+    f"decode steps (medians) and {DEBUG_STEPS} more with tinygrad's per-kernel timing (DEBUG=2).",
     "",
     profile_table(results),
     "",
