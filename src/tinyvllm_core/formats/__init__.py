@@ -5,7 +5,6 @@ hand this to libraries). A model is a Hugging Face directory (config.json + *.sa
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 
 from ..config import ConfigError, ModelConfig
 from . import gguf, hf
@@ -32,7 +31,7 @@ read_hf_config = hf.model_config
 @dataclass
 class ModelFiles:
   config: ModelConfig
-  weights: dict[str, np.ndarray]  # our names (formats/weights.py); GGUF blocks stay memory-mapped
+  weights: dict  # our names (formats/weights.py): lazy device tensors, or numpy arrays (GGUF blocks memory-mapped)
   tokenizer: object  # tokenizers.Tokenizer
   chat_template: str | None = None
   special_tokens: dict[str, str] = field(default_factory=dict)  # bos_token / eos_token strings for templates
@@ -46,10 +45,10 @@ def load_model_files(path: str | Path, device: str) -> ModelFiles:
     raise ConfigError(f"{path}: no such file or directory")
   if path.is_file() and path.suffix != ".gguf":
     raise ConfigError(f"{path}: expected a model directory or a .gguf file")
-  return load_gguf(path, device) if path.is_file() else load_hf(path)
+  return load_gguf(path, device) if path.is_file() else load_hf(path, device)
 
 
-def load_hf(model_dir: Path) -> ModelFiles:
+def load_hf(model_dir: Path, device: str) -> ModelFiles:
   from .weights import canonical_weights
 
   config = hf.model_config(model_dir / "config.json")
@@ -59,7 +58,7 @@ def load_hf(model_dir: Path) -> ModelFiles:
   )
   return ModelFiles(
     config,
-    canonical_weights(config, hf.read_weights(model_dir), hf.HF_NAMES, model_dir),
+    canonical_weights(config, hf.read_weights(model_dir, device), hf.HF_NAMES, model_dir),
     tokenizer,
     hf.chat_template(model_dir, tokenizer_config),
     hf.special_tokens(tokenizer_config),

@@ -1,10 +1,9 @@
 """Hugging Face checkpoints: config.json, safetensors weights (sharded or not), tokenizer.json, chat template."""
 
 import json
-import struct
 from pathlib import Path
 
-import numpy as np
+from tinygrad import Tensor
 
 from ..config import ConfigError, ModelConfig
 from .rope import rope_from_hf
@@ -27,7 +26,7 @@ HF_NAMES = {
   "attn_norm": "layers.{i}.input_layernorm.weight",
   "mlp_norm": "layers.{i}.post_attention_layernorm.weight",
 }
-_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+SAFETENSORS_DTYPES = ("F32", "F16", "BF16")
 
 
 def read_json(path: Path) -> dict:
@@ -106,31 +105,27 @@ def _sliding_window(cfg: dict, family: str, path: Path) -> tuple[int | None, int
   return window, first
 
 
-def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-  """float32 arrays from a .safetensors file (own parser: numpy has no bfloat16)."""
+def read_safetensors(path: Path, device: str) -> dict[str, Tensor]:
+  """The tensors of a .safetensors file, memory-mapped (tinygrad's safe_load on its DISK device) and moved lazily to
+  `device`: each is read and cast once on its way to the engine, with no float32 host copy."""
+  from tinygrad.nn.state import safe_dtypes, safe_load, safe_load_metadata
+
   try:
-    data = np.memmap(path, dtype=np.uint8, mode="r")
-    (header_len,) = struct.unpack("<Q", data[:8].tobytes())
-    header = json.loads(data[8 : 8 + header_len].tobytes())
-  except (OSError, ValueError, struct.error) as e:
+    file, data_start, header = safe_load_metadata(Tensor(path))
+  except Exception as e:
     raise ConfigError(f"{path}: not a valid safetensors file ({e})") from None
-  base = 8 + header_len
-  return {name: _tensor(path, data, base, name, info) for name, info in header.items() if name != "__metadata__"}
+  size = path.stat().st_size
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    if info.get("dtype") not in SAFETENSORS_DTYPES or info["dtype"] not in safe_dtypes:
+      raise ConfigError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+    if data_start + info["data_offsets"][1] > size:
+      raise ConfigError(f"{path}: truncated (tensor {name!r} ends past the end of the file); download it again")
+  return {name: t.to(device) for name, t in safe_load(file).items()}
 
 
-def _tensor(path: Path, data: np.ndarray, base: int, name: str, info: dict) -> np.ndarray:
-  if info.get("dtype") not in _ST_DTYPES:
-    raise ConfigError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
-  start, end = info["data_offsets"]
-  if base + end > len(data):
-    raise ConfigError(f"{path}: truncated (tensor {name!r} ends past the end of the file); download it again")
-  arr = np.frombuffer(data[base + start : base + end].tobytes(), dtype=_ST_DTYPES[info["dtype"]])
-  if info["dtype"] == "BF16":
-    arr = (arr.astype(np.uint32) << 16).view(np.float32)
-  return arr.astype(np.float32).reshape(info["shape"])
-
-
-def read_weights(model_dir: Path) -> dict[str, np.ndarray]:
+def read_weights(model_dir: Path, device: str) -> dict[str, Tensor]:
   """Every tensor of the checkpoint's safetensors files (the shards an index lists, else every *.safetensors)."""
   index = model_dir / "model.safetensors.index.json"
   if index.exists():
@@ -141,7 +136,7 @@ def read_weights(model_dir: Path) -> dict[str, np.ndarray]:
     raise ConfigError(f"{model_dir}: no *.safetensors weights found")
   if missing := next((f for f in files if not (model_dir / f).exists()), None):
     raise ConfigError(f"{model_dir / missing}: missing weight shard listed in model.safetensors.index.json")
-  return {k.removeprefix("model."): v for f in files for k, v in read_safetensors(model_dir / f).items()}
+  return {k.removeprefix("model."): v for f in files for k, v in read_safetensors(model_dir / f, device).items()}
 
 
 def read_tokenizer(model_dir: Path):

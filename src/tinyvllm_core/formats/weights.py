@@ -2,10 +2,12 @@
 the kernels read (float [N, K], CPU panels, int8 codes or GGUF blocks with their scales). The one place weights are
 prepared."""
 
+import contextlib
+import mmap
 from pathlib import Path
 
 import numpy as np
-from tinygrad import Tensor
+from tinygrad import Device, Tensor
 from tinygrad.dtype import DType
 
 from ..config import ConfigError, ModelConfig
@@ -31,8 +33,10 @@ def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
   }
 
 
-def _concat(*parts: np.ndarray) -> np.ndarray:
+def _concat(*parts: np.ndarray | Tensor) -> np.ndarray | Tensor:
   """Fused rows; parts with different GGUF block types are dequantized first."""
+  if isinstance(parts[0], Tensor):
+    return parts[0].cat(*parts[1:])
   if len({p.dtype for p in parts}) > 1:
     parts = tuple(dequantize(p) for p in parts)
   return np.concatenate(parts)
@@ -76,15 +80,32 @@ def prepare_weights(
   host: dict[str, np.ndarray | Tensor], dtype: DType, quantize: str | None, panels: bool
 ) -> dict[str, Tensor]:
   """Device tensors for every weight: `name`, and `name_scale` / `name_min` for quantized matrices. With panels (CPU,
-  or quantized weights anywhere) the matrices are [N/8, K, 8] panels. A tied lm_head shares embed's tensors."""
+  or quantized weights anywhere) the matrices are [N/8, K, 8] panels. A tied lm_head shares embed's tensors. Empties
+  `host` as it goes."""
   tied = host["lm_head"] is host["embed"]
   out: dict[str, Tensor] = {}
-  for name, w in host.items():
+  for name in list(host):
+    w = host.pop(name)  # the host copy (or a device copy of a file's tensor) goes as soon as the weight is prepared
     if not (tied and name == "lm_head"):
       out |= _prepare(name, w, dtype, quantize, panels)
+      _release_load_memory(Device.DEFAULT)
   if tied:
     out |= {k.replace("embed", "lm_head"): v for k, v in out.items() if k.startswith("embed")}
   return out
+
+
+def _release_load_memory(device: str) -> None:
+  """What loading one weight left behind leaves the resident set: pages of memory-mapped model files (tinygrad's DISK
+  devices; clean, so the kernel drops them) and the freed staging buffers tinygrad's allocator keeps for reuse.
+  Measured loading a bf16 checkpoint of Qwen3-0.6B's shapes (2.38 GB of float32 weights on CPU): peak RSS 2.45 GB
+  with this, 3.88 GB without."""
+  for name in list(Device._opened_devices):
+    memory = getattr(Device[name], "mem", None) if name.startswith("DISK:") else None
+    if memory is not None and hasattr(memory, "madvise"):
+      with contextlib.suppress(ValueError):  # a file tinygrad has closed already
+        memory.madvise(mmap.MADV_DONTNEED)
+  if hasattr(allocator := Device[device].allocator, "free_cache"):
+    allocator.free_cache()
 
 
 def _prepare(name: str, w: np.ndarray | Tensor, dtype: DType, quantize: str | None, panels: bool) -> dict[str, Tensor]:
