@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -80,7 +81,10 @@ def resolve_device(name: str | None) -> str:
   from tinygrad import Device
   from tinygrad.helpers import DEV
 
-  name = (name or Device.DEFAULT).upper()
+  from .kernels.devices import default_device
+
+  base, sep, suffix = (name or default_device()).partition(":")
+  name = base.upper() + sep + suffix  # a suffix (an index, ::arch) keeps its case
   if name.split(":")[0] == "CPU":
     from .kernels import cpu
 
@@ -91,6 +95,7 @@ def resolve_device(name: str | None) -> str:
     available = ", ".join(Device.get_available_devices()) or "none"
     raise ConfigError(f"device {name!r} is not available on this machine (available: {available})") from None
   DEV.value = name
+  os.environ["DEV"] = name  # tinygrad's pick wrote its own choice there for spawned children
   return name
 
 
