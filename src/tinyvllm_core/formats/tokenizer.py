@@ -12,26 +12,75 @@ _SPLIT = (
 _PRE_SPLIT = {"llama-bpe": _SPLIT.replace("DIGITS", r"\p{N}{1,3}"), "qwen2": _SPLIT.replace("DIGITS", r"\p{N}")}
 
 
-def gguf_tokenizer(kv: dict, path: Path):
-  """A byte-level BPE tokenizers.Tokenizer from the GGUF metadata (vocab, merges, pre-tokenizer, special tokens)."""
-  from tokenizers import AddedToken, Tokenizer, decoders, models
+NORMAL, CONTROL, USER_DEFINED = 1, 3, 4  # GGUF token types
 
-  if kv.get("tokenizer.ggml.model") != "gpt2":
-    found = kv.get("tokenizer.ggml.model")
+
+def gguf_tokenizer(kv: dict, path: Path):
+  """A tokenizers.Tokenizer from the GGUF metadata: byte-level BPE ('gpt2': vocab, merges, pre-tokenizer) or
+  SentencePiece ('llama': ▁ for spaces, byte fallback, merges ranked by the merged piece's score), special tokens."""
+  from tokenizers import AddedToken
+
+  kind = kv.get("tokenizer.ggml.model")
+  if kind not in ("gpt2", "llama"):
     raise ConfigError(
-      f"{path}: GGUF tokenizer model {found!r} is not supported (byte-level BPE 'gpt2' only); use the HF checkpoint"
+      f"{path}: GGUF tokenizer model {kind!r} is not supported (byte-level BPE 'gpt2' or SentencePiece 'llama')"
     )
+  tokens = kv["tokenizer.ggml.tokens"]
+  tok = _byte_level_bpe(kv) if kind == "gpt2" else _sentencepiece(kv)
+  types = kv.get("tokenizer.ggml.token_type", [])
+  special = [AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if t in (3, 4)]
+  tok.add_special_tokens(special)
+  add_bos = kv.get("tokenizer.ggml.add_bos_token", kind == "llama")  # llama.cpp's default for SentencePiece: add it
+  if add_bos and "tokenizer.ggml.bos_token_id" in kv:
+    tok.post_processor = _bos_processor(tokens, kv["tokenizer.ggml.bos_token_id"])
+  return tok
+
+
+def _byte_level_bpe(kv: dict):
+  from tokenizers import Tokenizer, decoders, models
+
   tokens = kv["tokenizer.ggml.tokens"]
   merges = [tuple(m.split(" ", 1)) for m in kv.get("tokenizer.ggml.merges", [])]
   tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
   tok.pre_tokenizer = _pre_tokenizer(kv.get("tokenizer.ggml.pre", "gpt2"))
   tok.decoder = decoders.ByteLevel()
-  types = kv.get("tokenizer.ggml.token_type", [])
-  special = [AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if t in (3, 4)]
-  tok.add_special_tokens(special)
-  if kv.get("tokenizer.ggml.add_bos_token") and "tokenizer.ggml.bos_token_id" in kv:
-    tok.post_processor = _bos_processor(tokens, kv["tokenizer.ggml.bos_token_id"])
   return tok
+
+
+def _sentencepiece(kv: dict):
+  """As transformers' LlamaConverter builds it: BPE with byte fallback over the whole text, spaces as ▁ (and one
+  before the text when add_space_prefix), decoded back with the prefix space stripped."""
+  from tokenizers import Tokenizer, decoders, models, normalizers
+
+  tokens = kv["tokenizer.ggml.tokens"]
+  vocab = {t: i for i, t in enumerate(tokens)}
+  unk = tokens[kv.get("tokenizer.ggml.unknown_token_id", 0)]
+  merges = _sentencepiece_merges(tokens, kv.get("tokenizer.ggml.scores"), kv.get("tokenizer.ggml.token_type"), vocab)
+  tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+  prefix = kv.get("tokenizer.ggml.add_space_prefix", True)
+  tok.normalizer = normalizers.Sequence(
+    [*([normalizers.Prepend("▁")] if prefix else []), normalizers.Replace(" ", "▁")]
+  )
+  steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+  tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+  return tok
+
+
+def _sentencepiece_merges(tokens: list[str], scores, types, vocab: dict[str, int]) -> list[tuple[str, str]]:
+  """Every split of a normal piece into two pieces of the vocab is a merge, ranked by the merged piece's score
+  (SentencePiece BPE merges the pair whose result scores highest), ties by id."""
+  scores = scores or [0.0] * len(tokens)
+  types = types or [NORMAL] * len(tokens)
+  ranked = []
+  for piece_id, (piece, score, kind) in enumerate(zip(tokens, scores, types)):
+    if kind != NORMAL:
+      continue
+    for cut in range(1, len(piece)):
+      left, right = piece[:cut], piece[cut:]
+      if left in vocab and right in vocab:
+        ranked.append((-score, piece_id, vocab[left], vocab[right], left, right))
+  ranked.sort()
+  return [(left, right) for *_, left, right in ranked]
 
 
 def _pre_tokenizer(pre: str):
