@@ -10,8 +10,10 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 
 import pytest
+import typer
 from prompt_toolkit.history import InMemoryHistory
 from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
@@ -203,6 +205,69 @@ def test_ten_turn_chat_is_served_from_the_prefix_cache(smollm2, loop):
     previous = (ids, out.token_ids)
     print(f"turn {turn:2d}: prompt {len(ids):4d} tokens, {out.num_cached_tokens:4d} cached, TTFT {stream.ttft:.3f} s")
   print("TTFT per turn (s):", " ".join(f"{t:.3f}" for t in ttfts))
+
+
+def test_the_prompt_comes_before_the_load_and_the_warm_up(smollm2, monkeypatch):
+  """chat on a terminal: the prompt session starts while the model still loads (the load here waits for it), the
+  first message waits for the load, the background warm-up is still going when that message is sent and is paused
+  for it, and the answer is the one an app without warm-up gives."""
+  from tinyvllm_cli import chat as chat_module
+
+  plain_loop = EngineLoop(smollm2.engine)
+  plain, _ = make_app(smollm2, plain_loop)
+  drive(plain, "What is the capital of France?\n/bye\n")
+  plain_loop.shutdown()
+
+  screen = io.StringIO()
+  console = Console(file=screen, width=200, force_terminal=False, color_system=None, highlight=False)
+  monkeypatch.setattr(chat_module, "out", console)
+  prompted, statuses, paused_with = threading.Event(), [], []
+  make_session = chat_module.prompt_session
+  settings = dict(system=None, verbose=True, max_tokens=GREEDY.max_tokens, overrides={"temperature": 0.0})
+
+  def build() -> ChatApp:
+    assert prompted.wait(120), "the prompt waited for the load"
+    app = chat_module._build_app(smollm2.engine, "smollm2", settings, warmup=True, notes=console)
+    pause = app.warmup.pause
+
+    def spy_pause() -> None:
+      paused_with.append(app.warmup.finished)
+      pause()
+
+    app.warmup.pause = spy_pause
+    return app
+
+  with create_pipe_input() as inp:
+    inp.send_text("What is the capital of France?\n/bye\n")
+
+    def session(status=None):
+      statuses.append(status())
+      prompted.set()
+      return make_session(InMemoryHistory(), status=status, input=inp, output=DummyOutput())
+
+    monkeypatch.setattr(chat_module, "prompt_session", session)
+    startup = chat_module.Startup(build, "smollm2")
+    try:
+      chat_module._chat_at_prompt(startup)
+    finally:
+      startup.shutdown()
+  app = startup.app()
+  assert statuses == ["loading smollm2 ..."] and paused_with == [False]
+  assert app.conv.messages == plain.conv.messages and "Paris" in app.conv.messages[-1]["content"]
+  text = screen.getvalue()
+  assert text.startswith("tinyvllm chat · smollm2\n") and "smollm2 on CPU" in text and "Paris" in text
+
+
+def test_a_failed_load_is_one_line_after_the_first_message(monkeypatch):
+  from tinyvllm_cli import chat as chat_module
+
+  def build():
+    raise ValueError("bad model file")
+
+  startup = chat_module.Startup(build, "broken")
+  with pytest.raises(typer.Exit):
+    startup.app()
+  assert startup.status() == "loading failed: bad model file"
 
 
 # ---- the console script ------------------------------------------------------------------------

@@ -1,7 +1,10 @@
-"""Warm-up captures the batch shapes of a first chat turn (and of small batches for serve-lite) before requests come."""
+"""Warm-up captures the batch shapes of a first chat turn (and of small batches for serve-lite): serve-lite before
+requests come, chat in the background through its engine loop, paused by a reply."""
 
-from tinyvllm_core import LLMEngine, SamplingParams
-from tinyvllm_cli.warmup import warm_up, warmup_plan
+import threading
+
+from tinyvllm_core import EngineLoop, LLMEngine, SamplingParams
+from tinyvllm_cli.warmup import BackgroundWarmUp, head_of, warm_up, warmup_plan
 
 
 def test_plan_covers_prefill_buckets_widths_and_batches():
@@ -35,3 +38,58 @@ def test_first_request_after_warm_up_captures_nothing(checkpoints):
     while engine.has_unfinished_requests():
       engine.step()
   assert set(engine.captured_shapes()) == captured
+
+
+def test_a_chat_plan_puts_the_rounds_of_its_first_prompt_first():
+  """The chat's head first, from its first prompt's prefill bucket (37 tokens: 64) up, then the other heads: the
+  same rounds as the plain plan, in another order."""
+  plan = warmup_plan(1024, 1, "top_p", prompt_len=37)
+  assert plan[:4] == [(1, 56, "top_p"), (1, 120, "top_p"), (1, 8, "top_p"), (1, 24, "top_p")]
+  assert {h for _, _, h in plan[4:8]} == {"greedy"} and sorted(plan) == sorted(warmup_plan(1024, 1))
+  assert warmup_plan(1024, 1, "greedy", prompt_len=30)[0] == (1, 24, "greedy")  # 30 tokens: bucket 32
+  assert head_of(SamplingParams(temperature=0)) == "greedy"
+  assert head_of(SamplingParams(temperature=0.8, top_k=0, top_p=1.0)) == "sample"
+  assert head_of(SamplingParams(temperature=0.8, top_k=40)) == "top_p"
+
+
+def test_background_warm_up_yields_to_a_request_and_changes_nothing(checkpoints, monkeypatch):
+  """Through an EngineLoop: the warm-up's first round is pending when a user's request comes; pause aborts it, so
+  after the step in flight the user's request runs alone, and its greedy answer is the one an engine without warm-up
+  gives; resume redoes the aborted round and the plan completes, capturing what warm_up captures."""
+  path = checkpoints["llama"][0]
+  kwargs = dict(device="CPU", num_blocks=128, block_size=16)
+  user = SamplingParams(temperature=0, max_tokens=20)
+  prompt = list(range(3, 40))
+  alone = EngineLoop(LLMEngine(path, **kwargs))
+  expected = alone.submit(prompt, user).result().token_ids
+  alone.shutdown()
+  plain = LLMEngine(path, **kwargs)
+  warm_up(plain)
+
+  engine = LLMEngine(path, **kwargs)
+  step, gate, in_engine = engine.step, threading.Event(), []
+
+  def gated_step():  # the engine steps only once the user's request is queued
+    assert gate.wait(60), "the warm-up was never paused"
+    in_engine.append(len(engine.scheduler.running) + len(engine.scheduler.waiting))
+    return step()
+
+  monkeypatch.setattr(engine, "step", gated_step)
+  loop = EngineLoop(engine)
+  warmup = BackgroundWarmUp(loop, user, prompt_len=len(prompt)).start()
+  try:
+    while not warmup.pending:  # the first round is queued, and its step waits at the gate
+      threading.Event().wait(0.01)
+    warmup.pause()
+    stream = loop.submit(prompt, user)
+    assert warmup.done == 0 and warmup.pending
+    gate.set()
+    got = stream.result()
+    assert got.finish_reason == "length" and got.token_ids == expected
+    assert in_engine[0] == 1 and set(in_engine[1 : len(expected) + 1]) == {1}  # the round in flight, then alone
+    warmup.resume()
+    warmup.join(600)
+    assert warmup.finished and set(engine.captured_shapes()) >= set(plain.captured_shapes())
+  finally:
+    warmup.stop()
+    loop.shutdown()

@@ -2,13 +2,16 @@
 
 `ChatApp` holds the engine loop, the conversation and the sampling parameters; `handle_line` runs one input
 (a message or a slash command) and `reply` streams one answer to a rich Console. The Typer function `chat`
-loads the model and drives the app from a prompt_toolkit session, or answers once when stdin is a pipe."""
+shows the prompt at once and loads the model meanwhile (`Startup`); the first message waits for the load, and the
+batch shapes of a first turn are captured in the background through the engine loop (`BackgroundWarmUp`), paused
+while a reply streams. Piped input is answered once, after the load, without a warm-up."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Callable
@@ -36,11 +39,12 @@ from tinyvllm_cli.engine_options import (
   quantize_setting,
 )
 from tinyvllm_cli.ui import err, fail, one_line, out
-from tinyvllm_cli.warmup import warm_up_with_progress
+from tinyvllm_cli.warmup import BackgroundWarmUp
 
 if TYPE_CHECKING:
   from tinyvllm_core import EngineLoop, LLMEngine, RequestOutput, RequestStream, SamplingParams
 
+HINTS = '/help for commands · """ for multi-line input · Ctrl+C stops a reply · Ctrl+D or /bye exits'
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 PROMPT, CONTINUATION, FENCE = ">>> ", "... ", '"""'
 EXIT_COMMANDS = ("/bye", "/exit", "/quit")
@@ -68,7 +72,8 @@ SETTABLE: dict[str, Callable[[str], object]] = {"temperature": float, "top_p": f
 SETTABLE |= {"repetition_penalty": float, "presence_penalty": float, "frequency_penalty": float}
 SETTABLE |= {"max_tokens": int, "seed": _seed}
 VERBOSE_HELP = "Print token counts, TTFT and tok/s after each reply"
-WARMUP_HELP = "Capture the first reply's batch shapes at start, with a progress bar (not for piped input)"
+WARMUP_HELP = "Capture the common batch shapes in the background while you type (not for piped input)"
+FIRST_MESSAGE = "What is the capital of France?"  # a likely first turn: the warm-up captures its shapes first
 
 
 # ---- pieces of a reply ---------------------------------------------------------------------------
@@ -210,9 +215,11 @@ class ChatApp:
     model_name: str = "",
     verbose: bool = False,
     notes: Console | None = None,
+    warmup: BackgroundWarmUp | None = None,
   ) -> None:
     self.engine, self.loop, self.console, self.notes = engine, loop, console, notes or console
     self.params, self.model_name, self.verbose = params, model_name, verbose
+    self.warmup = warmup
     self.conv = Conversation(engine, system=system)
     self.last_stats: ReplyStats | None = None
     self.commands = self._command_table()
@@ -235,12 +242,17 @@ class ChatApp:
   # ---- input ----
   def run(self, session: PromptSession) -> None:
     while (text := read_message(session)) is not None:
-      try:
-        if not self.handle_line(text):
-          return
-      except KeyboardInterrupt:  # outside a streaming reply (tokenizing, a command): drop the unanswered message
-        self.conv.discard_last_user()
-        self.note("[interrupted]")
+      if not self.handle_input(text):
+        return
+
+  def handle_input(self, text: str) -> bool:
+    """handle_line, where Ctrl+C outside a streaming reply (tokenizing, a command) drops the unanswered message."""
+    try:
+      return self.handle_line(text)
+    except KeyboardInterrupt:
+      self.conv.discard_last_user()
+      self.note("[interrupted]")
+      return True
 
   def handle_line(self, text: str) -> bool:
     """Run one message or slash command; False when the chat should end."""
@@ -269,8 +281,14 @@ class ChatApp:
       return None
     room = self.engine.max_model_len - len(ids)
     params = dataclasses.replace(self.params, max_tokens=min(self.params.max_tokens, room))
-    stream = self.loop.submit(ids, params)
-    return self._finish(self._stream(stream), stream)
+    if self.warmup:  # its queued requests are aborted first: the reply runs alone
+      self.warmup.pause()
+    try:
+      stream = self.loop.submit(ids, params)
+      return self._finish(self._stream(stream), stream)
+    finally:
+      if self.warmup:
+        self.warmup.resume()
 
   def fit_context(self, user_text: str) -> list[int] | None:
     """Prompt ids for the next turn, dropping the oldest turns while prompt + max_tokens exceeds the context."""
@@ -441,8 +459,16 @@ class ChatApp:
     where = f" · {self.model_name} on {self.engine.device} · {self.engine.max_model_len}-token context"
     self.console.print(Text.assemble(("tinyvllm chat", "bold"), where), soft_wrap=True)
     if self.verbose:
-      self.note(f"sampling: {sampling_line(self.params)} (defaults: {self.engine.default_params_source})")
-    self.note('/help for commands · """ for multi-line input · Ctrl+C stops a reply · Ctrl+D or /bye exits')
+      self.note(self.sampling_note())
+    self.note(HINTS)
+
+  def sampling_note(self) -> str:
+    return f"sampling: {sampling_line(self.params)} (defaults: {self.engine.default_params_source})"
+
+  def loaded_line(self) -> str:
+    """What --verbose says once the model is loaded (the welcome came before it)."""
+    where = f"{self.model_name} on {self.engine.device} · {self.engine.max_model_len}-token context"
+    return f"{where} · {self.sampling_note()}"
 
   def note(self, msg: str) -> None:
     self.notes.print(Text(msg, style="dim"), soft_wrap=True)
@@ -475,9 +501,19 @@ def _read_block(session: PromptSession, line: str) -> str:
   return "\n".join(lines).strip()
 
 
-def prompt_session(history: History | None = None, **kwargs) -> PromptSession:
-  placeholder = HTML("<style fg='#888888'>Send a message (/help for commands)</style>")
+def prompt_session(
+  history: History | None = None, status: Callable[[], str | None] | None = None, **kwargs
+) -> PromptSession:
+  """A prompt with history; `status` (loading, warm-up progress) joins the grey placeholder while it has a line."""
+
+  def placeholder() -> HTML:
+    line = status() if status else None
+    text = "Send a message (/help for commands)" + (f" · {line}" if line else "")
+    return HTML("<style fg='#888888'>{}</style>").format(text)
+
   suggest = AutoSuggestFromHistory()
+  if status:
+    kwargs.setdefault("refresh_interval", 0.5)
   return PromptSession(history=history or _history(), auto_suggest=suggest, placeholder=placeholder, **kwargs)
 
 
@@ -494,17 +530,30 @@ def _history() -> History:
 # ---- the command ---------------------------------------------------------------------------------
 
 
-def load_engine(model: str | None, **engine_kwargs) -> tuple[LLMEngine, str]:
-  """(engine, model label), with a spinner on stderr; a missing or bad model is one error line."""
+def new_engine(path: Path, **engine_kwargs) -> LLMEngine:
   from tinyvllm_core import LLMEngine
 
+  return LLMEngine(path, **{k: v for k, v in engine_kwargs.items() if v is not None})
+
+
+def load_engine(model: str | None, **engine_kwargs) -> tuple[LLMEngine, str]:
+  """(engine, model label), with a spinner on stderr; a missing or bad model is one error line."""
   try:
     path = models.resolve_model(model)
     label = model or _default_label(path)
     with err.status(f"loading {label} ..."):
-      return LLMEngine(path, **{k: v for k, v in engine_kwargs.items() if v is not None}), label
+      return new_engine(path, **engine_kwargs), label
   except (models.ModelNotFoundError, ValueError, OSError) as e:
     fail(e)
+
+
+def _resolve(model: str | None) -> tuple[Path, str]:
+  """(model path, label); a missing model is one error line, before the prompt shows."""
+  try:
+    path = models.resolve_model(model)
+  except (models.ModelNotFoundError, ValueError, OSError) as e:
+    fail(e)
+  return path, model or _default_label(path)
 
 
 def _default_label(path: Path) -> str:
@@ -520,6 +569,50 @@ def _piped_message() -> str:
   if not text:
     fail('stdin is empty; pipe a message (echo "hi" | tinyvllm chat) or run tinyvllm chat in a terminal')
   return text
+
+
+class Startup:
+  """Builds the ChatApp (model load, engine loop, background warm-up) on a thread of its own while the prompt takes
+  the first message; `app()` waits for it with a spinner, and a failed load is one error line then."""
+
+  def __init__(self, build: Callable[[], ChatApp], label: str) -> None:
+    self.label = label
+    self._app: ChatApp | None = None
+    self._error: BaseException | None = None
+    self._done = threading.Event()
+    threading.Thread(target=self._run, args=(build,), name="tinyvllm-startup", daemon=True).start()
+
+  def _run(self, build: Callable[[], ChatApp]) -> None:
+    try:
+      self._app = build()
+    except Exception as e:
+      self._error = e
+    finally:
+      self._done.set()
+
+  def status(self) -> str | None:
+    """The prompt's status: loading, the warm-up's progress, a failed load, or None when all is done."""
+    if not self._done.is_set():
+      return f"loading {self.label} ..."
+    if self._error is not None:
+      return f"loading failed: {one_line(self._error)}"
+    return self._app.warmup.progress() if self._app.warmup else None
+
+  def app(self) -> ChatApp:
+    if not self._done.is_set():
+      with err.status(f"loading {self.label} ..."):
+        self._done.wait()
+    if self._error is not None:
+      fail(self._error)
+    return self._app
+
+  def shutdown(self) -> None:
+    """Stop the warm-up and the engine loop once the app is built; a load still running is left to the exit."""
+    if self._app is None:
+      return
+    if self._app.warmup:
+      self._app.warmup.stop()
+    self._app.loop.shutdown()
 
 
 def chat(
@@ -547,8 +640,6 @@ def chat(
 ) -> None:
   """Chat with a model in the terminal (/help lists the commands). Piped input is answered once:
   echo "What is the capital of France?" | tinyvllm chat"""
-  from tinyvllm_core import EngineLoop
-
   overrides = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p, "seed": seed}
   overrides["repetition_penalty"] = repeat_penalty
   overrides = {name: value for name, value in overrides.items() if value is not None}
@@ -559,17 +650,51 @@ def chat(
   except ValueError as e:
     fail(e)
   engine_kwargs = dict(device=device, kv_cache_gb=kv_cache_gb, max_model_len=max_model_len, dtype=dtype)
-  engine, label = load_engine(model, **engine_kwargs, quantize=quantize_setting(quantize), beam=beam or None)
-  if warmup and piped is None:
-    _warm_up(engine)
+  engine_kwargs |= dict(quantize=quantize_setting(quantize), beam=beam or None)
+  settings = dict(system=system, verbose=verbose, max_tokens=max_tokens, overrides=overrides)
+  if piped is not None:
+    _answer_piped(piped, model, engine_kwargs, settings)
+    return
+  path, label = _resolve(model)
+
+  def build() -> ChatApp:
+    engine = new_engine(path, **engine_kwargs)
+    return _build_app(engine, label, settings, warmup=warmup, notes=out)
+
+  startup = Startup(build, label)
+  try:
+    _chat_at_prompt(startup)
+  finally:
+    startup.shutdown()
+
+
+def _build_app(engine: LLMEngine, label: str, settings: dict, warmup: bool, notes: Console) -> ChatApp:
+  """The app on a started engine loop; with `warmup`, a background warm-up led by these params' shapes."""
+  from tinyvllm_core import EngineLoop
+
+  max_tokens, overrides = settings["max_tokens"], settings["overrides"]
   params = dataclasses.replace(engine.default_params, max_tokens=max_tokens, **overrides)
   loop = EngineLoop(engine)
-  notes = err if piped else out
-  app = ChatApp(engine, loop, out, params, system=system, model_name=label, verbose=verbose, notes=notes)
+  background = None
+  if warmup:
+    first = [{"role": "user", "content": FIRST_MESSAGE}]
+    first_len = len(engine.apply_chat_template(first, tokenize=True, add_generation_prompt=True))
+    background = BackgroundWarmUp(loop, params, prompt_len=first_len).start()
+  system, verbose = settings["system"], settings["verbose"]
+  return ChatApp(
+    engine, loop, out, params, system=system, model_name=label, verbose=verbose, notes=notes, warmup=background
+  )
+
+
+def _answer_piped(piped: str, model: str | None, engine_kwargs: dict, settings: dict) -> None:
+  """Answer the piped message once; exit code 1 when that fails."""
+  engine, label = load_engine(model, **engine_kwargs)
+  app = _build_app(engine, label, settings, warmup=False, notes=err)
   try:
-    _talk(app, piped)
+    if app.reply(piped) is None:
+      raise typer.Exit(1)
   finally:
-    loop.shutdown()
+    app.loop.shutdown()
 
 
 def _check_settings(max_tokens: int, overrides: dict, dtype: str) -> None:
@@ -582,18 +707,18 @@ def _check_settings(max_tokens: int, overrides: dict, dtype: str) -> None:
     fail(e)
 
 
-def _warm_up(engine: LLMEngine) -> None:
-  try:
-    warm_up_with_progress(engine, err)
-  except KeyboardInterrupt:
-    err.print("warm-up skipped", highlight=False)
-
-
-def _talk(app: ChatApp, piped: str | None) -> None:
-  """Answer the piped message once (exit code 1 when that fails), else chat at the prompt until the user leaves."""
-  if piped is not None:
-    if app.reply(piped) is None:
-      raise typer.Exit(1)
+def _chat_at_prompt(startup: Startup) -> None:
+  """The prompt shows at once; the first message waits for the load, then the chat goes on until the user leaves."""
+  out.print(Text.assemble(("tinyvllm chat", "bold"), f" · {startup.label}"), soft_wrap=True)
+  out.print(Text(HINTS, style="dim"), soft_wrap=True)
+  session = prompt_session(status=startup.status)
+  if (text := read_message(session)) is None:
     return
-  app.welcome()
-  app.run(prompt_session())
+  try:
+    app = startup.app()
+  except KeyboardInterrupt:
+    raise typer.Exit(130) from None
+  if app.verbose:
+    app.note(app.loaded_line())
+  if app.handle_input(text):
+    app.run(session)

@@ -1,12 +1,17 @@
-"""Warm-up before the first request: tinygrad captures a TinyJit (and with --beam searches its kernels) the first time
-a batch shape is seen, which costs seconds. Running the shapes a first request uses once, at start, moves that cost out
-of the first reply. Only the engine's public API is used: short dummy requests, each shape's prompt chosen so it lands
-in the next prefill bucket and attention width (blocks of 16 tokens: 1, 2, 4, 8), then batches of 2, 4, ... sequences
-decoding together (serve-lite)."""
+"""Warm-up: tinygrad captures a TinyJit (and with --beam searches its kernels) the first time a batch shape is seen,
+which costs seconds. Running the shapes a first request uses once moves that cost out of the first reply. Only the
+engine's public API is used: short dummy requests, each shape's prompt chosen so it lands in the next prefill bucket
+and attention width (blocks of 16 tokens: 1, 2, 4, 8), then batches of 2, 4, ... sequences decoding together
+(serve-lite).
+
+serve-lite runs the plan before it listens (`warm_up`). chat shows its prompt first and runs the plan in the
+background through its EngineLoop (`BackgroundWarmUp`), one round at a time, the rounds a first reply needs first;
+a reply pauses it: the warm-up requests still queued are aborted, so a reply never queues behind them."""
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 from typing import Callable
 
 PROMPT_LENS = (8, 24, 56, 120)  # prefill buckets 8, 32, 64, 128 and decode widths of 1, 2, 4, 8 blocks
@@ -14,28 +19,59 @@ PROMPT_LENS = (8, 24, 56, 120)  # prefill buckets 8, 32, 64, 128 and decode widt
 HEADS = ("greedy", "sample", "top_p")
 
 
-def warmup_plan(max_len: int, max_num_seqs: int = 1) -> list[tuple[int, int, str]]:
-  """(number of sequences, prompt length, head) per warm-up round: every head is captured, since a request may
-  pick any."""
-  rounds = [(1, n, head) for n in PROMPT_LENS if n + 2 < max_len for head in HEADS]
+def next_power_of_2(n: int) -> int:
+  return 1 << max(n - 1, 0).bit_length()
+
+
+def head_of(params) -> str:
+  """The sampling head a request with these SamplingParams runs through."""
+  if params.temperature == 0:
+    return "greedy"
+  if params.top_k > 0 or params.top_p < 1:
+    return "top_p"
+  return "sample"
+
+
+def warmup_plan(max_len: int, max_num_seqs: int = 1, head: str | None = None, prompt_len: int = 0) -> list[tuple]:
+  """(number of sequences, prompt length, head) per warm-up round: every head is captured, since a request may pick
+  any. `head` and `prompt_len` (a likely first prompt) put the rounds that prompt needs first: that head's rounds,
+  from the prompt's prefill bucket up, then its smaller buckets, then the other heads."""
+  heads = sorted(HEADS, key=lambda h: h != head)
+  lens = [n for n in PROMPT_LENS if n + 2 < max_len]
+  lens = sorted(lens, key=lambda n: next_power_of_2(n) < next_power_of_2(prompt_len))
+  rounds = [(1, n, h) for h in heads for n in lens] if head else [(1, n, h) for n in lens for h in heads]
   batch = 2
   while batch <= min(max_num_seqs, 32):
-    rounds += [(batch, 8, head) for head in HEADS]
+    rounds += [(batch, 8, h) for h in heads]
     batch *= 2
   return rounds
+
+
+def head_params(params) -> dict:
+  """SamplingParams per head for two-token warm-up requests, built from `params` (penalties and all)."""
+  base = dataclasses.replace(params, max_tokens=2, ignore_eos=True, stop=[], stop_token_ids=[], seed=0)
+  sampled = dataclasses.replace(base, temperature=base.temperature or 0.7, top_k=0, top_p=1.0)
+  greedy = dataclasses.replace(base, temperature=0.0)
+  top_p = dataclasses.replace(sampled, top_p=0.95)
+  return {"greedy": greedy, "sample": sampled, "top_p": top_p}
+
+
+def round_prompts(first: int, num_seqs: int, prompt_len: int, vocab: int) -> list[list[int]]:
+  """Prompts number first, first + 1, ... of a warm-up, `prompt_len` ids each; each starts with its own number, so
+  no two share a block and no prefix-cache hit shrinks a prefill (while fewer prompts than the vocabulary ran)."""
+  return [[(n + 7919 * j) % vocab for j in range(prompt_len)] for n in range(first, first + num_seqs)]
 
 
 def warm_up(engine, max_num_seqs: int = 1, on_round: Callable[[int, int], None] | None = None) -> int:
   """Run the plan on the engine before any other request; returns the number of rounds."""
   rounds = warmup_plan(engine.max_model_len, max_num_seqs)
   vocab = engine.model_config.vocab_size
-  base = dataclasses.replace(engine.default_params, max_tokens=2, ignore_eos=True, stop=[], stop_token_ids=[], seed=0)
-  sampled = dataclasses.replace(base, temperature=base.temperature or 0.7, top_k=0, top_p=1.0)
-  greedy, top_p = dataclasses.replace(base, temperature=0.0), dataclasses.replace(sampled, top_p=0.95)
-  params = {"greedy": greedy, "sample": sampled, "top_p": top_p}
+  params = head_params(engine.default_params)
+  first = 0
   for i, (num_seqs, prompt_len, head) in enumerate(rounds):
-    for k in range(num_seqs):  # token ids distinct across prompts: no prefix-cache hit shrinks a prefill
-      engine.add_request([(7919 * (i * 64 + k) + j) % vocab for j in range(prompt_len)], params[head])
+    for prompt in round_prompts(first, num_seqs, prompt_len, vocab):
+      engine.add_request(prompt, params[head])
+    first += num_seqs
     while engine.has_unfinished_requests():
       engine.step()
     if on_round:
@@ -54,3 +90,85 @@ def warm_up_with_progress(engine, console, max_num_seqs: int = 1) -> None:
   with Progress(*columns, console=console, transient=True) as progress:
     task = progress.add_task("warm-up", total=rounds, beam=f" (BEAM={beam} search)" if beam else "")
     warm_up(engine, max_num_seqs, lambda done, total: progress.update(task, completed=done))
+
+
+class BackgroundWarmUp:
+  """Runs the warm-up plan through an EngineLoop (the only thread that steps the engine), one round at a time, from a
+  thread of its own. `pause` aborts the round in flight and holds the next one (a reply is coming); `resume` goes on,
+  redoing the aborted round; `stop` ends it. The rounds for `params` and a prompt of `prompt_len` come first."""
+
+  def __init__(self, loop, params, prompt_len: int = 0, max_num_seqs: int = 1) -> None:
+    engine = loop.engine
+    self.loop, self.vocab = loop, engine.model_config.vocab_size
+    self.rounds = warmup_plan(engine.max_model_len, max_num_seqs, head_of(params), prompt_len)
+    self.params = head_params(params)
+    self.done = 0
+    self._first = 0  # the next warm-up prompt's number
+    self._lock = threading.Lock()  # orders submits against pause: no warm-up request is queued after a pause
+    self._running = threading.Event()
+    self._running.set()
+    self._stopped = False
+    self._streams: list = []
+    self._thread = threading.Thread(target=self._run, name="tinyvllm-warmup", daemon=True)
+
+  @property
+  def finished(self) -> bool:
+    return self.done == len(self.rounds)
+
+  @property
+  def pending(self) -> bool:
+    """Whether a round's requests are in the engine loop now."""
+    return bool(self._streams)
+
+  def progress(self) -> str | None:
+    """A line for the prompt's toolbar while rounds remain, else None."""
+    if self.finished or self._stopped:
+      return None
+    return f"warming up {self.done}/{len(self.rounds)}"
+
+  def start(self) -> BackgroundWarmUp:
+    self._thread.start()
+    return self
+
+  def pause(self) -> None:
+    with self._lock:
+      self._running.clear()
+      self._abort_streams()
+
+  def resume(self) -> None:
+    self._running.set()
+
+  def stop(self) -> None:
+    with self._lock:
+      self._stopped = True
+      self._abort_streams()
+    self._running.set()
+
+  def join(self, timeout: float | None = None) -> None:
+    self._thread.join(timeout)
+
+  def _abort_streams(self) -> None:
+    for stream in self._streams:
+      self.loop.abort(stream.request_id)
+
+  def _submit(self, num_seqs: int, prompt_len: int, head: str) -> list | None:
+    """The round's streams, or None when paused or stopped meanwhile."""
+    with self._lock:
+      if self._stopped or not self._running.is_set():
+        return None
+      prompts = round_prompts(self._first, num_seqs, prompt_len, self.vocab)
+      self._first += num_seqs
+      self._streams = [self.loop.submit(prompt, self.params[head]) for prompt in prompts]
+      return self._streams
+
+  def _run(self) -> None:
+    while self.done < len(self.rounds) and not self._stopped:
+      self._running.wait()
+      streams = self._submit(*self.rounds[self.done])
+      if streams is None:
+        continue
+      reasons = [stream.result().finish_reason for stream in streams]
+      with self._lock:
+        self._streams = []
+      if "abort" not in reasons:  # done (or failed: a failed round is not retried)
+        self.done += 1
