@@ -321,9 +321,9 @@ def test_missing_metadata(checkpoints, tmp_path, key):
 
 def test_unsupported_tokenizer_model(checkpoints, tmp_path):
   write_gguf(
-    p := tmp_path / "m.gguf", checkpoints["llama"][0], "F16", edit_metadata={"tokenizer.ggml.model": (STRING, "llama")}
+    p := tmp_path / "m.gguf", checkpoints["llama"][0], "F16", edit_metadata={"tokenizer.ggml.model": (STRING, "bert")}
   )
-  assert "'llama' is not supported" in _config_error(p)
+  assert "'bert' is not supported" in _config_error(p)
 
 
 def test_missing_tokenizer_tokens(checkpoints, tmp_path):
