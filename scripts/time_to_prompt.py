@@ -3,8 +3,8 @@
 Runs the real command on a pseudo-terminal (so chat sees a terminal, as a user's would), answers prompt_toolkit's
 cursor-position queries, waits for the `>>> ` prompt, sends one message at once (the reply waits for what it needs:
 the load, the shapes it uses) and /bye. `tinyvllm chat -v` prints the reply's TTFT, counted from its submit.
-A cold start points tinygrad's disk cache (CACHEDB) at a new, empty file, so every kernel is compiled again; a warm
-start uses the cache as it is.
+A cold start points tinygrad's disk cache (CACHEDB) and pocl's kernel cache (POCL_CACHE_DIR, for tinygrad's CL
+device on pocl) at new, empty places, so every kernel is compiled again; a warm start uses the caches as they are.
 
   python3 scripts/time_to_prompt.py                    # warm: the kernels are in ~/.cache/tinygrad/cache.db
   python3 scripts/time_to_prompt.py --cold             # cold: a fresh CACHEDB in a temporary folder
@@ -92,7 +92,7 @@ class Terminal:
     return os.waitstatus_to_exitcode(status)
 
 
-def measure(chat_args: list[str], env: dict[str, str], message: str, timeout: float) -> Timings:
+def measure(chat_args: list[str], env: dict[str, str], message: str, timeout: float, delay: float = 0) -> Timings:
   """One start of `tinyvllm chat`: seconds to the prompt, to the reply's first token, to the next prompt, to exit."""
   timings = Timings()
   start = time.perf_counter()
@@ -101,6 +101,7 @@ def measure(chat_args: list[str], env: dict[str, str], message: str, timeout: fl
     term.close()
     raise SystemExit(f"no prompt within {timeout:.0f} s; the output was:\n{term.text()[-2000:]}")
   timings.prompt_s = time.perf_counter() - start
+  term.wait_for(lambda text: False, delay)  # a user who reads first: the warm-up goes on meanwhile
   before = term.text().count(PROMPT)
   asked = time.perf_counter()
   term.send(message)
@@ -110,6 +111,7 @@ def measure(chat_args: list[str], env: dict[str, str], message: str, timeout: fl
   timings.ttft = TTFT.search(text)[1]
   before_stats = text[: STATS.search(text).start()]
   lines = [line for line in before_stats.splitlines() if line.strip() and not BRAILLE.search(line)]
+  lines = [line for line in lines if not line.startswith("(")]  # chat's notes
   timings.reply = lines[-1] if lines else ""
   left = time.perf_counter()
   term.send("/bye")
@@ -118,18 +120,22 @@ def measure(chat_args: list[str], env: dict[str, str], message: str, timeout: fl
   return timings
 
 
-def report(label: str, t: Timings) -> None:
+def report(label: str, t: Timings, delay: float) -> None:
   print(f"{label}: prompt after {t.prompt_s:.2f} s", flush=True)
-  print(f"  first message sent at the prompt: reply done after {t.reply_s:.2f} s (chat's TTFT {t.ttft})", flush=True)
+  print(
+    f"  first message sent {delay:.0f} s after the prompt: reply done after {t.reply_s:.2f} s (chat's TTFT {t.ttft})",
+    flush=True,
+  )
   print(f"  exit after /bye: {t.exit_s:.2f} s", flush=True)
   print(f"  reply (its last line): {t.reply[:300]!r}", flush=True)
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--cold", action="store_true", help="start on an empty tinygrad disk cache (a fresh CACHEDB)")
+  parser.add_argument("--cold", action="store_true", help="start on empty kernel caches (CACHEDB, POCL_CACHE_DIR)")
   parser.add_argument("--then-warm", action="store_true", help="after a cold start, start again on the cache it filled")
   parser.add_argument("--message", default="What is the capital of France?", help="the first message sent")
+  parser.add_argument("--delay", type=float, default=0.0, help="seconds at the prompt before the message is sent")
   parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for each step")
   parser.add_argument("chat_args", nargs="*", help="arguments for tinyvllm chat (after --)")
   args = parser.parse_args()
@@ -138,10 +144,15 @@ def main() -> None:
   try:
     if folder:
       env["CACHEDB"] = os.path.join(folder, "cache.db")
-    label = "cold (fresh CACHEDB)" if folder else f"warm ({env.get('CACHEDB', 'the default cache')})"
-    report(label, measure(args.chat_args, env, args.message, args.timeout))
+      env["POCL_CACHE_DIR"] = os.path.join(folder, "pocl")
+    label = "cold (fresh CACHEDB and POCL_CACHE_DIR)" if folder else f"warm ({env.get('CACHEDB', 'the default cache')})"
+    report(label, measure(args.chat_args, env, args.message, args.timeout, args.delay), args.delay)
     if folder and args.then_warm:
-      report("warm (the cache the cold start filled)", measure(args.chat_args, env, args.message, args.timeout))
+      report(
+        "warm (the cache the cold start filled)",
+        measure(args.chat_args, env, args.message, args.timeout, args.delay),
+        args.delay,
+      )
   finally:
     if folder:
       shutil.rmtree(folder, ignore_errors=True)

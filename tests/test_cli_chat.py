@@ -252,7 +252,7 @@ def test_the_prompt_comes_before_the_load_and_the_warm_up(smollm2, monkeypatch):
     finally:
       startup.shutdown()
   app = startup.app()
-  assert statuses == ["loading smollm2 ..."] and paused_with == [False]
+  assert statuses == ["loading the model ..."] and paused_with == [False]
   assert app.conv.messages == plain.conv.messages and "Paris" in app.conv.messages[-1]["content"]
   text = screen.getvalue()
   assert text.startswith("tinyvllm chat · smollm2\n") and "smollm2 on CPU" in text and "Paris" in text

@@ -593,7 +593,7 @@ class Startup:
   def status(self) -> str | None:
     """The prompt's status: loading, the warm-up's progress, a failed load, or None when all is done."""
     if not self._done.is_set():
-      return f"loading {self.label} ..."
+      return "loading the model ..."  # the welcome line above the prompt names it
     if self._error is not None:
       return f"loading failed: {one_line(self._error)}"
     return self._app.warmup.progress() if self._app.warmup else None
