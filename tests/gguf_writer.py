@@ -9,12 +9,21 @@ round trip.
 from __future__ import annotations
 import json, struct
 from pathlib import Path
+import zlib
+
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import quants as gguf_quants
 from numpy_ref import rope_parameters
 from model_factory import load_numpy_weights
 
-GGML_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 8}
-FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7}  # general.file_type (llama_ftype)
+GGML_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8}
+GGML_TYPES |= {"Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9}  # general.file_type
+FILE_TYPES |= {"Q2_K": 10, "Q3_K": 12, "Q4_K": 15, "Q5_K": 17, "Q6_K": 18}  # (llama_ftype; K: the _M mixes)
+# K-quants: where d (and dmin) sit in a block, and the largest |code x sub-scale| they multiply (ggml-common.h)
+K_SCALES = {"Q2_K": (80, 82, 3 * 15), "Q3_K": (108, None, 4 * 32), "Q4_K": (0, 2, 15 * 63), "Q5_K": (0, 2, 31 * 63)}
+K_SCALES["Q6_K"] = (208, None, 32 * 128)
 # GGUF metadata value types
 UINT32, INT32, FLOAT32, BOOL, STRING, ARRAY, UINT64 = 4, 5, 6, 7, 8, 9, 10
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_UNUSED = 1, 3, 5
@@ -40,6 +49,11 @@ def quantize(x: np.ndarray, qtype: str) -> tuple[bytes, np.ndarray]:
   if qtype == "F16":
     h = np.ascontiguousarray(x, dtype=np.float16)
     return h.tobytes(), h.astype(np.float32)
+  if qtype in ("Q5_0", "Q5_1"):  # the gguf package's reference quantizer
+    raw = gguf_quants.quantize(np.ascontiguousarray(x, np.float32), GGMLQuantizationType[qtype])
+    return raw.tobytes(), gguf_quants.dequantize(raw, GGMLQuantizationType[qtype]).reshape(x.shape)
+  if qtype in K_SCALES:
+    return _random_k_blocks(x, qtype)
   b = _blocks(x)
   if qtype == "Q8_0":  # d = amax / 127, q = round-half-away(x / d)
     d = np.abs(b).max(-1, keepdims=True) / 127
@@ -70,6 +84,23 @@ def quantize(x: np.ndarray, qtype: str) -> tuple[bytes, np.ndarray]:
   else:
     raise ValueError(f"unsupported qtype {qtype!r}")
   return raw.astype(np.uint8).tobytes(), deq.reshape(x.shape)
+
+
+def _random_k_blocks(x: np.ndarray, qtype: str) -> tuple[bytes, np.ndarray]:
+  """A simple K-quant 'quantizer': random codes and sub-scales (deterministic per tensor), with d (and dmin) sized so
+  each super-block spans about x's range there; what the file holds is what the gguf package dequantizes."""
+  kind = GGMLQuantizationType[qtype]
+  _, type_size = GGML_QUANT_SIZES[kind]
+  blocks = np.ascontiguousarray(x, np.float32).reshape(-1, 256)
+  rng = np.random.default_rng(zlib.crc32(blocks.tobytes()))
+  raw = rng.integers(0, 256, (len(blocks), type_size), dtype=np.uint8)
+  d_at, dmin_at, span = K_SCALES[qtype]
+  amax = np.abs(blocks).max(-1, keepdims=True) + 1e-6
+  raw[:, d_at : d_at + 2] = _f16_bytes((amax / span).astype(np.float16))
+  if dmin_at is not None:
+    raw[:, dmin_at : dmin_at + 2] = _f16_bytes((amax / (2 * 63)).astype(np.float16))
+  raw = raw.reshape(x.shape[0], -1)
+  return raw.tobytes(), gguf_quants.dequantize(raw, kind).reshape(x.shape)
 
 
 # ---------------------------------------------------------------- GGUF serialization

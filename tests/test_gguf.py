@@ -16,6 +16,7 @@ from test_model_logits import _engine_logits
 from tinyvllm_core import ConfigError, LLMEngine
 from tinyvllm_core.formats import load_gguf, read_hf_config
 from tinyvllm_core.formats.gguf import GGUF_NAMES
+from tinyvllm_core.formats.gguf_blocks import Unpacked
 from tinyvllm_core.formats.gguf import unpermute_rope as core_unpermute_rope
 from tinyvllm_core.formats.tokenizer import gguf_tokenizer
 
@@ -149,12 +150,13 @@ def test_gguf_blocks_kept_packed_match_numpy_reference(checkpoints, tmp_path, na
 
 
 def test_mixed_block_types_in_one_fused_weight(checkpoints, tmp_path):
-  """A Q4_1 file whose attn_v is Q8_0 (llama.cpp mixes types): the fused q/k/v is dequantized, gate/up stays packed."""
+  """A Q4_1 file whose attn_v is Q8_0 (llama.cpp mixes types): the fused q/k/v stays packed as one layout (int8 codes,
+  a scale and an offset per group), gate/up as the file's Q4_1 blocks."""
   d, _, config = checkpoints["llama"]
   path = tmp_path / "mixed.gguf"
   weights = write_gguf(path, d, "Q4_1", qtypes={"blk.0.attn_v.weight": "Q8_0"})
   files = load_gguf(path, "CPU")
-  assert files.weights["layers.0.qkv"].dtype == np.float32 and files.weights["layers.0.gate_up"].dtype.names is not None
+  assert isinstance(files.weights["layers.0.qkv"], Unpacked) and files.weights["layers.0.gate_up"].dtype.names is not None
   assert files.weights["layers.1.qkv"].dtype.names is not None
   prompt = [7, 100, 42, 9, 250, 3]
   _, got, tokens = _engine_logits(path, prompt, num_decode=2, quantize="gguf")

@@ -28,7 +28,7 @@ DTYPE_HELP = (
 )
 QUANTIZE_HELP = (
   "Weights: none (the model's own values), int8 (matmul weights as int8 with one scale per 32, about 1/4 of float32 "
-  "memory) or gguf (a GGUF file's Q8_0/Q4_0/Q4_1 blocks as stored, Q4 about 1/5)."
+  "memory) or gguf (a GGUF file's own Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K blocks, multiplied as stored)."
 )
 BEAM_HELP = (
   "Search kernel optimizations (tinygrad BEAM) of this width when a batch shape is first captured; "

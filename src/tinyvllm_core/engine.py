@@ -12,7 +12,7 @@ from tinygrad import dtypes
 from .block_manager import BlockManager
 from .config import ConfigError, EngineConfig, num_kv_blocks, resolve_device, resolve_dtype
 from .formats import ModelFiles, load_model_files, prepare_weights, render_chat
-from .formats.gguf import is_blocks
+from .formats.gguf_blocks import is_blocks
 from .model import Model
 from .runner import BatchShape, ModelRunner, block_table_width
 from .sampling import SamplingParams
@@ -99,7 +99,7 @@ class LLMEngine:
     self.max_model_len = self._max_model_len(num_blocks)
     if config.quantize == "gguf" and not any(map(is_blocks, files.weights.values())):
       name = model if isinstance(model, (str, Path)) else "this model"
-      raise ConfigError(f"{name} has no GGUF Q8_0/Q4_0/Q4_1 weights to keep (quantize gguf); use int8 or none")
+      raise ConfigError(f"{name} has no GGUF Q8_0/Q4_0/Q4_1 weights to keep (nor Q5_x, Q4_K-Q6_K); use int8 or none")
     panels = self.device.split(":")[0] == "CPU" or config.quantize is not None  # kernels/linear.py
     weights = prepare_weights(files.weights, dtype, config.quantize, panels)
     files.weights = {}  # the host copies are no longer needed

@@ -37,6 +37,7 @@ class ModelFiles:
   special_tokens: dict[str, str] = field(default_factory=dict)  # bos_token / eos_token strings for templates
   eos_token_ids: list[int] = field(default_factory=list)
   generation_config: dict = field(default_factory=dict)
+  notes: list[str] = field(default_factory=list)  # one line each, for the user: e.g. what was dequantized at load
 
 
 def load_model_files(path: str | Path, device: str) -> ModelFiles:
@@ -71,7 +72,7 @@ def load_gguf(path: Path, device: str) -> ModelFiles:
   from .tokenizer import gguf_tokenizer
   from .weights import canonical_weights
 
-  kv, config, tensors = gguf.read_gguf(path, device)
+  kv, config, tensors, note = gguf.read_gguf(path)
   eos_ids = [kv["tokenizer.ggml.eos_token_id"]] if "tokenizer.ggml.eos_token_id" in kv else []
   return ModelFiles(
     config,
@@ -80,4 +81,5 @@ def load_gguf(path: Path, device: str) -> ModelFiles:
     kv.get("tokenizer.chat_template"),
     gguf.special_tokens(kv),
     eos_ids,
+    notes=[note] if note else [],
   )

@@ -1,17 +1,17 @@
-"""GGUF files: metadata and tensor table, Q8_0/Q4_0/Q4_1 blocks memory-mapped as stored, everything else through
-tinygrad's gguf_load."""
+"""GGUF files, one reader for all of them: metadata and tensor table, quantized blocks memory-mapped as stored
+(gguf_blocks.py), float tensors memory-mapped, every other type dequantized by the gguf package that llama.cpp
+maintains; a file split in parts (NAME-00001-of-00003.gguf) is read whole."""
 
 import math
+import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from tinygrad import Tensor
-
-from dataclasses import replace
 
 from ..config import ConfigError, ModelConfig
+from .gguf_blocks import GGUF_BLOCKS
 from .rope import RopeScaling
 
 GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
@@ -26,13 +26,8 @@ GGUF_NAMES = {
   "attn_norm": "blk.{i}.attn_norm.weight",
   "mlp_norm": "blk.{i}.ffn_norm.weight",
 }
-# GGUF blocks of 32 weights along K kept as stored: Q4_0 (2), Q4_1 (3), Q8_0 (8); weight = code * d (+ m, or - 8 * d
-# for Q4_0)
-GGUF_BLOCKS = {
-  2: np.dtype([("d", "<f2"), ("qs", "u1", 16)]),
-  3: np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", 16)]),
-  8: np.dtype([("d", "<f2"), ("qs", "i1", 32)]),
-}
+FLOAT_TYPES = {0: np.float32, 1: np.float16}
+_SPLIT = re.compile(r"(.*)-(\d{5})-of-(\d{5})\.gguf")
 
 
 @dataclass
@@ -49,8 +44,9 @@ def read_gguf_header(path: Path) -> tuple[dict, list[GGUFTensorInfo]]:
 
   with open(path, "rb") as r:
     if r.read(4) != b"GGUF":
-      raise ConfigError(f"{path}: not a GGUF file (no GGUF magic)")
-    r.read(4)  # version
+      raise ConfigError(f"{path}: not a valid GGUF file (no GGUF magic)")
+    if (version := int.from_bytes(r.read(4), "little")) not in (2, 3):
+      raise ConfigError(f"{path}: not a valid GGUF file (version {version}; 2 and 3 are read)")
     n_tensors, n_kv = read_uint64(r), read_uint64(r)
     kv = {read_str(r): readers[read_int32(r)](r) for _ in range(n_kv)}
     infos = []
@@ -63,35 +59,54 @@ def read_gguf_header(path: Path) -> tuple[dict, list[GGUFTensorInfo]]:
   return kv, [GGUFTensorInfo(name, shape, kind, start + offset) for name, shape, kind, offset in infos]
 
 
-def is_blocks(w) -> bool:
-  return isinstance(w, np.ndarray) and w.dtype.names is not None
+def _parts(path: Path) -> list[Path]:
+  """The files of a split GGUF (from any of its parts), or just path."""
+  if not (split := _SPLIT.fullmatch(path.name)):
+    return [path]
+  stem, count = split.group(1), int(split.group(3))
+  parts = [path.with_name(f"{stem}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+  if missing := [p.name for p in parts if not p.exists()]:
+    raise ConfigError(f"{path}: part {missing[0]} of this split GGUF file is missing; download every part")
+  return parts
 
 
-def unpack_blocks(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-  """[N, K/32] blocks -> codes [N, K/32, 32] (int8, or uint8 0..15), scales and offsets [N, K/32] (None for Q8_0)."""
-  d, qs = np.array(blocks["d"], np.float32), np.array(blocks["qs"])  # plain arrays, not memmaps
-  if qs.dtype == np.int8:
-    return qs, d, None
-  codes = np.concatenate([qs & 15, qs >> 4], -1)  # low nibbles hold weights 0-15
-  offset = np.array(blocks["m"], np.float32) if "m" in blocks.dtype.names else -8 * d
-  return codes, d, offset
+def _tensor(path: Path, t: GGUFTensorInfo, size: int, dequantized: dict[str, int]) -> np.ndarray:
+  """One tensor in numpy order: blocks and floats memory-mapped, other types dequantized to float32."""
+  import gguf
+
+  shape = tuple(reversed(t.shape))
+  qtype = None
+  if t.ggml_type in FLOAT_TYPES:
+    dtype = np.dtype(FLOAT_TYPES[t.ggml_type])
+  elif t.ggml_type in GGUF_BLOCKS:
+    dtype = GGUF_BLOCKS[t.ggml_type]
+    shape = (*shape[:-1], shape[-1] // (256 if t.ggml_type >= 12 else 32))
+  else:
+    try:
+      qtype = gguf.GGMLQuantizationType(t.ggml_type)
+    except ValueError:
+      raise ConfigError(f"{path}: tensor {t.name!r} has unknown ggml type {t.ggml_type}") from None
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    dtype, shape = np.dtype(np.uint8), (math.prod(shape) // block * type_size,)
+  if t.offset + math.prod(shape) * dtype.itemsize > size:
+    raise ConfigError(f"{path}: truncated (tensor {t.name!r} ends past the end of the file); download it again")
+  data = np.memmap(path, dtype, "r", t.offset, shape)
+  if qtype is None:
+    return data
+  dequantized[qtype.name] = dequantized.get(qtype.name, 0) + 1
+  return gguf.quants.dequantize(data, qtype).reshape(tuple(reversed(t.shape)))
 
 
-def dequantize(w: np.ndarray) -> np.ndarray:
-  if not is_blocks(w):
-    return w
-  q, d, m = unpack_blocks(w)
-  values = q * d[..., None] + (0 if m is None else m[..., None])
-  return values.reshape(len(w), -1).astype(np.float32)
-
-
-def _blocks(path: Path, infos: list[GGUFTensorInfo]) -> dict[str, np.ndarray]:
-  """The Q4_0 / Q4_1 / Q8_0 matrices as memory-mapped [rows, K/32] blocks (rows a multiple of 8: CPU panels)."""
-  out = {}
-  for t in infos:
-    if t.ggml_type in GGUF_BLOCKS and len(t.shape) == 2 and t.shape[1] % 8 == 0:
-      out[t.name] = np.memmap(path, GGUF_BLOCKS[t.ggml_type], "r", t.offset, (t.shape[1], t.shape[0] // 32))
-  return out
+def read_tensors(path: Path) -> tuple[dict, dict[str, np.ndarray], str | None]:
+  """(metadata of the first part, tensors by GGUF name, a note of what was dequantized at load or None)."""
+  kv, tensors, dequantized = {}, {}, {}
+  for part in _parts(path):
+    part_kv, infos = read_gguf_header(part)
+    kv = kv or part_kv
+    size = part.stat().st_size
+    tensors |= {t.name: _tensor(part, t, size, dequantized) for t in infos}
+  counts = ", ".join(f"{n} {kind}" for kind, n in dequantized.items())
+  return kv, tensors, f"{path.name}: dequantized to float32 at load: {counts} tensors" if dequantized else None
 
 
 def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -146,30 +161,22 @@ def model_config(kv: dict, path: Path, has_output: bool) -> ModelConfig:
   )
 
 
-def read_gguf(path: Path, device: str) -> tuple[dict, ModelConfig, dict[str, np.ndarray]]:
-  """(metadata, config, tensors by GGUF name): kept blocks memory-mapped, other tensors as float32 arrays, llama's q/k
-  rows back in the HF layout."""
-  from tinygrad.llm.gguf import gguf_load
-
-  errors = (ValueError, KeyError, IndexError, UnicodeDecodeError, RuntimeError, struct.error)
+def read_gguf(path: Path) -> tuple[dict, ModelConfig, dict[str, np.ndarray], str | None]:
+  """(metadata, config, tensors by GGUF name, a note of what was dequantized): llama's q/k rows back in the HF
+  layout."""
   try:
-    kv, sd = gguf_load(Tensor(path).to(device))
-  except errors as e:
+    kv, weights, note = read_tensors(path)
+  except (ValueError, KeyError, IndexError, UnicodeDecodeError, OSError, struct.error) as e:
     raise ConfigError(f"{path}: not a valid GGUF file ({e})") from None
-  config = model_config(kv, path, "output.weight" in sd)
-  if "rope_freqs.weight" in sd:  # llama3's scaled frequencies, as divisors
-    config = replace(config, rope_freq_factors=tuple(sd.pop("rope_freqs.weight").float().tolist()))
-  try:
-    blocks = _blocks(path, read_gguf_header(path)[1])
-    weights = {k: blocks[k] if k in blocks else v.float().numpy() for k, v in sd.items()}
-  except Exception as e:
-    raise ConfigError(f"{path}: tensor data cannot be decoded ({e}); the file may be truncated") from None
+  config = model_config(kv, path, "output.weight" in weights)
+  if "rope_freqs.weight" in weights:  # llama3's scaled frequencies, as divisors
+    config = replace(config, rope_freq_factors=tuple(float(f) for f in weights.pop("rope_freqs.weight")))
   if config.family == "llama":
     for i in range(config.num_layers):
       for name, n in ((f"blk.{i}.attn_q.weight", config.num_heads), (f"blk.{i}.attn_k.weight", config.num_kv_heads)):
         if name in weights:
           weights[name] = unpermute_rope(weights[name], n)
-  return kv, config, weights
+  return kv, config, weights, note
 
 
 def special_tokens(kv: dict) -> dict[str, str]:

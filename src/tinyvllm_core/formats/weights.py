@@ -12,7 +12,7 @@ from tinygrad.dtype import DType
 
 from ..config import ConfigError, ModelConfig
 from ..kernels.linear import PANEL, QBLOCK, quantize_int8, to_panels
-from .gguf import dequantize, is_blocks, unpack_blocks
+from .gguf_blocks import block_elements, dequantize, fuse_blocks, is_blocks, unpack_blocks
 
 MATMUL_WEIGHTS = ("qkv", "o", "gate_up", "down", "lm_head", "embed")  # panels on CPU (gather_rows reads embed's too)
 
@@ -34,12 +34,15 @@ def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
 
 
 def _concat(*parts: np.ndarray | Tensor) -> np.ndarray | Tensor:
-  """Fused rows; parts with different GGUF block types are dequantized first."""
+  """Fused rows. Parts with different GGUF block types are unpacked to one layout (int8 codes, scales, offsets);
+  blocks fused with floats are dequantized."""
   if isinstance(parts[0], Tensor):
     return parts[0].cat(*parts[1:])
-  if len({p.dtype for p in parts}) > 1:
-    parts = tuple(dequantize(p) for p in parts)
-  return np.concatenate(parts)
+  if len({p.dtype for p in parts}) == 1:
+    return np.concatenate(parts)
+  if all(map(is_blocks, parts)):
+    return fuse_blocks(list(parts))
+  return np.concatenate([dequantize(p) for p in parts])
 
 
 def canonical_weights(cfg: ModelConfig, sd: dict[str, np.ndarray], names: dict[str, str], source: Path) -> dict:
@@ -52,8 +55,8 @@ def canonical_weights(cfg: ModelConfig, sd: dict[str, np.ndarray], names: dict[s
     if name not in sd:
       raise ConfigError(f"{source}: tensor {name!r} is missing from the checkpoint")
     shape = sd[name].shape
-    if is_blocks(sd[name]):  # GGUF blocks of 32
-      shape = (*shape[:-1], shape[-1] * 32)
+    if is_blocks(sd[name]):  # GGUF blocks of 32 or 256 weights
+      shape = (*shape[:-1], shape[-1] * block_elements(sd[name]))
     if key in shapes and shape != shapes[key]:
       raise ConfigError(
         f"{source}: tensor {name!r} has shape {shape}, the config says {shapes[key]}; config and weights do not match"
@@ -110,10 +113,10 @@ def _release_load_memory(device: str) -> None:
 
 def _prepare(name: str, w: np.ndarray | Tensor, dtype: DType, quantize: str | None, panels: bool) -> dict[str, Tensor]:
   matrix = name.split(".")[-1] in MATMUL_WEIGHTS and w.shape[0] % PANEL == 0
-  if quantize == "gguf" and is_blocks(w):
+  if quantize == "gguf" and is_blocks(w) and matrix:
     tensors = _gguf_block_tensors(name, w)
   else:
-    dense = w if isinstance(w, Tensor) else Tensor(dequantize(w))  # bench's random weights are tensors already
+    dense = w if isinstance(w, Tensor) else Tensor(np.asarray(dequantize(w)))  # (bench's random weights: Tensors)
     tensors = {name: dense.cast(dtype)}
   if quantize == "int8" and matrix and tensors[name].shape[1] % QBLOCK == 0:
     tensors = dict(zip((name, name + "_scale"), quantize_int8(tensors[name])))
@@ -123,12 +126,12 @@ def _prepare(name: str, w: np.ndarray | Tensor, dtype: DType, quantize: str | No
 
 
 def _gguf_block_tensors(name: str, blocks: np.ndarray) -> dict[str, Tensor]:
-  """int8 codes [N, K] (Q8_0) or uint8 [N, K/2] with two 4-bit codes (k even in the low nibble), the scales [N, K/32]
-  and, for Q4, the offsets."""
-  q, d, m = unpack_blocks(blocks)
-  n = len(blocks)
-  codes = q.reshape(n, -1) if m is None else (q[..., 0::2] | q[..., 1::2] << 4).reshape(n, -1)
-  out = {name: Tensor(codes), name + "_scale": Tensor(d)}
-  if m is not None:
-    out[name + "_min"] = Tensor(m)
+  """The codes (int8 [N, K], or uint8 [N, K/2] with two 4-bit codes, k even in the low nibble), a scale per group of
+  32 (16 for Q6_K) along K and, for the types that have one, an offset (formats/gguf_blocks.py)."""
+  codes, scales, offsets = unpack_blocks(blocks)
+  if codes.dtype == np.uint8:
+    codes = codes[:, 0::2] | codes[:, 1::2] << 4
+  out = {name: Tensor(np.ascontiguousarray(codes)), name + "_scale": Tensor(scales)}
+  if offsets is not None:
+    out[name + "_min"] = Tensor(offsets)
   return out

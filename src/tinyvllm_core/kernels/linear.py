@@ -36,23 +36,29 @@ def _code(w: UOp, t: UOp, k: UOp, j: UOp) -> UOp:
   return ((w[t, k // 2, j].load() >> shift) & 15).cast(dtypes.float32)
 
 
+def _group(w: UOp, scale: tuple[UOp, ...]) -> int:
+  """Weights per scale along K: 32, or 16 (GGUF Q6_K), read off the shapes."""
+  K = w.shape[1] * (2 if w.dtype == dtypes.uint8 else 1)
+  return K // scale[0].shape[1]
+
+
 def _weight(w: UOp, scale: tuple[UOp, ...], t: UOp, k: UOp, j: UOp) -> UOp:
   """The dequantized weight: code * scale (+ offset)."""
   value = _code(w, t, k, j)
   if scale:
-    value = value * scale[0][t, k // QBLOCK, j].load()
+    value = value * scale[0][t, k // _group(w, scale), j].load()
   if len(scale) > 1:
-    value = value + scale[1][t, k // QBLOCK, j].load()
+    value = value + scale[1][t, k // _group(w, scale), j].load()
   return value
 
 
 def _panel_matmul(out: UOp, x: UOp, w: UOp, *scale: UOp) -> UOp:
-  """out[m, n] = sum_k x[m, k] * weight(n, k). Quantized: scale * sum(x * code) + offset * sum(x) per 32 along K, so the
-  dequantization stays outside the inner loop."""
+  """out[m, n] = sum_k x[m, k] * weight(n, k). Quantized: scale * sum(x * code) + offset * sum(x) per group (32, or
+  16) along K, so the dequantization stays outside the inner loop."""
   (num_panels, _, P), (M, K) = w.shape, x.shape
-  inner = QBLOCK if scale else K
+  inner = _group(w, scale) if scale else K
   t, m, j = UOp.range(num_panels, 0), UOp.range(M, 1), UOp.range(P, 2)
-  kb = UOp.range(K // QBLOCK, 3, AxisType.REDUCE) if scale else 0
+  kb = UOp.range(K // inner, 3, AxisType.REDUCE) if scale else 0
   ki = UOp.range(inner, 4, AxisType.REDUCE)
   xk = x[m, kb * inner + ki].load().cast(dtypes.float32)
   acc = (xk * _code(w, t, kb * inner + ki, j)).reduce(ki, arg=Ops.ADD)
