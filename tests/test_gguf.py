@@ -156,7 +156,8 @@ def test_mixed_block_types_in_one_fused_weight(checkpoints, tmp_path):
   path = tmp_path / "mixed.gguf"
   weights = write_gguf(path, d, "Q4_1", qtypes={"blk.0.attn_v.weight": "Q8_0"})
   files = load_gguf(path, "CPU")
-  assert isinstance(files.weights["layers.0.qkv"], Unpacked) and files.weights["layers.0.gate_up"].dtype.names is not None
+  assert isinstance(files.weights["layers.0.qkv"], Unpacked)
+  assert files.weights["layers.0.gate_up"].dtype.names is not None
   assert files.weights["layers.1.qkv"].dtype.names is not None
   prompt = [7, 100, 42, 9, 250, 3]
   _, got, tokens = _engine_logits(path, prompt, num_decode=2, quantize="gguf")
