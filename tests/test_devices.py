@@ -22,8 +22,9 @@ def test_default_device_is_never_opencl_on_a_cpu():
   assert ours == ("CPU" if opencl_on_cpu == "True" else tinygrads)
 
 
-def test_device_names_keep_their_suffix_case():
+def test_device_names_are_case_insensitive():
   from tinyvllm_core import resolve_device
 
-  assert resolve_device("cpu") == "CPU"
-  assert resolve_device("cpu:0") == "CPU:0"
+  assert (
+    resolve_device("cpu") == "CPU"
+  )  # (what follows a ':' keeps its case: tinygrad reads a renderer or an arch there)
