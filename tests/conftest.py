@@ -1,16 +1,48 @@
+"""`pytest --device CL` runs the device-independent engine tests on another tinygrad device (default CPU).
+
+A test runs on that device when it asks for the `device` fixture (itself, or through a fixture that builds an engine);
+every other test is CPU-only (the CPU kernel replay and threads, vector modes, BEAM, CLI / serve / bench / hub) and is
+skipped off the CPU with a one-line reason."""
+
 import importlib.util, json, os
 from pathlib import Path
 import pytest
 
-os.environ.setdefault("DEV", "CPU")
+CPU_ONLY = "CPU-only test (it takes no `device` fixture): runs in the CPU pass"
+
+
+def pytest_addoption(parser):
+  parser.addoption(
+    "--device", default="CPU", help="tinygrad device for the device-independent engine tests (CPU, CL, ...)"
+  )
 
 
 def pytest_configure(config):
   """The engine picks the CPU compiler and vector mode when it resolves the device; kernel tests call kernels
-  directly."""
+  directly, on the default device."""
+  device = config.getoption("device").upper()
+  os.environ["DEV"] = device  # before tinygrad is imported: its default device
   from tinyvllm_core import resolve_device
 
-  resolve_device(os.environ["DEV"])
+  resolve_device(device)
+
+
+def pytest_report_header(config):
+  return f"engine tests on device {config.getoption('device').upper()}"
+
+
+def pytest_collection_modifyitems(config, items):
+  if config.getoption("device").upper() == "CPU":
+    return
+  for item in items:
+    if "device" not in item.fixturenames:
+      item.add_marker(pytest.mark.skip(reason=CPU_ONLY))
+
+
+@pytest.fixture(scope="session")
+def device(request) -> str:
+  """The device the engine tests build their engines on (`--device`, default CPU)."""
+  return request.config.getoption("device").upper()
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +72,9 @@ def smollm2_path() -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2(smollm2_path):
+def smollm2(smollm2_path, request):
+  """The embedded SmolLM2 in float32 on the run's device. Built on the option rather than the `device` fixture, so
+  the CLI tests that use it stay CPU-only; the real-model tests that run on every device ask for `device` too."""
   from tinyvllm_core import LLM
 
-  return LLM(smollm2_path, device="CPU", kv_cache_gb=0.25)
+  return LLM(smollm2_path, device=request.config.getoption("device").upper(), dtype="float32", kv_cache_gb=0.25)

@@ -46,11 +46,16 @@ def run(engine: LLMEngine, prompts, arrivals=None, params=GREEDY) -> tuple[dict,
   return done, preempted
 
 
+def llama_engine(checkpoints, device, **kw) -> LLMEngine:
+  """The tiny llama checkpoint in float32 (CL's "auto" is float16): greedy tokens comparable with the reference's."""
+  return LLMEngine(checkpoints["llama"][0], device=device, dtype="float32", block_size=4, **kw)
+
+
 @pytest.fixture(scope="module")
-def alone(checkpoints):
-  path, weights, config = checkpoints["llama"]
+def alone(checkpoints, device):
+  _, weights, config = checkpoints["llama"]
   ref = {i: reference_greedy(weights, config, p, GREEDY.max_tokens) for i, p in enumerate(PROMPTS)}
-  engine = LLMEngine(path, device="CPU", num_blocks=64, block_size=4, enable_prefix_caching=False)
+  engine = llama_engine(checkpoints, device, num_blocks=64, enable_prefix_caching=False)
   got = {i: run(engine, [p])[0][0] for i, p in enumerate(PROMPTS)}
   assert got == ref, "one request alone must equal the NumPy reference"
   return ref
@@ -64,29 +69,22 @@ def alone(checkpoints):
     (dict(num_blocks=128, max_num_batched_tokens=64, max_num_seqs=3), None),  # waiting queue
   ],
 )
-def test_batched_equals_alone(checkpoints, alone, kw, arrivals):
-  engine = LLMEngine(checkpoints["llama"][0], device="CPU", block_size=4, enable_prefix_caching=False, **kw)
+def test_batched_equals_alone(checkpoints, device, alone, kw, arrivals):
+  engine = llama_engine(checkpoints, device, enable_prefix_caching=False, **kw)
   assert run(engine, PROMPTS, arrivals)[0] == alone
 
 
 @pytest.mark.parametrize("caching", [False, True])
-def test_preemption_equals_alone(checkpoints, alone, caching):
+def test_preemption_equals_alone(checkpoints, device, alone, caching):
   # 20 usable blocks of 4 tokens cannot hold 8 sequences of up to 47 tokens: the scheduler must preempt
-  engine = LLMEngine(
-    checkpoints["llama"][0],
-    device="CPU",
-    num_blocks=21,
-    block_size=4,
-    max_num_batched_tokens=32,
-    enable_prefix_caching=caching,
-  )
+  engine = llama_engine(checkpoints, device, num_blocks=21, max_num_batched_tokens=32, enable_prefix_caching=caching)
   done, preempted = run(engine, PROMPTS)
   assert preempted > 0
   assert done == alone
 
 
-def test_finished_sequences_leave_and_new_ones_join(checkpoints):
-  engine = LLMEngine(checkpoints["llama"][0], device="CPU", num_blocks=64, block_size=4)
+def test_finished_sequences_leave_and_new_ones_join(checkpoints, device):
+  engine = llama_engine(checkpoints, device, num_blocks=64)
   short = engine.add_request([5, 6, 7], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
   long_ = engine.add_request([8, 9, 10], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
   finished_at, joined_at = {}, None

@@ -111,12 +111,12 @@ def test_unpermute_rope_inverts_llama_cpp_permutation():
     ("qwen3_fp16", "F32"),
   ],
 )
-def test_gguf_logits_match_numpy_reference(checkpoints, tmp_path, name, qtype):
+def test_gguf_logits_match_numpy_reference(checkpoints, tmp_path, device, name, qtype):
   d, _, config = checkpoints[name]
   weights = write_gguf(tmp_path / f"{name}.{qtype}.gguf", d, qtype)
   prompt = [7, 100, 42, 9, 250, 3, 77, 12, 5, 61, 8, 199, 33]
   engine, got, tokens = _engine_logits(
-    tmp_path / f"{name}.{qtype}.gguf", prompt, num_decode=3
+    tmp_path / f"{name}.{qtype}.gguf", prompt, num_decode=3, device=device, dtype="float32"
   )  # same reader as test_model_logits
   want_cfg = read_hf_config(d / "config.json")
   assert engine.model_config.rms_norm_eps == pytest.approx(want_cfg.rms_norm_eps, rel=1e-6)  # stored as float32
@@ -131,14 +131,15 @@ def test_gguf_logits_match_numpy_reference(checkpoints, tmp_path, name, qtype):
   "name,qtype",
   [("llama", "Q4_1"), ("llama", "Q4_0"), ("qwen3", "Q8_0"), ("llama_tied_bf16_sharded", "Q4_1"), ("qwen2", "Q4_0")],
 )
-def test_gguf_blocks_kept_packed_match_numpy_reference(checkpoints, tmp_path, name, qtype):
+def test_gguf_blocks_kept_packed_match_numpy_reference(checkpoints, tmp_path, device, name, qtype):
   """quantize="gguf": the matmuls and the embedding read the file's own Q8_0 / Q4_0 / Q4_1 blocks (4-bit codes two per
   byte), dequantized inside the kernels; logits must equal the reference on the weights the file holds, as tightly as
   float32."""
   d, _, config = checkpoints[name]
   weights = write_gguf(tmp_path / f"{name}.{qtype}.gguf", d, qtype)
   prompt = [7, 100, 42, 9, 250, 3, 77, 12, 5, 61, 8, 199, 33]
-  engine, got, tokens = _engine_logits(tmp_path / f"{name}.{qtype}.gguf", prompt, num_decode=3, quantize="gguf")
+  path = tmp_path / f"{name}.{qtype}.gguf"
+  engine, got, tokens = _engine_logits(path, prompt, num_decode=3, device=device, dtype="float32", quantize="gguf")
   model_weights = engine.runner.model.weights
   assert (
     model_weights["layers.0.gate_up"].dtype == {"Q8_0": dtypes.int8}.get(qtype, dtypes.uint8)
@@ -149,18 +150,18 @@ def test_gguf_blocks_kept_packed_match_numpy_reference(checkpoints, tmp_path, na
   np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
-def test_mixed_block_types_in_one_fused_weight(checkpoints, tmp_path):
+def test_mixed_block_types_in_one_fused_weight(checkpoints, tmp_path, device):
   """A Q4_1 file whose attn_v is Q8_0 (llama.cpp mixes types): the fused q/k/v stays packed as one layout (int8 codes,
   a scale and an offset per group), gate/up as the file's Q4_1 blocks."""
   d, _, config = checkpoints["llama"]
   path = tmp_path / "mixed.gguf"
   weights = write_gguf(path, d, "Q4_1", qtypes={"blk.0.attn_v.weight": "Q8_0"})
-  files = load_gguf(path, "CPU")
+  files = load_gguf(path, device)
   assert isinstance(files.weights["layers.0.qkv"], Unpacked)
   assert files.weights["layers.0.gate_up"].dtype.names is not None
   assert files.weights["layers.1.qkv"].dtype.names is not None
   prompt = [7, 100, 42, 9, 250, 3]
-  _, got, tokens = _engine_logits(path, prompt, num_decode=2, quantize="gguf")
+  _, got, tokens = _engine_logits(path, prompt, num_decode=2, device=device, dtype="float32", quantize="gguf")
   ref = reference_logits(weights, config, tokens[:-1])[len(prompt) - 1 :]
   np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 

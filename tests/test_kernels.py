@@ -8,39 +8,38 @@ from tinyvllm_core.kernels.linear import gather_rows, linear, quantize_int8, to_
 # panel count; every block shape (and the size-1 ranges the optimizer skips) must give x @ W.T.
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 6, 8, 12])
 @pytest.mark.parametrize("N,K", [(8, 5), (16, 7), (32, 64), (40, 3), (96, 33)])
-def test_panel_linear_matches_numpy(M, N, K):
+def test_panel_linear_matches_numpy(device, M, N, K):
   rng = np.random.default_rng(M * 1000 + N + K)
   x, w = rng.standard_normal((M, K), dtype=np.float32), rng.standard_normal((N, K), dtype=np.float32)
-  y = linear(Tensor(x), to_panels(Tensor(w)).realize()).numpy()
-  np.testing.assert_allclose(y, x @ w.T, rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(
-    linear(Tensor(x), Tensor(w)).numpy(), x @ w.T, rtol=1e-4, atol=1e-4
-  )  # the [N, K] path other devices use
+  x_t, w_t = Tensor(x, device=device), Tensor(w, device=device)
+  np.testing.assert_allclose(linear(x_t, to_panels(w_t).realize()).numpy(), x @ w.T, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(linear(x_t, w_t).numpy(), x @ w.T, rtol=1e-4, atol=1e-4)  # the [N, K] path GPUs use
 
 
-def test_gather_rows_reads_panels_like_rows():
+def test_gather_rows_reads_panels_like_rows(device):
   table = np.arange(24 * 5, dtype=np.float32).reshape(24, 5)
   index = np.array([0, 7, 8, 23, 9], dtype=np.int32)
-  np.testing.assert_array_equal(gather_rows(Tensor(table), Tensor(index)).numpy(), table[index])
-  np.testing.assert_array_equal(gather_rows(to_panels(Tensor(table)).realize(), Tensor(index)).numpy(), table[index])
+  table_t, index_t = Tensor(table, device=device), Tensor(index, device=device)
+  np.testing.assert_array_equal(gather_rows(table_t, index_t).numpy(), table[index])
+  np.testing.assert_array_equal(gather_rows(to_panels(table_t).realize(), index_t).numpy(), table[index])
 
 
 @pytest.mark.parametrize("M", [1, 2, 4, 8, 128])  # 128 rows and more: dequantized first, then the float32 kernel
-def test_int8_panels_match_their_dequantized_weights(M):
+def test_int8_panels_match_their_dequantized_weights(device, M):
   """quantize_int8 keeps one scale per 32 weights along K; the kernel must compute x @ dequant(W).T exactly
   (up to float32 sums), and dequant(W) stays within half a step (scale / 2) of W."""
   rng = np.random.default_rng(M)
   x, w = rng.standard_normal((M, 64), dtype=np.float32), rng.standard_normal((48, 64), dtype=np.float32)
-  q, scale = (to_panels(t).realize() for t in quantize_int8(Tensor(w)))
+  q, scale = (to_panels(t).realize() for t in quantize_int8(Tensor(w, device=device)))
   qn, sn = (
     q.numpy().transpose(0, 2, 1).reshape(48, 64).astype(np.float32),
     scale.numpy().transpose(0, 2, 1).reshape(48, 2),
   )
   dequant = qn * np.repeat(sn, 32, axis=1)
   assert np.abs(dequant - w).max() <= sn.max() / 2 + 1e-6 and np.abs(qn).max() == 127
-  np.testing.assert_allclose(linear(Tensor(x), q, scale).numpy(), x @ dequant.T, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(linear(Tensor(x, device=device), q, scale).numpy(), x @ dequant.T, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(
-    gather_rows(q, Tensor(np.array([0, 47, 9], dtype=np.int32)), scale, dtype=dtypes.float32).numpy(),
+    gather_rows(q, Tensor(np.array([0, 47, 9], dtype=np.int32), device=device), scale, dtype=dtypes.float32).numpy(),
     dequant[[0, 47, 9]],
     rtol=1e-6,
   )
@@ -48,7 +47,7 @@ def test_int8_panels_match_their_dequantized_weights(M):
 
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 8, 128])
 @pytest.mark.parametrize("K", [32, 96])
-def test_4bit_panels_match_their_dequantized_weights(M, K):
+def test_4bit_panels_match_their_dequantized_weights(device, M, K):
   """GGUF Q4_0 / Q4_1 kept packed: two 4-bit codes per byte along K (k even in the low nibble), weight = code * scale
   + offset per 32 along K; the kernel sums scale * sum(x * code) + offset * sum(x) per block and must equal x @ W.T."""
   rng = np.random.default_rng(M + K)
@@ -56,17 +55,17 @@ def test_4bit_panels_match_their_dequantized_weights(M, K):
   scale, offset = rng.random((48, K // 32), dtype=np.float32), rng.standard_normal((48, K // 32), dtype=np.float32)
   w = (codes.reshape(48, -1, 32) * scale[..., None] + offset[..., None]).reshape(48, K)
   packed = codes[:, 0::2] | codes[:, 1::2] << 4
-  q, s, m = (to_panels(Tensor(a)).realize() for a in (packed, scale, offset))
+  q, s, m = (to_panels(Tensor(a, device=device)).realize() for a in (packed, scale, offset))
   x = rng.standard_normal((M, K), dtype=np.float32)
-  np.testing.assert_allclose(linear(Tensor(x), q, s, m).numpy(), x @ w.T, rtol=1e-4, atol=1e-4)
-  rows = np.array([0, 47, 9, 8], dtype=np.int32)
+  np.testing.assert_allclose(linear(Tensor(x, device=device), q, s, m).numpy(), x @ w.T, rtol=1e-4, atol=1e-4)
+  rows = Tensor(np.array([0, 47, 9, 8], dtype=np.int32), device=device)
   np.testing.assert_allclose(
-    gather_rows(q, Tensor(rows), s, m, dtype=dtypes.float32).numpy(), w[rows], rtol=1e-6, atol=1e-6
+    gather_rows(q, rows, s, m, dtype=dtypes.float32).numpy(), w[rows.numpy()], rtol=1e-6, atol=1e-6
   )
 
 
-@pytest.mark.parametrize("device", ["CPU", "PYTHON"])
-def test_masked_exp_and_split_kernels_on_devices_with_and_without_threads(device, monkeypatch):
+@pytest.mark.parametrize("backend", ["CPU", "PYTHON"])
+def test_masked_exp_and_split_kernels_on_devices_with_and_without_threads(backend, monkeypatch):
   """exp(score - row max) over each row's first context_len scores (softmax before its division); on CPU the kernel
   is split over threads, and a device without threads (tinygrad's PYTHON emulator stands in for GPUs here) must get
   the same kernels unsplit."""
@@ -74,19 +73,19 @@ def test_masked_exp_and_split_kernels_on_devices_with_and_without_threads(device
   from tinyvllm_core.kernels.attention import _masked_exp
 
   monkeypatch.setattr(NUM_CPU_THREADS, "value", 2)
-  monkeypatch.setattr(DEV, "value", device)
+  monkeypatch.setattr(DEV, "value", backend)
   rng = np.random.default_rng(0)
   scores, context_lens = rng.standard_normal((4, 2, 8), dtype=np.float32), np.array([1, 3, 8, 5], dtype=np.int32)
   for window in (2**30, 3):  # no sliding window, then the last 3 positions of each row
-    inputs = [Tensor(a, device=device) for a in (scores, context_lens, np.array([window], np.int32))]
-    got = Tensor.empty(4, 2, 8, device=device).custom_kernel(*inputs, fxn=_masked_exp)[0].numpy()
+    inputs = [Tensor(a, device=backend) for a in (scores, context_lens, np.array([window], np.int32))]
+    got = Tensor.empty(4, 2, 8, device=backend).custom_kernel(*inputs, fxn=_masked_exp)[0].numpy()
     positions, ends = np.arange(8), context_lens[:, None, None]
     masked = np.where((positions < ends) & (positions >= ends - window), scores, -np.inf)
     want = np.exp(masked - masked.max(-1, keepdims=True))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   x, w = rng.standard_normal((4, 16), dtype=np.float32), rng.standard_normal((32, 16), dtype=np.float32)
   np.testing.assert_allclose(
-    linear(Tensor(x, device=device), to_panels(Tensor(w, device=device)).realize()).numpy(),
+    linear(Tensor(x, device=backend), to_panels(Tensor(w, device=backend)).realize()).numpy(),
     x @ w.T,
     rtol=1e-4,
     atol=1e-4,

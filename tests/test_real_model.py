@@ -41,12 +41,34 @@ def test_batched_greedy_equals_alone_on_real_model(smollm2):
   assert [o.token_ids for o in smollm2.generate(prompts, p)] == alone
 
 
-def test_int8_weights_keep_smollm2_sensible_in_under_a_third_of_the_memory(smollm2, smollm2_path):
+# Greedy tokens of the float32 engine on CPU for a batch of prompts (12 tokens at most; the chat answer ends with
+# <|im_end|>): the CPU pass checks they are still CPU's, every other device must give the same.
+CPU_GREEDY = {
+  "chat": [504, 3575, 282, 4649, 314, 7042, 30, 2],  # "The capital of France is Paris."
+  "The capital of France is": [7042, 30, 198, 198, 504, 2988, 314, 42, 216, 34, 32, 33],
+  "Once upon a time,": [260, 2240, 282, 23324, 27108, 436, 253, 15114, 39228, 28, 351, 25854],
+  "1, 2, 3, 4,": [216, 37, 28, 216, 38, 28, 216, 39, 28, 216, 40, 28],
+}
+
+
+def test_same_greedy_tokens_as_cpu_for_a_batch(smollm2, device):
+  """The embedded model answers Paris with CPU's greedy tokens on every device, for a batch of prompts at once."""
+  prompts = {
+    "chat": smollm2.engine.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}]),
+    **{text: text for text in ["The capital of France is", "Once upon a time,", "1, 2, 3, 4,"]},
+  }
+  outs = smollm2.generate(list(prompts.values()), SamplingParams(temperature=0, max_tokens=12))
+  got = {name: out.token_ids for name, out in zip(prompts, outs)}
+  assert "Paris" in outs[0].text
+  assert got == CPU_GREEDY
+
+
+def test_int8_weights_keep_smollm2_sensible_in_under_a_third_of_the_memory(smollm2, smollm2_path, device):
   """--quantize int8 (one scale per 32 weights, dequantized in the matmul kernel) against the float32 engine:
   logits of the same prompt within 3% of their range, the same greedy answer, and <= 1/3 of the weight bytes."""
   from tinyvllm_core import LLM
 
-  q8 = LLM(smollm2_path, device="CPU", kv_cache_gb=0.05, quantize="int8")
+  q8 = LLM(smollm2_path, device=device, dtype="float32", kv_cache_gb=0.05, quantize="int8")
   messages = [{"role": "user", "content": "What is the capital of France?"}]
   p = SamplingParams(temperature=0, max_tokens=16)
   ref, out = smollm2.chat(messages, p), q8.chat(messages, p)
@@ -57,14 +79,14 @@ def test_int8_weights_keep_smollm2_sensible_in_under_a_third_of_the_memory(smoll
   assert weight_bytes(q8) * 3 <= weight_bytes(smollm2)
 
 
-def test_packed_gguf_blocks_are_the_float32_model_in_a_quarter_of_the_memory(smollm2, smollm2_path):
+def test_packed_gguf_blocks_are_the_float32_model_in_a_quarter_of_the_memory(smollm2, smollm2_path, device):
   """--quantize gguf keeps the file's Q4_1 / Q8_0 blocks and dequantizes them inside the kernels: the same weights as
   the float32 engine (which dequantizes at load), so logits agree to float32 rounding (1e-4 of their range) and the
   greedy answer is the same, in at most a quarter of the weight bytes (Q4_1: 4-bit codes + a float32 scale and offset
   per 32; Q8_0: int8 + a scale)."""
   from tinyvllm_core import LLM
 
-  packed = LLM(smollm2_path, device="CPU", kv_cache_gb=0.05, quantize="gguf")
+  packed = LLM(smollm2_path, device=device, dtype="float32", kv_cache_gb=0.05, quantize="gguf")
   messages = [{"role": "user", "content": "What is the capital of France?"}]
   p = SamplingParams(temperature=0, max_tokens=16)
   ref, out = smollm2.chat(messages, p), packed.chat(messages, p)

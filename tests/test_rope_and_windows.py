@@ -46,11 +46,11 @@ def without(config: dict, name: str) -> dict:
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_logits_match_reference(tmp_path, name):
+def test_logits_match_reference(tmp_path, device, name):
   family, overrides = VARIANTS[name]
   path = make_checkpoint(tmp_path / name, family=family, qk_gain=3.0, config_overrides=overrides)
   weights, config = load_numpy_weights(path), json.loads((path / "config.json").read_text())
-  _, got, tokens = _engine_logits(path, PROMPT, num_decode=3)
+  _, got, tokens = _engine_logits(path, PROMPT, num_decode=3, device=device, dtype="float32")
   ref = reference_logits(weights, config, tokens[:-1])[len(PROMPT) - 1 :]
   tolerance = 1e-4 * np.abs(ref).max()
   np.testing.assert_allclose(got, ref, rtol=1e-4, atol=tolerance)
@@ -77,7 +77,7 @@ def test_unimplemented_fields_are_one_line_errors(tmp_path, overrides, field):
 
 
 @pytest.mark.parametrize("name", ["llama3-t4", "yarn-qwen3-t5", "linear-t4"])
-def test_gguf_rope_scaling_matches_reference(tmp_path, name):
+def test_gguf_rope_scaling_matches_reference(tmp_path, device, name):
   """GGUF carries llama3 scaling as the rope_freqs.weight divisors and linear / yarn as rope.scaling.* metadata."""
   from gguf_writer import write_gguf
 
@@ -85,6 +85,6 @@ def test_gguf_rope_scaling_matches_reference(tmp_path, name):
   path = make_checkpoint(tmp_path / name, family=family, qk_gain=3.0, config_overrides=overrides)
   config = json.loads((path / "config.json").read_text())
   weights = write_gguf(tmp_path / "m.gguf", path, "F32")
-  _, got, tokens = _engine_logits(tmp_path / "m.gguf", PROMPT, num_decode=2)
+  _, got, tokens = _engine_logits(tmp_path / "m.gguf", PROMPT, num_decode=2, device=device, dtype="float32")
   ref = reference_logits(weights, config, tokens[:-1])[len(PROMPT) - 1 :]
   np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())

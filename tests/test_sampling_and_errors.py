@@ -7,6 +7,7 @@ from tinyvllm_core import LLM, LLMEngine, SamplingParams, ConfigError
 
 @pytest.fixture(scope="module")
 def llm(checkpoints):
+  """CPU only: the sampler itself runs on every device below; these engine-level checks would add minutes on CL."""
   return LLM(checkpoints["llama"][0], device="CPU", num_blocks=64, block_size=4)
 
 
@@ -141,23 +142,24 @@ def test_bad_paths_and_devices(tmp_path, checkpoints):
     LLMEngine(checkpoints["llama"][0], device="NOSUCHDEV")
 
 
-def test_sampler_without_top_k_top_p_search_picks_the_same_tokens():
+def test_sampler_without_top_k_top_p_search_picks_the_same_tokens(device):
   """The head variant that skips the top-k/top-p search (no row uses them) must not change any token."""
   import numpy as np
   from tinygrad import Tensor, dtypes
   from tinyvllm_core.sampling import sample
 
   rng = np.random.default_rng(0)
-  logits = Tensor(rng.standard_normal((6, 300), dtype=np.float32) * 3)
+  logits = Tensor(rng.standard_normal((6, 300), dtype=np.float32) * 3, device=device)
   rows = dict(
-    temperature=Tensor([0.0, 0.5, 1.0, 1.5, 0.7, 2.0]),
-    top_k=Tensor.zeros(6, dtype=dtypes.int32),
-    top_p=Tensor.ones(6),
-    min_p=Tensor([0.0, 0.0, 0.1, 0.0, 0.3, 0.05]),
+    temperature=Tensor([0.0, 0.5, 1.0, 1.5, 0.7, 2.0], device=device),
+    top_k=Tensor.zeros(6, dtype=dtypes.int32, device=device),
+    top_p=Tensor.ones(6, device=device),
+    min_p=Tensor([0.0, 0.0, 0.1, 0.0, 0.3, 0.05], device=device),
   )
   for seed in range(5):
-    seeds = Tensor(np.arange(6, dtype=np.uint32) * 1000 + seed)
+    seeds = Tensor(np.arange(6, dtype=np.uint32) * 1000 + seed, device=device)
     full, plain = (sample(logits, **rows, seeds=seeds, filtered=f).numpy() for f in (True, False))
     np.testing.assert_array_equal(full, plain)
-  with_top_k = sample(logits, **{**rows, "top_k": Tensor([0, 1, 1, 1, 1, 1], dtype=dtypes.int32)}, seeds=seeds).numpy()
+  top_k = Tensor([0, 1, 1, 1, 1, 1], dtype=dtypes.int32, device=device)
+  with_top_k = sample(logits, **{**rows, "top_k": top_k}, seeds=seeds).numpy()
   assert (with_top_k[1:] == logits.numpy()[1:].argmax(-1)).all()  # top_k=1 rows take the argmax: the search did run
