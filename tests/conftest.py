@@ -77,4 +77,6 @@ def smollm2(smollm2_path, request):
   the CLI tests that use it stay CPU-only; the real-model tests that run on every device ask for `device` too."""
   from tinyvllm_core import LLM
 
-  return LLM(smollm2_path, device=request.config.getoption("device").upper(), dtype="float32", kv_cache_gb=0.25)
+  device = request.config.getoption("device").upper()
+  # float32 weights (quantize=None): the packed and int8 tests compare against them
+  return LLM(smollm2_path, device=device, dtype="float32", kv_cache_gb=0.25, quantize=None)

@@ -82,7 +82,7 @@ def test_other_types_load_dequantized_with_a_note(wide_checkpoint, tmp_path, qty
   config = json.loads((wide_checkpoint / "config.json").read_text())
   weights = write_gguf(tmp_path / "m.gguf", wide_checkpoint, qtype)
   engine = LLMEngine(tmp_path / "m.gguf", device="CPU", num_blocks=32, block_size=4)
-  assert engine.files.notes == [f"m.gguf: dequantized to float32 at load: 16 {qtype} tensors"]
+  assert engine.files.notes[0] == f"m.gguf: dequantized to float32 at load: 16 {qtype} tensors"
   prompt = [7, 100, 42, 9, 250, 3]
   _, got, tokens = _engine_logits(tmp_path / "m.gguf", prompt, num_decode=1)
   ref = reference_logits(weights, config, tokens[:-1])[len(prompt) - 1 :]
@@ -120,3 +120,15 @@ def test_a_split_file_loads_from_its_parts(wide_checkpoint, tmp_path):
   (tmp_path / "m-00002-of-00002.gguf").unlink()
   with pytest.raises(Exception, match="m-00002-of-00002.gguf of this split GGUF file is missing"):
     LLMEngine(tmp_path / "m-00001-of-00002.gguf", device="CPU", num_blocks=16)
+
+
+def test_a_gguf_file_keeps_its_quantization_by_default(wide_checkpoint, tmp_path):
+  """As llama.cpp and ollama run it; quantize=None (--quantize none) dequantizes, and a tiny KV budget that caps the
+  context says so in the engine's notes."""
+  write_gguf(tmp_path / "m.gguf", wide_checkpoint, "Q4_K")
+  default = LLMEngine(tmp_path / "m.gguf", device="CPU", num_blocks=8, block_size=4)
+  assert default.quantize == "gguf" and default.runner.model.weights["layers.0.qkv"].dtype == dtypes.uint8
+  assert default.files.notes == ["context capped at 28 tokens by the KV cache budget (not 1024)"]
+  dense = LLMEngine(tmp_path / "m.gguf", device="CPU", num_blocks=32, quantize=None)
+  assert dense.quantize is None and dense.runner.model.weights["layers.0.qkv"].dtype == dtypes.float32
+  assert LLMEngine(wide_checkpoint, device="CPU", num_blocks=32).quantize is None  # safetensors: the model's values

@@ -720,5 +720,7 @@ def _chat_at_prompt(startup: Startup) -> None:
     raise typer.Exit(130) from None
   if app.verbose:
     app.note(app.loaded_line())
+  for note in app.engine.files.notes:  # what was dequantized at load, a context the KV budget capped
+    app.note(note)
   if app.handle_input(text):
     app.run(session)

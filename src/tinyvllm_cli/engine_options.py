@@ -27,8 +27,9 @@ DTYPE_HELP = (
   "float16 through conversions) and bfloat16 may not compile on every CPU."
 )
 QUANTIZE_HELP = (
-  "Weights: none (the model's own values), int8 (matmul weights as int8 with one scale per 32, about 1/4 of float32 "
-  "memory) or gguf (a GGUF file's own Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K blocks, multiplied as stored)."
+  "Weights: gguf (the default for a GGUF file, as llama.cpp and ollama run it: its own Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/"
+  "Q5_K/Q6_K blocks, multiplied as stored), none (the model's values; a GGUF dequantized) or int8 (matmul weights as "
+  "int8 with one scale per 32, about 1/4 of float32 memory)."
 )
 BEAM_HELP = (
   "Search kernel optimizations (tinygrad BEAM) of this width when a batch shape is first captured; "
@@ -67,7 +68,10 @@ def check_dtype(value: str) -> str:
 
 
 def quantize_setting(value: str | None) -> str | None:
-  """The engine's `quantize` for a --quantize value: "none" (as the help offers) is the model's own weights."""
+  """The engine's `quantize` for a --quantize value: unset is auto (a GGUF's own blocks), "none" the model's values
+  (a GGUF dequantized)."""
+  if value is None:
+    return "auto"
   return None if value == "none" else value
 
 

@@ -889,5 +889,7 @@ def _wait(state: ServerState, thread: threading.Thread) -> None:
     f"sampling defaults (requests may override): temperature {p.temperature}, top_p {p.top_p}, top_k {p.top_k}, "
     f"min_p {p.min_p}, repetition_penalty {p.repetition_penalty}; from {engine.default_params_source}"
   )
+  for note in engine.files.notes:  # what was dequantized at load, a context the KV budget capped
+    say(note)
   while thread.is_alive():
     thread.join(0.5)

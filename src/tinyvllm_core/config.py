@@ -8,7 +8,7 @@ if TYPE_CHECKING:
   from .formats.rope import RopeScaling
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-QUANTIZE = (None, "int8", "gguf")
+QUANTIZE = ("auto", None, "int8", "gguf")
 
 
 class ConfigError(ValueError):
@@ -57,9 +57,9 @@ class EngineConfig:
   max_model_len: int | None = None
   enable_prefix_caching: bool = True
   dtype: str = "auto"  # see resolve_dtype
-  # int8: matmul weights as int8 + one scale per 32; gguf: a GGUF's Q8_0/Q4_0/Q4_1 blocks as stored (dequantized in
-  # the matmul kernel)
-  quantize: str | None = None
+  # auto: a GGUF's own blocks when it has some (as llama.cpp and ollama run it), else the model's values; None: the
+  # values (GGUF blocks dequantized); int8: matmul weights as int8 + a scale per 32; gguf: a GGUF's blocks, or an error
+  quantize: str | None = "auto"
   beam: int = 0  # > 0: capture each new jit under tinygrad's BEAM search of this width (results are cached on disk)
 
   def __post_init__(self):
@@ -73,7 +73,7 @@ class EngineConfig:
     if self.dtype not in DTYPES:
       raise ConfigError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
     if self.quantize not in QUANTIZE:
-      raise ConfigError(f"quantize {self.quantize!r} is not supported (int8, gguf, or none)")
+      raise ConfigError(f"quantize {self.quantize!r} is not supported (auto, int8, gguf, or none)")
 
 
 def resolve_device(name: str | None) -> str:

@@ -10,9 +10,8 @@ import numpy as np
 from tinygrad import dtypes
 
 from .block_manager import BlockManager
-from .config import ConfigError, EngineConfig, num_kv_blocks, resolve_device, resolve_dtype
-from .formats import ModelFiles, load_model_files, prepare_weights, render_chat
-from .formats.gguf_blocks import is_blocks
+from .config import EngineConfig, num_kv_blocks, resolve_device, resolve_dtype
+from .formats import ModelFiles, load_model_files, prepare_weights, render_chat, resolve_quantize
 from .model import Model
 from .runner import BatchShape, ModelRunner, block_table_width
 from .sampling import SamplingParams
@@ -97,11 +96,9 @@ class LLMEngine:
     dtype = getattr(dtypes, dtype_name)
     num_blocks = config.num_blocks or num_kv_blocks(files.config, config.block_size, dtype_name, config.kv_cache_gb)
     self.max_model_len = self._max_model_len(num_blocks)
-    if config.quantize == "gguf" and not any(map(is_blocks, files.weights.values())):
-      name = model if isinstance(model, (str, Path)) else "this model"
-      raise ConfigError(f"{name} has no GGUF Q8_0/Q4_0/Q4_1 weights to keep (nor Q5_x, Q4_K-Q6_K); use int8 or none")
-    panels = self.device.split(":")[0] == "CPU" or config.quantize is not None  # kernels/linear.py
-    weights = prepare_weights(files.weights, dtype, config.quantize, panels)
+    self.quantize = resolve_quantize(config.quantize, files.weights, model if isinstance(model, (str, Path)) else None)
+    panels = self.device.split(":")[0] == "CPU" or self.quantize is not None  # kernels/linear.py
+    weights = prepare_weights(files.weights, dtype, self.quantize, panels)
     files.weights = {}  # the host copies are no longer needed
     self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
     self.scheduler = Scheduler(config, self.block_manager)
@@ -117,9 +114,13 @@ class LLMEngine:
     self.last_step_timings: dict[str, float] = {}  # seconds spent in each phase of the last step (profiling)
 
   def _max_model_len(self, num_blocks: int) -> int:
-    """The config's cap, the model's context, and what the KV pool holds: the smallest."""
+    """The config's cap, the model's context, and what the KV pool holds: the smallest; a note when it is the pool."""
     model_len = self.model_config.max_position_embeddings
-    return min(self.config.max_model_len or model_len, model_len, (num_blocks - 1) * self.config.block_size)
+    wanted = min(self.config.max_model_len or model_len, model_len)
+    kv_capacity = (num_blocks - 1) * self.config.block_size
+    if kv_capacity < wanted:
+      self.files.notes.append(f"context capped at {kv_capacity} tokens by the KV cache budget (not {wanted})")
+    return min(wanted, kv_capacity)
 
   # ---- requests ----
   def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:

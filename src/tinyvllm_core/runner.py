@@ -57,10 +57,6 @@ SAMPLING_INPUTS = ("logits_indices", "temperature", "top_k", "top_p", "min_p", "
 PENALTY_INPUTS = ("penalty_token_ids", "penalty_counts", "penalty_num_tokens", "penalties")
 
 
-def _penalty_entries(seq: Sequence) -> tuple[np.ndarray, np.ndarray]:
-  return penalty_entries(seq.sampling_params, seq.prompt_token_ids, seq.output_token_ids)
-
-
 def _penalty_arrays(entries: dict, sampled: list[Sequence], num_rows: int, width: int) -> dict[str, np.ndarray]:
   """Per sampled row: its distinct penalized tokens, their output counts, how many, and (repetition, frequency,
   presence); rows without penalties list nothing."""
@@ -166,7 +162,10 @@ class ModelRunner:
     """Flat arrays for the scheduled chunks; the sequences whose chunk reaches their end get a sampled token."""
     chunks = [Chunk(seq, seq.num_computed_tokens, n) for seq, n in scheduled]
     sampled = [c.seq for c in chunks if c.samples]
-    penalties = {i: _penalty_entries(s) for i, s in enumerate(sampled) if s.sampling_params.penalized}
+    penalized = {i: s for i, s in enumerate(sampled) if s.sampling_params.penalized}
+    penalties = {
+      i: penalty_entries(s.sampling_params, s.prompt_token_ids, s.output_token_ids) for i, s in penalized.items()
+    }
     penalty_width = next_power_of_2(max(len(ids) for ids, _ in penalties.values())) if penalties else 0
     shape = self._batch_shape(chunks, sampled, penalty_width)
     T, S = shape.num_tokens, shape.num_seqs

@@ -11,7 +11,7 @@ from . import gguf, hf
 from .gguf import GGUF_ARCHITECTURES, GGUFTensorInfo, read_gguf_header
 from .hf import SUPPORTED_ARCHITECTURES
 from .tokenizer import render_chat
-from .weights import prepare_weights
+from .weights import prepare_weights, resolve_quantize
 
 __all__ = [
   "GGUF_ARCHITECTURES",
@@ -23,6 +23,7 @@ __all__ = [
   "read_gguf_header",
   "read_hf_config",
   "render_chat",
+  "resolve_quantize",
 ]
 
 read_hf_config = hf.model_config

@@ -79,6 +79,17 @@ def canonical_weights(cfg: ModelConfig, sd: dict[str, np.ndarray], names: dict[s
   return w
 
 
+def resolve_quantize(quantize: str | None, host: dict, source) -> str | None:
+  """auto: keep a GGUF file's blocks when it has some; gguf without blocks is an error naming the model."""
+  has_blocks = any(map(is_blocks, host.values()))
+  if quantize == "auto":
+    return "gguf" if has_blocks else None
+  if quantize == "gguf" and not has_blocks:
+    name = source or "this model"
+    raise ConfigError(f"{name} has no GGUF Q8_0/Q4_0/Q4_1 weights to keep (nor Q5_x, Q4_K-Q6_K); use int8 or none")
+  return quantize
+
+
 def prepare_weights(
   host: dict[str, np.ndarray | Tensor], dtype: DType, quantize: str | None, panels: bool
 ) -> dict[str, Tensor]:
