@@ -127,7 +127,9 @@ def _prepare(name: str, w: np.ndarray | Tensor, dtype: DType, quantize: str | No
   if quantize == "gguf" and is_blocks(w) and matrix:
     tensors = _gguf_block_tensors(name, w)
   else:
-    dense = w if isinstance(w, Tensor) else Tensor(np.asarray(dequantize(w)))  # (bench's random weights: Tensors)
+    # a writable host copy per tensor: tinygrad's OpenCL copy-in cannot read a read-only memory map (bench's random
+    # weights are Tensors already)
+    dense = w if isinstance(w, Tensor) else Tensor(np.array(dequantize(w)))
     tensors = {name: dense.cast(dtype)}
   if quantize == "int8" and matrix and tensors[name].shape[1] % QBLOCK == 0:
     tensors = dict(zip((name, name + "_scale"), quantize_int8(tensors[name])))
