@@ -93,10 +93,7 @@ def _run(engine, requests):
   return [tokens[i] for i in ids]
 
 
-def test_penalties_same_batched_and_alone(engine, device, request):
-  # On CL the sampled row's head jit calls one kernel with 4 of its 5 buffers (IndexError in tinygrad's CLProgram)
-  if device == "CL":
-    request.applymarker(pytest.mark.xfail(raises=IndexError, strict=True, reason="CL: head jit kernel misses a buffer"))
+def test_penalties_same_batched_and_alone(engine):
   greedy = SamplingParams(temperature=0, repetition_penalty=1.8, presence_penalty=0.5, max_tokens=10, ignore_eos=True)
   sampled = SamplingParams(temperature=0.9, frequency_penalty=1.0, seed=4, max_tokens=10, ignore_eos=True)
   plain = SamplingParams(temperature=0, max_tokens=7, ignore_eos=True)

@@ -166,7 +166,8 @@ class ModelRunner:
     penalties = {
       i: penalty_entries(s.sampling_params, s.prompt_token_ids, s.output_token_ids) for i, s in penalized.items()
     }
-    penalty_width = next_power_of_2(max(len(ids) for ids, _ in penalties.values())) if penalties else 0
+    # at least 4: at width 1 tinygrad's OpenCL renderer drops the penalty kernel's num_tokens buffer (IndexError)
+    penalty_width = max(4, next_power_of_2(max(len(ids) for ids, _ in penalties.values()))) if penalties else 0
     shape = self._batch_shape(chunks, sampled, penalty_width)
     T, S = shape.num_tokens, shape.num_seqs
     a = {
