@@ -15,7 +15,7 @@ import threading
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -395,18 +395,6 @@ def usage_chunk(req: GenerateRequest, rid: str, model: str, out: Any) -> dict:
   return _envelope(rid, model, _chunk_kind(req)) | {"choices": [], "usage": usage(out)}
 
 
-def text_deltas(outputs: Iterable[Any], stop: list[str]) -> Iterator[tuple[Any, str]]:
-  """(output, new text) pairs that add up to the final text: the tail that may still grow into a stop string
-  (which the final text leaves out) is held back until it cannot."""
-  from tinyvllm_core import stop_holdback
-
-  sent = 0
-  for out in outputs:
-    end = len(out.text) if out.finished else max(sent, len(out.text) - stop_holdback(out.text, stop))
-    yield out, out.text[sent:end]
-    sent = end
-
-
 def failed_output(out: Any) -> ApiError:
   if out.finish_reason == "abort":
     message = "the request was aborted (the server is shutting down)"
@@ -701,8 +689,8 @@ class Handler(JsonHandler):
     try:
       if req.chat:
         self._event(chunk(req, rid, self.state.model_name, None, None, role=True))
-      for out, text in text_deltas(self._timed(stream), req.params.stop):
-        if not self._send_delta(req, rid, out, text):
+      for out in self._timed(stream):  # delta_text: the engine holds back what may still become a stop string
+        if not self._send_delta(req, rid, out, out.delta_text):
           break
       self._end_events(req, rid, out)
     except (ConnectionError, TimeoutError):

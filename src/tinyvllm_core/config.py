@@ -76,6 +76,10 @@ class EngineConfig:
       raise ConfigError(f"quantize {self.quantize!r} is not supported (auto, int8, gguf, or none)")
 
 
+def on_cpu(device: str) -> bool:
+  return device.split(":")[0] == "CPU"
+
+
 def resolve_device(name: str | None) -> str:
   """Make `name` tinygrad's default device, or fail with the list of devices that work here."""
   from tinygrad import Device
@@ -85,7 +89,7 @@ def resolve_device(name: str | None) -> str:
 
   base, sep, suffix = (name or default_device()).partition(":")
   name = base.upper() + sep + suffix  # a suffix (an index, ::arch) keeps its case
-  if name.split(":")[0] == "CPU":
+  if on_cpu(name):
     from .kernels import cpu
 
     cpu.setup()  # before the first CPU kernel compiles
@@ -104,7 +108,7 @@ def resolve_dtype(dtype: str, device: str) -> str:
   elsewhere."""
   if dtype != "auto":
     return dtype
-  return "float32" if device.split(":")[0] == "CPU" else "float16"
+  return "float32" if on_cpu(device) else "float16"
 
 
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: str) -> int:

@@ -10,7 +10,7 @@ import numpy as np
 from tinygrad import dtypes
 
 from .block_manager import BlockManager
-from .config import EngineConfig, num_kv_blocks, resolve_device, resolve_dtype
+from .config import EngineConfig, num_kv_blocks, on_cpu, resolve_device, resolve_dtype
 from .formats import ModelFiles, load_model_files, prepare_weights, render_chat, resolve_quantize
 from .model import Model
 from .runner import BatchShape, ModelRunner, block_table_width
@@ -97,9 +97,8 @@ class LLMEngine:
     num_blocks = config.num_blocks or num_kv_blocks(files.config, config.block_size, dtype_name, config.kv_cache_gb)
     self.max_model_len = self._max_model_len(num_blocks)
     self.quantize = resolve_quantize(config.quantize, files.weights, model if isinstance(model, (str, Path)) else None)
-    panels = self.device.split(":")[0] == "CPU" or self.quantize is not None  # kernels/linear.py
-    weights = prepare_weights(files.weights, dtype, self.quantize, panels)
-    files.weights = {}  # the host copies are no longer needed
+    panels = on_cpu(self.device) or self.quantize is not None  # kernels/linear.py
+    weights = prepare_weights(files.weights, dtype, self.quantize, panels)  # empties files.weights
     self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
     self.scheduler = Scheduler(config, self.block_manager)
     decoder = Model(files.config, weights, num_blocks, config.block_size, dtype)

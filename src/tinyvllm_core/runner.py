@@ -7,6 +7,7 @@ import numpy as np
 from tinygrad import Tensor, TinyJit, dtypes
 from tinygrad.helpers import BEAM, DEBUG, Context
 
+from .config import on_cpu
 from .model import Model
 from .kernels.penalties import apply_penalties
 from .sampling import SamplingParams, penalty_entries, sample
@@ -82,7 +83,7 @@ class ModelRunner:
 
   def __init__(self, model: Model, device: str, block_size: int, max_blocks_per_seq: int, beam: int = 0):
     self.model, self.block_size, self.max_blocks_per_seq, self.beam = model, block_size, max_blocks_per_seq, beam
-    self.cpu = device.split(":")[0] == "CPU"  # kernels/cpu.py: direct replay, worker threads
+    self.cpu = on_cpu(device)  # kernels/cpu.py: direct replay, worker threads
     self.jits: dict[tuple, TinyJit] = {}
     self.inputs: dict[BatchShape, dict[str, Tensor]] = {}
     self.direct: dict[TinyJit, object] = {}  # jit -> kernels.cpu.CPUReplay
@@ -147,12 +148,12 @@ class ModelRunner:
     return self._replay(head_jit, x, **sampling)
 
   def _batch_shape(self, chunks: list[Chunk], sampled: list[Sequence], penalty_width: int) -> BatchShape:
-    width = max(-(-c.end // self.block_size) for c in chunks)
+    width = block_table_width(max(c.end for c in chunks), self.block_size)
     params = [s.sampling_params for s in sampled]
     return BatchShape(
       num_tokens=next_power_of_2(sum(c.num_tokens for c in chunks)),
       num_seqs=next_power_of_2(max(len(sampled), 1)),
-      num_blocks=min(next_power_of_2(width), self.max_blocks_per_seq),
+      num_blocks=min(width, self.max_blocks_per_seq),
       greedy=all(p.temperature == 0 for p in params),
       filtered=any(map(_is_filtered, params)),
       penalty_width=penalty_width,

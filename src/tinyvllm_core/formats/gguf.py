@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ConfigError, ModelConfig
-from .gguf_blocks import GGUF_BLOCKS
+from .gguf_blocks import GGUF_BLOCK_ELEMENTS, GGUF_BLOCKS
 from .rope import RopeScaling
 
 GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
@@ -80,7 +80,7 @@ def _tensor(path: Path, t: GGUFTensorInfo, size: int, dequantized: dict[str, int
     dtype = np.dtype(FLOAT_TYPES[t.ggml_type])
   elif t.ggml_type in GGUF_BLOCKS:
     dtype = GGUF_BLOCKS[t.ggml_type]
-    shape = (*shape[:-1], shape[-1] // (256 if t.ggml_type >= 12 else 32))
+    shape = (*shape[:-1], shape[-1] // GGUF_BLOCK_ELEMENTS[t.ggml_type])
   else:
     try:
       qtype = gguf.GGMLQuantizationType(t.ggml_type)

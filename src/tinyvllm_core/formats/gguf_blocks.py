@@ -20,7 +20,8 @@ GGUF_BLOCKS = {
   14: np.dtype([("ql", "u1", 128), ("qh", "u1", 64), ("scales", "i1", 16), ("d", "<f2")]),  # Q6_K
 }
 GGUF_TYPE_NAMES = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
-_BLOCK_ELEMENTS = {dtype: 256 if kind >= 12 else 32 for kind, dtype in GGUF_BLOCKS.items()}
+GGUF_BLOCK_ELEMENTS = {kind: 256 if kind >= 12 else 32 for kind in GGUF_BLOCKS}  # weights along K per block
+_BLOCK_ELEMENTS = {GGUF_BLOCKS[kind]: n for kind, n in GGUF_BLOCK_ELEMENTS.items()}
 
 
 @dataclass

@@ -127,15 +127,21 @@ def _prepare(name: str, w: np.ndarray | Tensor, dtype: DType, quantize: str | No
   if quantize == "gguf" and is_blocks(w) and matrix:
     tensors = _gguf_block_tensors(name, w)
   else:
-    # a writable host copy per tensor: tinygrad's OpenCL copy-in cannot read a read-only memory map (bench's random
-    # weights are Tensors already)
-    dense = w if isinstance(w, Tensor) else Tensor(np.array(dequantize(w)))
-    tensors = {name: dense.cast(dtype)}
+    tensors = {name: _dense(w).cast(dtype)}
   if quantize == "int8" and matrix and tensors[name].shape[1] % QBLOCK == 0:
     tensors = dict(zip((name, name + "_scale"), quantize_int8(tensors[name])))
   if matrix and panels:
     tensors = {k: to_panels(t) for k, t in tensors.items()}
   return {k: t.contiguous().realize() for k, t in tensors.items()}
+
+
+def _dense(w: np.ndarray | Tensor) -> Tensor:
+  """A float tensor of w (bench's random weights are Tensors already). A memory map (GGUF floats, read-only) is copied
+  first: Tensor() takes no np.memmap, and tinygrad's OpenCL copy-in cannot read a read-only buffer."""
+  if isinstance(w, Tensor):
+    return w
+  values = dequantize(w)
+  return Tensor(values if type(values) is np.ndarray and values.flags.writeable else np.array(values))
 
 
 def _gguf_block_tensors(name: str, blocks: np.ndarray) -> dict[str, Tensor]:
