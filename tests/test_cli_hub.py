@@ -365,6 +365,27 @@ def test_list_and_rm_with_quant_tags(env, hub, in_process):
   assert not snap.parent.parent.exists() and "org/tiny-llama-GGUF" not in local("list").stdout
 
 
+def test_model_given_as_repo_and_tag_is_the_pulled_file(env, hub, in_process):
+  """chat, serve-lite and bench take `--model REPO:TAG` as `tinyvllm pull REPO:TAG` stored it, not only the last
+  pull; a tag not pulled is one line saying how to pull it."""
+  assert cli(env, "pull", "org/tiny-llama-GGUF:Q8_0").returncode == 0
+  assert cli(env, "pull", "org/tiny-llama-GGUF:Q6_K").returncode == 0
+  snap = snapshot(env, hub, "org/tiny-llama-GGUF")
+  assert (
+    resolve_model("org/tiny-llama-GGUF:Q8_0")
+    == resolve_model("org/tiny-llama-GGUF:q8_0")
+    == snap / "tiny-llama-Q8_0.gguf"
+  )
+  assert resolve_model("org/tiny-llama-GGUF:Q6_K") == snap / "tiny-llama-Q6_K-00001-of-00002.gguf"
+  with pytest.raises(ModelNotFoundError, match=r"run `tinyvllm pull org/tiny-llama-GGUF:Q4_K_M` first"):
+    resolve_model("org/tiny-llama-GGUF:Q4_K_M")
+  with pytest.raises(ModelNotFoundError, match=r":Q matches several local GGUF files \(Q6_K, Q8_0\)"):
+    resolve_model("org/tiny-llama-GGUF:Q")
+  r = CliRunner().invoke(app, ["chat", "--model", "org/tiny-llama-GGUF:Q4_K_M"], input="hi\n", env={"NO_COLOR": "1"})
+  assert r.exit_code == 1 and r.stderr.count("\n") == 1, r.output
+  assert r.stderr.startswith("error: org/tiny-llama-GGUF:Q4_K_M is not downloaded; run `tinyvllm pull")
+
+
 def test_list_with_nothing(in_process):
   r = local("list")
   assert r.exit_code == 0

