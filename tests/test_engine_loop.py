@@ -3,7 +3,7 @@
 import threading
 import pytest
 from tinyvllm_core import EngineLoop, LLMEngine, SamplingParams
-from tinyvllm_core.engine import _Detokenizer
+from tinyvllm_core import Detokenizer as _Detokenizer
 
 PROMPTS = [[i, i + 1, i + 2, (i * 7) % 300] * (1 + i % 3) for i in range(5, 21)]
 

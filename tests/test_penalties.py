@@ -12,7 +12,7 @@ from tinyvllm_core.sampling import penalty_entries
 
 def numpy_penalties(logits: np.ndarray, params: SamplingParams, prompt: list[int], output: list[int]) -> np.ndarray:
   """The textbook definitions, token by token: HF's repetition penalty over prompt + output, then OpenAI's
-  frequency x count and presence over the output."""
+  frequency x count and presence over the output; then OpenAI's logit_bias added."""
   out = logits.astype(np.float64).copy()
   for token in set(prompt) | set(output):
     x = out[token]
@@ -20,15 +20,18 @@ def numpy_penalties(logits: np.ndarray, params: SamplingParams, prompt: list[int
   for token in set(output):
     count = output.count(token)
     out[token] -= params.frequency_penalty * count + params.presence_penalty
+  for token, bias in params.logit_bias.items():
+    out[token] += bias
   return out
 
 
 ROWS = [  # (params, prompt, output): several settings in one batch, one row without penalties
-  (SamplingParams(repetition_penalty=1.3), [3, 5, 5, 9], [9, 11, 11, 2]),
+  (SamplingParams(repetition_penalty=1.3, logit_bias={9: 2.5, 20: -1.0}), [3, 5, 5, 9], [9, 11, 11, 2]),
   (SamplingParams(), [1, 2, 3], [4]),
   (SamplingParams(frequency_penalty=0.7, presence_penalty=-0.4), [6, 7], [7, 7, 8, 30, 7]),
   (SamplingParams(repetition_penalty=0.8, frequency_penalty=-1.5, presence_penalty=2.0), [40, 41], [41, 12, 12]),
   (SamplingParams(presence_penalty=1.0), [0, 49], []),
+  (SamplingParams(logit_bias={3: 5.0, 44: -100.0}), [3, 44], [44, 1]),  # bias alone: no penalty reaches 44 or 1
 ]
 
 
@@ -39,11 +42,13 @@ def test_penalty_kernel_matches_numpy(device):
   width = 8
   token_ids, counts = np.zeros((len(ROWS), width), np.int32), np.zeros((len(ROWS), width), np.int32)
   num_tokens, penalties = np.zeros(len(ROWS), np.int32), np.zeros((len(ROWS), 3), np.float32)
-  for row, ((ids, cnt), (p, _, _)) in enumerate(zip(entries, ROWS)):
+  biases = np.zeros((len(ROWS), width), np.float32)
+  for row, ((ids, cnt, bias), (p, _, _)) in enumerate(zip(entries, ROWS)):
     if p.penalized:
       token_ids[row, : len(ids)], counts[row, : len(cnt)], num_tokens[row] = ids, cnt, len(ids)
+      biases[row, : len(bias)] = bias
     penalties[row] = (p.repetition_penalty, p.frequency_penalty, p.presence_penalty)
-  inputs = [Tensor(a, device=device) for a in (token_ids, counts, num_tokens, penalties)]
+  inputs = [Tensor(a, device=device) for a in (token_ids, counts, num_tokens, penalties, biases)]
   got = apply_penalties(Tensor(logits, device=device).contiguous(), *inputs).numpy()
   for row, (p, prompt, output) in enumerate(ROWS):
     want = numpy_penalties(logits[row], p, prompt, output)
@@ -68,7 +73,13 @@ def test_engine_logits_are_the_penalized_reference(engine, checkpoints):
   tokens so far, and the chosen token is their argmax."""
   _, weights, config = checkpoints["llama"]
   params = SamplingParams(
-    temperature=0, repetition_penalty=1.5, frequency_penalty=0.5, presence_penalty=0.3, max_tokens=6, ignore_eos=True
+    temperature=0,
+    repetition_penalty=1.5,
+    frequency_penalty=0.5,
+    presence_penalty=0.3,
+    logit_bias={17: 3.0, 60: -2.0, 200: 1.5},
+    max_tokens=6,
+    ignore_eos=True,
   )
   engine.add_request(PROMPT, params)
   output = []
@@ -94,7 +105,9 @@ def _run(engine, requests):
 
 
 def test_penalties_same_batched_and_alone(engine):
-  greedy = SamplingParams(temperature=0, repetition_penalty=1.8, presence_penalty=0.5, max_tokens=10, ignore_eos=True)
+  greedy = SamplingParams(
+    temperature=0, repetition_penalty=1.8, presence_penalty=0.5, logit_bias={3: 2.0}, max_tokens=10, ignore_eos=True
+  )
   sampled = SamplingParams(temperature=0.9, frequency_penalty=1.0, seed=4, max_tokens=10, ignore_eos=True)
   plain = SamplingParams(temperature=0, max_tokens=7, ignore_eos=True)
   alone = [_run(engine, [(PROMPT, greedy)])[0], _run(engine, [([8, 8, 8, 1], sampled)])[0]]

@@ -146,7 +146,7 @@ def test_sampler_without_top_k_top_p_search_picks_the_same_tokens(device):
   """The head variant that skips the top-k/top-p search (no row uses them) must not change any token."""
   import numpy as np
   from tinygrad import Tensor, dtypes
-  from tinyvllm_core.sampling import sample
+  from tinyvllm_core.kernels.sampler import sample
 
   rng = np.random.default_rng(0)
   logits = Tensor(rng.standard_normal((6, 300), dtype=np.float32) * 3, device=device)

@@ -10,11 +10,13 @@ from .config import (
   resolve_device,
   resolve_dtype,
 )
-from .engine import LLM, LLMEngine, RequestOutput, check_prompt, stop_holdback
+from .engine import LLM, LLMEngine, RequestOutput, check_prompt
+from .formats.tokenizer import Detokenizer, stop_holdback
 from .engine_loop import EngineLoop, RequestStream
 from .runner import BatchShape, block_table_width
-from .sampling import SamplingParams, hash_uniform
-from .sequence import Sequence
+from .kernels.sampler import hash_uniform
+from .sampling import SamplingParams
+from .sequence import Logprob, Sequence
 
 __all__ = [
   "LLM",
@@ -28,6 +30,8 @@ __all__ = [
   "ConfigError",
   "BlockManager",
   "Sequence",
+  "Logprob",
+  "Detokenizer",
   "BatchShape",
   "block_table_width",
   "check_prompt",

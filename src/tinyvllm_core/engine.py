@@ -12,17 +12,12 @@ from tinygrad import dtypes
 from .block_manager import BlockManager
 from .config import EngineConfig, num_kv_blocks, on_cpu, resolve_device, resolve_dtype
 from .formats import ModelFiles, load_model_files, prepare_weights, render_chat, resolve_quantize
+from .formats.tokenizer import Detokenizer
 from .model import Model
 from .runner import BatchShape, ModelRunner, block_table_width
 from .sampling import SamplingParams
 from .scheduler import Scheduler
-from .sequence import Sequence
-
-
-def stop_holdback(text: str, stops: list[str] | tuple[str, ...]) -> int:
-  """How many trailing characters of text could still grow into one of the stop strings (held back from a stream)."""
-  tails = (k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if s.startswith(text[-k:]))
-  return max(tails, default=0)
+from .sequence import Logprob, Sequence
 
 
 def check_prompt(ids: list[int], max_model_len: int, vocab_size: int) -> None:
@@ -52,35 +47,7 @@ class RequestOutput:
   finish_reason: str | None = None  # stop | length | abort | error
   num_cached_tokens: int = 0
   error: str | None = None
-
-
-@dataclass
-class _Detokenizer:
-  """Incremental decoding that never emits half of a multi-byte character, nor the start of a stop string."""
-
-  text: str = ""
-  emitted: int = 0  # characters of text already streamed
-  prefix_offset: int = 0
-  read_offset: int = 0
-
-  def update(self, tokenizer, ids: list[int]) -> None:
-    prefix = tokenizer.decode(ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
-    full = tokenizer.decode(ids[self.prefix_offset :], skip_special_tokens=True)
-    if len(full) <= len(prefix) or full.endswith("\ufffd"):
-      return
-    self.prefix_offset, self.read_offset = self.read_offset, len(ids)
-    self.text += full[len(prefix) :]
-
-  def take(self, stops: list[str] | tuple[str, ...] = ()) -> str:
-    """The text not streamed yet, less its longest tail that could still grow into one of the stop strings."""
-    delta = self.text[self.emitted : len(self.text) - stop_holdback(self.text, stops)]
-    self.emitted += len(delta)
-    return delta
-
-  def find_stop(self, stops: list[str]) -> int | None:
-    """Where the first stop string starts in the text not streamed yet."""
-    hits = (i for s in stops if (i := self.text.find(s, self.emitted)) >= 0)
-    return min(hits, default=None)
+  logprobs: list[Logprob] | None = None  # per output token so far, when the request asks
 
 
 class LLMEngine:
@@ -107,7 +74,7 @@ class LLMEngine:
     # the sampling defaults and where they come from (generation_config.json, else llama.cpp's)
     self.default_params, self.default_params_source = SamplingParams.from_generation_config(files.generation_config)
     self.seqs: dict[str, Sequence] = {}
-    self._detok: dict[str, _Detokenizer] = {}
+    self._detok: dict[str, Detokenizer] = {}
     self._counter = itertools.count()
     self.num_prompt_tokens = self.num_generated_tokens = 0
     self.last_step_timings: dict[str, float] = {}  # seconds spent in each phase of the last step (profiling)
@@ -145,10 +112,23 @@ class LLMEngine:
     if request_id in self.seqs:
       raise ValueError(f"request id {request_id!r} is already in use")
     seq = Sequence(request_id, ids, params, arrival_index=next(self._counter))
-    self.seqs[request_id], self._detok[request_id] = seq, _Detokenizer()
+    seq.matcher = self._matcher(params.grammar) if params.grammar else None
+    self.seqs[request_id], self._detok[request_id] = seq, Detokenizer()
     self.scheduler.add(seq)
     self.num_prompt_tokens += len(ids)
     return request_id
+
+  def _matcher(self, grammar: str):
+    """An llguidance matcher of the grammar over this model's vocabulary; ValueError naming a bad grammar."""
+    import llguidance
+
+    if not hasattr(self, "_ll_tokenizer"):  # ~0.2 s for a 49k vocabulary: once per engine
+      eos = sorted(self.eos_token_ids)
+      self._ll_tokenizer = llguidance.LLTokenizer(self.tokenizer.to_str(), self.model_config.vocab_size, eos)
+    matcher = llguidance.LLMatcher(self._ll_tokenizer, grammar, log_level=0)
+    if matcher.is_error():
+      raise ValueError(f"grammar: {matcher.get_error()}")
+    return matcher
 
   def abort(self, request_id: str) -> RequestOutput | None:
     if (seq := self.seqs.get(request_id)) is None:
@@ -192,6 +172,9 @@ class LLMEngine:
     for seq, n in scheduled:
       seq.num_computed_tokens += n
       self.block_manager.cache_full_blocks(seq)
+    for row, seq in enumerate(sampled):
+      if seq.sampling_params.logprobs is not None:
+        seq.logprobs.append(self._logprob(row, next_ids[row], seq.sampling_params.logprobs))
     outputs = [self._append_token(seq, tok) for seq, tok in zip(sampled, next_ids)]
     self.last_step_timings = {
       "schedule_s": t1 - t0,
@@ -202,8 +185,14 @@ class LLMEngine:
     }
     return outputs
 
+  def _logprob(self, row: int, token_id: int, k: int) -> Logprob:
+    chosen, values, token_ids = (a[row] for a in self.runner.last_logprobs)
+    return Logprob(token_id, float(chosen), list(zip(token_ids[:k].tolist(), values[:k].tolist())))
+
   def _append_token(self, seq: Sequence, token_id: int) -> RequestOutput:
     seq.output_token_ids.append(token_id)
+    if seq.matcher:
+      seq.matcher.consume_token(token_id)
     self.num_generated_tokens += 1
     detok = self._detok[seq.request_id]
     if self.tokenizer:
@@ -212,10 +201,12 @@ class LLMEngine:
       self.scheduler.finish(seq, reason)
     return self._output(seq, [token_id])
 
-  def _finish_reason(self, seq: Sequence, token_id: int, detok: _Detokenizer) -> str | None:
+  def _finish_reason(self, seq: Sequence, token_id: int, detok: Detokenizer) -> str | None:
     """stop (an EOS or stop token, or a stop string, which the text then ends before), length, or None."""
     p = seq.sampling_params
     if (token_id in self.eos_token_ids and not p.ignore_eos) or token_id in p.stop_token_ids:
+      return "stop"
+    if seq.matcher and seq.matcher.is_stopped():  # the grammar is complete
       return "stop"
     if (hit := detok.find_stop(p.stop)) is not None:
       detok.text = detok.text[:hit]
@@ -230,7 +221,9 @@ class LLMEngine:
     if seq.is_finished:
       del self.seqs[seq.request_id], self._detok[seq.request_id]
     ids, status = list(seq.output_token_ids), (seq.is_finished, seq.finish_reason, seq.num_cached_tokens)
-    return RequestOutput(seq.request_id, seq.prompt_token_ids, ids, detok.text, delta_ids, delta_text, *status)
+    logprobs = list(seq.logprobs) if seq.sampling_params.logprobs is not None else None
+    text = (detok.text, delta_ids, delta_text)
+    return RequestOutput(seq.request_id, seq.prompt_token_ids, ids, *text, *status, logprobs=logprobs)
 
 
 class LLM:

@@ -10,7 +10,8 @@ from tinygrad.helpers import BEAM, DEBUG, Context
 from .config import on_cpu
 from .model import Model
 from .kernels.penalties import apply_penalties
-from .sampling import SamplingParams, penalty_entries, sample
+from .kernels.sampler import apply_bitmask, sample, top_logprobs
+from .sampling import SamplingParams, penalty_entries
 from .sequence import Sequence
 
 
@@ -31,6 +32,8 @@ class BatchShape:
   greedy: bool
   filtered: bool  # a sampling row uses top-k or top-p
   penalty_width: int = 0  # distinct tokens per row the penalties touch (bucketed); 0: no row uses penalties
+  masked: bool = False  # a row's output follows a grammar (a bitmask input of allowed tokens)
+  logprobs: bool = False  # a row asks for logprobs
 
 
 @dataclass
@@ -55,7 +58,7 @@ def _is_filtered(params: SamplingParams) -> bool:
 
 
 SAMPLING_INPUTS = ("logits_indices", "temperature", "top_k", "top_p", "min_p", "seeds")
-PENALTY_INPUTS = ("penalty_token_ids", "penalty_counts", "penalty_num_tokens", "penalties")
+PENALTY_INPUTS = ("penalty_token_ids", "penalty_counts", "penalty_num_tokens", "penalties", "penalty_biases")
 
 
 def _penalty_arrays(entries: dict, sampled: list[Sequence], num_rows: int, width: int) -> dict[str, np.ndarray]:
@@ -66,14 +69,27 @@ def _penalty_arrays(entries: dict, sampled: list[Sequence], num_rows: int, width
     "penalty_counts": np.zeros((num_rows, width), np.int32),
     "penalty_num_tokens": np.zeros(num_rows, np.int32),
     "penalties": np.tile(np.array([1.0, 0.0, 0.0], np.float32), (num_rows, 1)),
+    "penalty_biases": np.zeros((num_rows, width), np.float32),
   }
-  for row, (token_ids, counts) in entries.items():
+  for row, (token_ids, counts, biases) in entries.items():
     p = sampled[row].sampling_params
     a["penalty_token_ids"][row, : len(token_ids)] = token_ids
     a["penalty_counts"][row, : len(counts)] = counts
+    a["penalty_biases"][row, : len(biases)] = biases
     a["penalty_num_tokens"][row] = len(token_ids)
     a["penalties"][row] = (p.repetition_penalty, p.frequency_penalty, p.presence_penalty)
   return a
+
+
+def grammar_bitmask(sampled: list[Sequence], num_rows: int, vocab_size: int) -> np.ndarray:
+  """Allowed tokens per sampled row as llguidance's bitmask (32 tokens per int32); rows without a grammar allow all."""
+  from llguidance.numpy import fill_next_token_bitmask
+
+  bitmask = np.full((num_rows, -(-vocab_size // 32)), -1, np.int32)
+  for row, seq in enumerate(sampled):
+    if seq.matcher:
+      fill_next_token_bitmask(seq.matcher, bitmask, row)
+  return bitmask
 
 
 class ModelRunner:
@@ -128,24 +144,28 @@ class ModelRunner:
     def layer(x: Tensor, **inputs: Tensor):
       return m.layer(x, **inputs).realize()
 
-    def head(x, logits_indices, temperature, top_k, top_p, min_p, seeds, **penalties):
+    def head(x, logits_indices, temperature, top_k, top_p, min_p, seeds, bitmask=None, **penalties):
       logits = m.head(x, logits_indices).contiguous()  # else argmax/sampling fuse and recompute the lm_head matmul
       if penalties:
         logits = apply_penalties(logits, *(penalties[k] for k in PENALTY_INPUTS))
+      if bitmask is not None:
+        logits = apply_bitmask(logits, bitmask).contiguous()
       if shape.greedy:
         next_ids = logits.argmax(-1)
       else:
         next_ids = sample(logits, temperature, top_k, top_p, min_p, seeds, shape.filtered)
-      return next_ids.cast(dtypes.int32).realize(), logits.realize()
+      next_ids = next_ids.cast(dtypes.int32)
+      extra = top_logprobs(logits, temperature, next_ids) if shape.logprobs else ()
+      return tuple(t.realize() for t in (next_ids, logits, *extra))
 
     x, cos, sin = self._replay(self._jit(("embed", N), embed), b["token_ids"], b["positions"])
     step_inputs = {"cos": cos, "sin": sin} | {k: b[k] for k in ("block_tables", "context_lens", "slot_mapping")}
     for i in range(m.config.num_layers):
       layer_jit = self._jit(("layer", N, W, i % 2), layer)
       x = self._replay(layer_jit, x, **step_inputs, **m.layer_inputs[i])
-    sampling = {k: b[k] for k in (*SAMPLING_INPUTS, *PENALTY_INPUTS) if k in b}
-    head_jit = self._jit(("head", N, shape.num_seqs, shape.greedy, shape.filtered, shape.penalty_width), head)
-    return self._replay(head_jit, x, **sampling)
+    sampling = {k: b[k] for k in (*SAMPLING_INPUTS, *PENALTY_INPUTS, "bitmask") if k in b}
+    head_key = ("head", N, shape.num_seqs, shape.greedy, shape.filtered, shape.penalty_width, shape.masked)
+    return self._replay(self._jit((*head_key, shape.logprobs), head), x, **sampling)
 
   def _batch_shape(self, chunks: list[Chunk], sampled: list[Sequence], penalty_width: int) -> BatchShape:
     width = block_table_width(max(c.end for c in chunks), self.block_size)
@@ -157,6 +177,8 @@ class ModelRunner:
       greedy=all(p.temperature == 0 for p in params),
       filtered=any(map(_is_filtered, params)),
       penalty_width=penalty_width,
+      masked=any(s.matcher for s in sampled),
+      logprobs=any(p.logprobs is not None for p in params),
     )
 
   def prepare(self, scheduled: list[tuple[Sequence, int]]) -> tuple[BatchShape, dict[str, np.ndarray], list[Sequence]]:
@@ -168,7 +190,7 @@ class ModelRunner:
       i: penalty_entries(s.sampling_params, s.prompt_token_ids, s.output_token_ids) for i, s in penalized.items()
     }
     # at least 4: at width 1 tinygrad's OpenCL renderer drops the penalty kernel's num_tokens buffer (IndexError)
-    penalty_width = max(4, next_power_of_2(max(len(ids) for ids, _ in penalties.values()))) if penalties else 0
+    penalty_width = max(4, next_power_of_2(max(len(entry[0]) for entry in penalties.values()))) if penalties else 0
     shape = self._batch_shape(chunks, sampled, penalty_width)
     T, S = shape.num_tokens, shape.num_seqs
     a = {
@@ -196,6 +218,8 @@ class ModelRunner:
     a["seeds"][: len(sampled)] = [hash((s.sampling_params.seed, len(s.output_token_ids))) & 0xFFFFFFFF for s in sampled]
     if penalties:
       a |= _penalty_arrays(penalties, sampled, S, penalty_width)
+    if shape.masked:
+      a["bitmask"] = grammar_bitmask(sampled, S, self.model.config.vocab_size)
     return shape, a, sampled
 
   def _fill_rows(self, a: dict[str, np.ndarray], row: int, chunk: Chunk, num_blocks: int) -> None:
@@ -219,7 +243,8 @@ class ModelRunner:
       buf = t.uop.buffer
       buf.allocator._copyin(buf._buf, memoryview(arrays[k]).cast("B"))
     t1 = time.perf_counter()
-    next_ids, self.last_logits = self._forward(shape, self.inputs[shape])  # logits stay on the device
+    next_ids, self.last_logits, *logprobs = self._forward(shape, self.inputs[shape])  # logits stay on the device
     next_ids = next_ids.numpy()[: len(sampled)].tolist()
+    self.last_logprobs = [t.numpy() for t in logprobs]  # chosen [S], top values and token ids [S, k]
     self.last_timings = {"prepare_s": t1 - t0, "forward_s": time.perf_counter() - t1}  # forward: launches + device time
     return sampled, next_ids

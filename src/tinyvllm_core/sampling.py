@@ -3,7 +3,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from tinygrad import Tensor, dtypes
 
 
 # llama.cpp's sampling defaults, for models that ship no generation_config (every GGUF file)
@@ -25,6 +24,9 @@ class SamplingParams:
   stop: list[str] = field(default_factory=list)
   stop_token_ids: list[int] = field(default_factory=list)
   ignore_eos: bool = False
+  logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (OpenAI: -100..100)
+  logprobs: int | None = None  # None: none; k: the sampled token's logprob and the k most likely (0..20)
+  grammar: str | None = None  # an llguidance grammar (JSON schema, regex or Lark) the output must match
 
   def __post_init__(self):
     if isinstance(self.stop, str):
@@ -38,13 +40,16 @@ class SamplingParams:
       (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
       (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
       (self.max_tokens >= 1, "max_tokens must be >= 1"),
+      (all(-100 <= b <= 100 for b in self.logit_bias.values()), "logit_bias values must be in [-100, 100]"),
+      (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
     ]
     if failed := [msg for ok, msg in checks if not ok]:
       raise ValueError(f"SamplingParams: {failed[0]}")
 
   @property
   def penalized(self) -> bool:
-    return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+    penalties = self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+    return penalties or bool(self.logit_bias)
 
   @staticmethod
   def from_generation_config(cfg: dict) -> tuple[SamplingParams, str]:
@@ -60,58 +65,15 @@ class SamplingParams:
 
 def penalty_entries(
   params: SamplingParams, prompt_ids: list[int], output_ids: list[int]
-) -> tuple[np.ndarray, np.ndarray]:
-  """The distinct tokens a row's penalties touch and how often each occurs in the output: the repetition penalty
-  reaches prompt and output tokens, presence and frequency only output tokens."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The distinct tokens a row's penalties (repetition: prompt and output; presence, frequency: output) and logit bias
+  touch, their output counts (-1: listed for its bias alone) and biases."""
   output_tokens, output_counts = np.unique(np.asarray(output_ids, np.int32), return_counts=True)
-  tokens = output_tokens
-  if params.repetition_penalty != 1:
-    tokens = np.union1d(np.asarray(prompt_ids, np.int32), output_tokens)
-  counts = np.zeros(len(tokens), np.int32)
+  biased = np.asarray(list(params.logit_bias), np.int32)
+  repeated = np.asarray(prompt_ids if params.repetition_penalty != 1 else [], np.int32)
+  tokens = np.union1d(np.union1d(output_tokens, biased), repeated)
+  counts, biases = np.full(len(tokens), -1, np.int32), np.zeros(len(tokens), np.float32)
+  counts[np.searchsorted(tokens, repeated)] = 0
   counts[np.searchsorted(tokens, output_tokens)] = output_counts
-  return tokens, counts
-
-
-def hash_uniform(counters: Tensor, seeds: Tensor) -> Tensor:
-  """Counter-based hash -> uniform (0,1) per (counter, seed) pair (broadcast): reproducible, independent of batching,
-  one kernel per shape (tinygrad's rand compiles one per call)."""
-  x = counters.cast(dtypes.uint32) * 0x9E3779B1 + seeds.cast(dtypes.uint32)
-  for mul in (0x85EBCA6B, 0xC2B2AE35):
-    x = (x ^ (x >> 16)) * mul
-  x = x ^ (x >> 16)
-  return ((x >> 8).cast(dtypes.float32) + 0.5) * (1.0 / (1 << 24))
-
-
-def _threshold(probs: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor, steps: int) -> Tensor:
-  """Bisection for the stricter of two thresholds: the largest keeping >= top_k tokens, the largest keeping >= top_p
-  of the mass; then at least min_p of the top probability."""
-  pmax = probs.max(-1, keepdim=True)
-  lo, hi = Tensor.zeros_like(pmax), pmax
-  k, p = top_k.reshape(-1, 1), top_p.reshape(-1, 1)
-  for _ in range(steps):
-    mid = (lo + hi) / 2
-    kept = probs >= mid
-    enough_tokens = (k > 0) & (kept.sum(-1, keepdim=True) >= k)
-    enough_mass = (p < 1) & (kept.where(probs, 0).sum(-1, keepdim=True) >= p)
-    ok = enough_tokens | enough_mass
-    lo, hi = ok.where(mid, lo), ok.where(hi, mid)
-  return lo.maximum(min_p.reshape(-1, 1) * pmax)
-
-
-def sample(
-  logits: Tensor,
-  temperature: Tensor,
-  top_k: Tensor,
-  top_p: Tensor,
-  min_p: Tensor,
-  seeds: Tensor,
-  filtered: bool = True,
-) -> Tensor:
-  """Batched sampler on the device. logits [S, V]; per-row params [S]. Greedy rows have temperature 0.
-  filtered=False skips the top-k/top-p search (no row uses them): the same tokens, ~8% of a sampled step less."""
-  probs = (logits / temperature.maximum(1e-5).reshape(-1, 1)).softmax(-1)
-  threshold = _threshold(probs, top_k, top_p, min_p, 16 if filtered else 0)
-  tokens = Tensor.arange(logits.shape[-1], dtype=dtypes.uint32).reshape(1, -1)
-  gumbel = -(-hash_uniform(tokens, seeds.reshape(-1, 1)).log()).log()
-  sampled = (probs >= threshold).where(probs.log() + gumbel, float("-inf")).argmax(-1)
-  return (temperature > 0).where(sampled, logits.argmax(-1))  # greedy rows take the argmax
+  biases[np.searchsorted(tokens, biased)] = list(params.logit_bias.values())
+  return tokens, counts, biases

@@ -6,6 +6,15 @@ from dataclasses import dataclass, field
 from .sampling import SamplingParams
 
 
+@dataclass
+class Logprob:
+  """The log-probability of a generated token, and the most likely tokens at its position (token id, logprob)."""
+
+  token_id: int
+  logprob: float
+  top: list[tuple[int, float]]
+
+
 class SequenceStatus(enum.Enum):
   WAITING = "waiting"
   RUNNING = "running"
@@ -25,6 +34,8 @@ class Sequence:
   num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at the last admission
   num_preemptions: int = 0
   finish_reason: str | None = None
+  matcher: object | None = None  # llguidance.LLMatcher of the request's grammar: which tokens may come next
+  logprobs: list[Logprob] = field(default_factory=list)  # per output token, when the request asks
 
   @property
   def token_ids(self) -> list[int]:

@@ -1,6 +1,7 @@
 """Tokenizers built from GGUF metadata, and chat templates rendered with jinja2."""
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import ConfigError
@@ -129,3 +130,38 @@ def render_chat(
     return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
   except jinja2.TemplateError as e:
     raise ConfigError(f"chat template failed to render ({e})") from None
+
+
+def stop_holdback(text: str, stops: list[str] | tuple[str, ...]) -> int:
+  """How many trailing characters of text could still grow into one of the stop strings (held back from a stream)."""
+  tails = (k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if s.startswith(text[-k:]))
+  return max(tails, default=0)
+
+
+@dataclass
+class Detokenizer:
+  """Incremental decoding that never emits half of a multi-byte character, nor the start of a stop string."""
+
+  text: str = ""
+  emitted: int = 0  # characters of text already streamed
+  prefix_offset: int = 0
+  read_offset: int = 0
+
+  def update(self, tokenizer, ids: list[int]) -> None:
+    prefix = tokenizer.decode(ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+    full = tokenizer.decode(ids[self.prefix_offset :], skip_special_tokens=True)
+    if len(full) <= len(prefix) or full.endswith("\ufffd"):
+      return
+    self.prefix_offset, self.read_offset = self.read_offset, len(ids)
+    self.text += full[len(prefix) :]
+
+  def take(self, stops: list[str] | tuple[str, ...] = ()) -> str:
+    """The text not streamed yet, less its longest tail that could still grow into one of the stop strings."""
+    delta = self.text[self.emitted : len(self.text) - stop_holdback(self.text, stops)]
+    self.emitted += len(delta)
+    return delta
+
+  def find_stop(self, stops: list[str]) -> int | None:
+    """Where the first stop string starts in the text not streamed yet."""
+    hits = (i for s in stops if (i := self.text.find(s, self.emitted)) >= 0)
+    return min(hits, default=None)
