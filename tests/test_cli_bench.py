@@ -202,6 +202,27 @@ def test_throughput_int8_weights_column(tmp_path: Path, tiny_config: Path):
   assert bad.exit_code == 1 and "--quantize 'int4': choose none, int8 or gguf" in bad.output
 
 
+def test_throughput_several_models_and_counts_in_one_table(tmp_path: Path, tiny_config: Path):
+  out = tmp_path / "results"
+  sizes = ("--num-seqs", "1", "--num-seqs", "2", "--input-len", "4", "8", "--output-len", "2", "4")
+  models = ("--model", str(tiny_config), "--model", "toy", "--random-weights")
+  r = bench("throughput", *models, *sizes, "--kv-cache-gb", "0.01", "--device", "CPU", "--output", str(out))
+  assert r.exit_code == 0, r.output
+  data, md = written(out, "throughput-tiny-qwen3-random-and-1-more-cpu-")
+  assert [m["name"] for m in data["models"]] == ["tiny-qwen3", "toy"]
+  assert data["parameters"]["num_seqs"] == [1, 2] and [w["num_seqs"] for w in data["workloads"]] == [1, 2]
+  for name, vocab in (("tiny-qwen3", 512), ("toy", 1024)):
+    for n in (1, 2):
+      res = data["results"][f"tinyvllm ({name}, {n} seqs)"]
+      assert res["gen_tokens"] == sum(Workload.nano_vllm(n, (4, 8), (2, 4), vocab).output_lens)
+  toy = data["results"]["tinyvllm (toy, 1 seqs)"]["info"]["weight_bytes"]
+  assert toy == 4 * (2 * 1024 * 64 + 64 + 4 * (4 * 64 * 64 + 3 * 64 * 256 + 2 * 64))  # float32, untied embeddings
+  assert "| Model | Backend | Weights | Gen tok/s, 1 seq | Gen tok/s, 2 seqs |" in md
+  assert (
+    f"| toy | tinyvllm | {toy / 1e6:,.1f} MB |" in md and "# tinyvllm bench throughput: tiny-qwen3, toy on CPU" in md
+  )
+
+
 def test_throughput_float16_reaches_the_engine_and_the_report(
   tmp_path: Path, tiny_config: Path, monkeypatch: pytest.MonkeyPatch
 ):

@@ -31,6 +31,7 @@ app = typer.Typer(help=BENCH_HELP, no_args_is_help=True)
 
 Opt = typer.Option
 ModelOpt = Annotated[Optional[str], Opt("--model", "-m", help="Model: path, pulled repo id, `smollm2` or `toy`.")]
+MODELS_HELP = "Model: path, pulled repo id, `smollm2` or `toy` (repeatable: every model in one table)."
 RANDOM_HELP = "The model's real shapes (shipped repo id, config.json, folder or GGUF) with random weights."
 RandomWeightsOpt = Annotated[bool, Opt("--random-weights", help=RANDOM_HELP)]
 PromptLenOpt = Annotated[int, Opt("--prompt-len", min=1, help="Prompt length in tokens (random ids).")]
@@ -38,6 +39,7 @@ SeedOpt = Annotated[int, Opt("--seed", help="Seed of the random prompts and leng
 JsonOpt = Annotated[bool, Opt("--json", help="Print the result JSON to stdout.")]
 OutputOpt = Annotated[Path, Opt("--output", "-o", help="Folder for the .json and .md results.")]
 NoteOpt = Annotated[Optional[list[str]], Opt("--note", help="A note for the markdown (repeatable).")]
+NUM_SEQS_HELP = "Number of sequences (repeatable: one workload per count)."
 RESULTS = Path("bench_results")
 BACKENDS = ("tinyvllm", "vllm", "nanovllm", "transformers", "llamacpp")
 
@@ -103,12 +105,12 @@ def latency(
 @app.command("throughput")
 def throughput(
   ctx: typer.Context,
-  model: ModelOpt = None,
+  model: Annotated[Optional[list[str]], Opt("--model", "-m", help=MODELS_HELP)] = None,
   device: DeviceOption = None,
   backend: Annotated[str, Opt("--backend", "-b", help=f"First backend: {', '.join(BACKENDS)}.")] = "tinyvllm",
   compare: Annotated[Optional[list[str]], Opt("--compare", "-c", help="Another backend (repeatable).")] = None,
   random_weights: RandomWeightsOpt = False,
-  num_seqs: Annotated[int, Opt("--num-seqs", min=1, help="Number of sequences.")] = 256,
+  num_seqs: Annotated[Optional[list[int]], Opt("--num-seqs", min=1, help=NUM_SEQS_HELP, show_default="256")] = None,
   input_len: Annotated[tuple[int, int], Opt("--input-len", help="Prompt lengths: MIN MAX.")] = (100, 1024),
   output_len: Annotated[tuple[int, int], Opt("--output-len", help="Output lengths: MIN MAX.")] = (100, 1024),
   temperature: Annotated[float, Opt("--temperature", min=0.01, help="Sampling temperature.")] = 0.6,
@@ -126,9 +128,10 @@ def throughput(
   output: OutputOpt = RESULTS,
   note: NoteOpt = None,
 ) -> None:
-  """The seed's throughput table on nano-vllm's workload (256 sequences, 100-1024 token prompts and outputs)."""
+  """The seed's throughput table on nano-vllm's workload (256 sequences, 100-1024 token prompts and outputs).
+  Several --model or --num-seqs values: one table of weight memory and gen throughput per model and backend."""
   from tinyvllm_cli.bench.peers import BackendOptions, BackendUnavailable, run_backend
-  from tinyvllm_cli.bench.throughput import Workload, throughput_report
+  from tinyvllm_cli.bench.throughput import Workload, grid_report, throughput_report
 
   with one_line_errors():
     names = list(dict.fromkeys([backend, *(compare or [])]))
@@ -144,42 +147,54 @@ def throughput(
     check_dtype(dtype)
     check_range("--input-len", input_len)
     check_range("--output-len", output_len)
+    counts = list(dict.fromkeys(num_seqs or [256]))
     run = Run.start(ctx, device, model, random_weights, note)
     if "tinyvllm" in names:
       check_dtype_compiles(dtype, run.device)
-    mc = run.model.model_config()
     longest = input_len[1] + output_len[1]
-    if longest > mc.max_position_embeddings:
-      raise BenchError(
-        f"--input-len MAX + --output-len MAX = {longest} exceeds the model's context ({mc.max_position_embeddings})"
-      )
-    workload = Workload.nano_vllm(num_seqs, input_len, output_len, mc.vocab_size, seed)
-    workload.temperature = temperature
-    results = []
+    for bench_model in run.models:
+      context = bench_model.model_config().max_position_embeddings
+      if longest > context:
+        raise BenchError(
+          f"--input-len MAX + --output-len MAX = {longest} exceeds the model's context ({bench_model.name}: {context})"
+        )
+    results = []  # (model name, result)
     skipped = {}
     engine = (kv_cache_gb, max_num_seqs, max_num_batched_tokens, None, beam, dtype)
     base = BackendOptions(*engine, transformers_batch_size, seed, warmup, torch_threads)
-    for name in names:
-      for q in variants if name == "tinyvllm" else ["none"]:
-        opts = replace(base, quantize=quantize_setting(q))
-        label = opts.label if name == "tinyvllm" else name
-        try:
-          results.append(run_backend(name, run.model, run.device, workload, opts))
-        except BackendUnavailable as e:
-          skipped[label] = str(e)
-        except Exception as e:  # a peer's own failure: one line, never a traceback
-          if name == "tinyvllm":
-            raise
-          skipped[label] = f"failed ({type(e).__name__}: {ui.one_line(e)[:300]})"
-        if label in skipped:
-          ui.err.print(f"{label}: {skipped[label]}; skipped", soft_wrap=True, highlight=False, markup=False)
+    several = len(run.models) > 1 or len(counts) > 1
+    for bench_model in run.models:
+      vocab_size = bench_model.model_config().vocab_size
+      workloads = [Workload.nano_vllm(n, input_len, output_len, vocab_size, seed, temperature) for n in counts]
+      for name in names:
+        for q in variants if name == "tinyvllm" else ["none"]:
+          opts = replace(base, quantize=quantize_setting(q))
+          label = (opts.label if name == "tinyvllm" else name) + (f" ({bench_model.name})" if several else "")
+          for workload in workloads:
+            try:
+              results.append((bench_model.name, run_backend(name, bench_model, run.device, workload, opts)))
+            except BackendUnavailable as e:
+              skipped[label] = str(e)
+            except Exception as e:  # a peer's own failure: one line, never a traceback
+              if name == "tinyvllm":
+                raise
+              skipped[label] = f"failed ({type(e).__name__}: {ui.one_line(e)[:300]})"
+            if label in skipped:
+              ui.err.print(f"{label}: {skipped[label]}; skipped", soft_wrap=True, highlight=False, markup=False)
+              break
     run.finished()
     if not results:
       raise BenchError("no backend ran: " + "; ".join(f"{n}: {why}" for n, why in skipped.items()))
     params = {
       k: list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v for k, v in ctx.params.items()
     }
-    run.emit("throughput", *throughput_report(run, workload, params, results, skipped), output, as_json)
+    given = list(dict.fromkeys(model or [None]))
+    params |= {"model": given, "num_seqs": counts} if several else {"model": given[0], "num_seqs": counts[0]}
+    if several:
+      run.emit("throughput", *grid_report(run, workloads, params, results, skipped), output, as_json)
+    else:
+      report = throughput_report(run, workloads[0], params, [r for _, r in results], skipped)
+      run.emit("throughput", *report, output, as_json)
 
 
 @app.command("memory")

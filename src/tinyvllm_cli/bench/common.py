@@ -325,21 +325,27 @@ def invocation(ctx: typer.Context) -> str:
 
 @dataclass
 class Run:
-  """One preset's run: the command as typed, the device, the model, the machine and the notes."""
+  """One preset's run: the command as typed, the device, the model (the first of `models` when a preset takes
+  several), the machine and the notes."""
 
   command: str
   device: str
   model: BenchModel
   machine: dict
   notes: list[str]
+  models: list[BenchModel] = field(default_factory=list)
 
   @staticmethod
-  def start(ctx: typer.Context, device: str | None, model: str | None, random_weights: bool, notes) -> Run:
+  def start(ctx: typer.Context, device: str | None, model: str | list[str] | None, random_weights: bool, notes) -> Run:
     from tinyvllm_core import resolve_device
 
     dev = resolve_device(device)
-    bench_model = resolve_bench_model(model, random_weights)
-    return Run(invocation(ctx), dev, bench_model, machine_info(dev), notes or [])
+    names = list(dict.fromkeys(model)) if isinstance(model, list) else [model]
+    bench_models = [resolve_bench_model(name, random_weights) for name in names]
+    same = [m.name for m in bench_models if [b.name for b in bench_models].count(m.name) > 1]
+    if same:
+      raise BenchError(f"two --model values are both named {same[0]!r}: copy or rename one")
+    return Run(invocation(ctx), dev, bench_models[0], machine_info(dev), notes or [], bench_models)
 
   def finished(self) -> None:
     self.machine["load_average_end"] = list(os.getloadavg())
@@ -347,10 +353,12 @@ class Run:
   def data(self, preset: str, **fields) -> dict:
     """The JSON report: what ran where, the preset's own fields, the machine and the notes."""
     head = {"preset": preset, "command": self.command, "timestamp": timestamp(), "model": self.model.describe()}
+    if len(self.models) > 1:
+      head["models"] = [m.describe() for m in self.models]
     return head | {"device": self.device, **fields, "machine": self.machine, "notes": self.notes}
 
   def markdown(self, preset: str, lines: list[str]) -> str:
-    title = f"# tinyvllm bench {preset}: {self.model.name} on {self.device}"
+    title = f"# tinyvllm bench {preset}: {', '.join(m.name for m in self.models or [self.model])} on {self.device}"
     machine = f"Machine: {machine_line(self.machine)}"
     notes = [f"\nNote: {n}" for n in self.notes]
     return "\n".join([title, "", f"`{self.command}`", "", machine, "", *lines, *notes])
@@ -359,7 +367,8 @@ class Run:
     return "random weights" if self.model.random_weights else "real weights"
 
   def emit(self, preset: str, data: dict, markdown: str, out_dir: Path, as_json: bool) -> None:
-    emit(f"{preset}-{self.model.slug}-{self.device.lower()}", data, markdown, out_dir, as_json)
+    more = f"-and-{len(self.models) - 1}-more" if len(self.models) > 1 else ""
+    emit(f"{preset}-{self.model.slug}{more}-{self.device.lower()}", data, markdown, out_dir, as_json)
 
 
 @contextmanager

@@ -23,12 +23,19 @@ class Workload:
     return sum(self.output_lens)
 
   @staticmethod
-  def nano_vllm(num_seqs: int, input_len: tuple[int, int], output_len: tuple[int, int], vocab_size: int, seed: int = 0):
+  def nano_vllm(
+    num_seqs: int,
+    input_len: tuple[int, int],
+    output_len: tuple[int, int],
+    vocab_size: int,
+    seed: int = 0,
+    temperature: float = 0.6,
+  ):
     """nano-vllm's generator, call for call (token ids are capped by a smaller vocabulary)."""
     rng = random.Random(seed)
     top = min(10000, vocab_size - 1)
     prompts = [[rng.randint(0, top) for _ in range(rng.randint(*input_len))] for _ in range(num_seqs)]
-    return Workload(prompts, [rng.randint(*output_len) for _ in range(num_seqs)])
+    return Workload(prompts, [rng.randint(*output_len) for _ in range(num_seqs)], temperature)
 
   def other_tokens(self) -> Workload:
     """The same lengths with every token id changed (no block in common with this workload)."""
@@ -112,6 +119,7 @@ def run_tinyvllm(model: BenchModel, device: str, workload: Workload, opts: Backe
     "warmup": opts.warmup,
     "max_model_len": engine.max_model_len,
     "stats": engine.stats(),
+    "weight_bytes": sum(w.nbytes() for w in {id(w): w for w in engine.runner.model.weights.values()}.values()),
   }
   input_tokens = sum(r["prompt_tokens"] for r in requests)
   gen_tokens = sum(r["output_tokens"] for r in requests)
@@ -168,4 +176,39 @@ def throughput_report(run: Run, workload: Workload, params: dict, results: list[
     )
   lines += [f"\nSkipped {name}: {why}" for name, why in skipped.items()]
   lines += [f"\nNote ({r.backend}): {n}" for r in results for n in r.info.get("notes", [])]
+  return data, run.markdown("throughput", lines)
+
+
+def grid_report(run: Run, workloads: list[Workload], params: dict, results: list[tuple[str, BackendResult]], skipped):
+  """Several models or sequence counts: one row per model and backend, its weight memory and gen throughput at each
+  count (`workloads`: the last model's, the same lengths for every model with the same vocabulary)."""
+  counts = [len(w.prompts) for w in workloads]
+  rows: dict[tuple[str, str], dict[int, BackendResult]] = {}
+  for model, r in results:
+    rows.setdefault((model, r.backend), {})[r.num_seqs] = r
+  header = ["Model", "Backend", "Weights", *(f"Gen tok/s, {n} seq{'s' if n > 1 else ''}" for n in counts)]
+  table = []
+  for (model, backend), by_count in rows.items():
+    weights = next(iter(by_count.values())).info.get("weight_bytes")
+    speeds = [f"{by_count[n].gen_throughput:,.2f}" if n in by_count else "-" for n in counts]
+    table.append([model, backend, f"{weights / 1e6:,.1f} MB" if weights else "-", *speeds])
+  described = [
+    {"num_seqs": len(w.prompts), "input_tokens": w.input_tokens, "gen_tokens": w.gen_tokens} for w in workloads
+  ]
+  summaries = {
+    f"{backend} ({model}, {n} seqs)": r.summary() for (model, backend), rs in rows.items() for n, r in rs.items()
+  }
+  data = run.data("throughput", parameters=params, workloads=described, results=summaries, skipped=skipped)
+  lines = [
+    f"Workload: nano-vllm's bench generator (seed {params['seed']}) for {' and '.join(map(str, counts))} sequences: "
+    f"prompt lengths randint{tuple(params['input_len'])} of random token ids, output lengths "
+    f"randint{tuple(params['output_len'])}, temperature {workloads[0].temperature}, ignore_eos. Models: "
+    f"{', '.join(m.name for m in run.models)} ({run.weights()}). {WARMUP_TEXT[params['warmup']]} Gen tok/s: "
+    "generated tokens over the generate call's time (prefill included); Weights: tinyvllm's weights on the device.",
+    "",
+    markdown_table(header, table),
+  ]
+  lines += [f"\nSkipped {name}: {why}" for name, why in skipped.items()]
+  notes = dict.fromkeys(n for _, r in results for n in r.info.get("notes", []))
+  lines += [f"\nNote: {n}" for n in notes]
   return data, run.markdown("throughput", lines)
