@@ -4,10 +4,12 @@ the kernel tests and the logits-vs-NumPy tests again in a fresh process under th
 clang it has."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from tinygrad import Device
 
 TESTS = Path(__file__).parent
@@ -37,3 +39,16 @@ def test_kernels_and_logits_match_numpy_in_the_other_vector_mode():
   run = subprocess.run(cmd, cwd=TESTS, env=env, capture_output=True, text=True, timeout=1500)
   assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
   assert " passed" in run.stdout and "skipped" not in run.stdout.splitlines()[-1]
+
+
+def test_picked_clang_compiles_march_native_without_warnings():
+  """The picked compiler (a wrapper of the newest clang-N) compiles as tinygrad calls it, and says nothing on stderr
+  (clang 19 warns "invalid feature combination" for -march=native on AVX10 CPUs, once per kernel)."""
+  from tinyvllm_core.kernels.cpu import quiet_clang
+
+  clang = next((f"clang-{v}" for v in range(30, 18, -1) if shutil.which(f"clang-{v}")), None)
+  if clang is None:
+    pytest.skip("no clang-N >= 19 on PATH")
+  cmd = [quiet_clang(clang), "-c", "-x", "c", "-O2", "-march=native", "-", "-o", "-"]
+  run = subprocess.run(cmd, input=b"float f(float x) { return x * 2.0f; }", capture_output=True)
+  assert run.returncode == 0 and run.stdout.startswith(b"\x7fELF") and run.stderr == b"", run.stderr

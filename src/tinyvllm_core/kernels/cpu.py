@@ -8,7 +8,9 @@ import os
 import queue
 import re
 import shutil
+import tempfile
 import threading
+from pathlib import Path
 
 from tinygrad import Device, TinyJit
 from tinygrad.engine.realize import get_call_arg_uops, get_runtime
@@ -22,14 +24,28 @@ def pick_compiler() -> None:
     return
   newest = next((f"clang-{v}" for v in range(30, 18, -1) if shutil.which(f"clang-{v}")), None)
   if newest:
-    os.environ["CC"] = newest
+    os.environ["CC"] = quiet_clang(newest)
+
+
+def quiet_clang(clang: str) -> str:
+  """A wrapper script named like clang: clang 19's -march=native warns "invalid feature combination" on AVX10 CPUs,
+  for every kernel, onto the user's terminal (tinygrad's compile command has no place for flags)."""
+  path = Path(tempfile.gettempdir()) / f"tinyvllm-{os.getuid()}" / clang
+  script = f'#!/bin/sh\nexec {shutil.which(clang)} -Wno-unknown-warning-option -Wno-invalid-feature-combination "$@"\n'
+  if not path.exists() or path.read_text() != script:
+    path.parent.mkdir(exist_ok=True)
+    staged = path.with_suffix(f".{os.getpid()}")
+    staged.write_text(script)
+    staged.chmod(0o755)
+    staged.replace(path)  # atomic: other processes see the old script or the new one
+  return str(path)
 
 
 def wide_vectors_wanted() -> bool:
   """CPU with CC=clang-N, N >= 19 (or TINYVLLM_WIDE=1; TINYVLLM_WIDE=0 turns it off): 8-wide register blocks need
   tinygrad's float4 load grouping off, with which no clang emits ymm FMAs (README: How it works)."""
   renderer = Device["CPU"].renderer
-  cc = re.fullmatch(r"clang-(\d+)", getenv("CC", "clang"))
+  cc = re.fullmatch(r"clang-(\d+)", Path(getenv("CC", "clang")).name)
   default = str(int(cc is not None and int(cc.group(1)) >= 19))
   return type(renderer).__name__ == "ClangRenderer" and os.environ.get("TINYVLLM_WIDE", default) != "0"
 
