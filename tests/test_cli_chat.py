@@ -19,7 +19,7 @@ from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 from rich.console import Console
 
-from tinyvllm_cli.chat import ChatApp, ReplyView, ThinkFilter, parse_conversation, prompt_session, split_thinking
+from tinyvllm_cli.chat import ChatApp, ReplyView, parse_conversation, prompt_session
 from tinyvllm_cli.conversation import Conversation
 from tinyvllm_core import EngineLoop, RequestOutput, SamplingParams
 
@@ -364,18 +364,6 @@ def test_a_dtype_the_backend_cannot_compile_is_one_line(capfd):
 
 
 # ---- pieces ------------------------------------------------------------------------------------
-
-
-def test_thinking_is_split_from_the_answer():
-  assert split_thinking("<think>\nhmm, 2+2\n</think>\n\n4") == ("hmm, 2+2", "4")
-  assert split_thinking("<think>still thinking") == ("still thinking", "")
-  assert split_thinking("plain answer ") == ("", "plain answer ")
-  f, runs = ThinkFilter(), []
-  for delta in ["<thi", "nk>a", "b</", "think", ">\n\nan", "swer <", "b>"]:
-    runs += f.feed(delta)
-  runs += f.flush()
-  assert "".join(t for t, thinking in runs if thinking) == "ab"
-  assert "".join(t for t, thinking in runs if not thinking) == "\n\nanswer <b>"
 
 
 class CannedStream:

@@ -38,6 +38,7 @@ from tinyvllm_cli.engine_options import (
   check_dtype_compiles,
   quantize_setting,
 )
+from tinyvllm_cli.reasoning import ReasoningSplitter, prompt_opens_reasoning, split_reasoning
 from tinyvllm_cli.ui import err, fail, one_line, out
 from tinyvllm_cli.warmup import BackgroundWarmUp
 
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
   from tinyvllm_core import EngineLoop, LLMEngine, RequestOutput, RequestStream, SamplingParams
 
 HINTS = '/help for commands · """ for multi-line input · Ctrl+C stops a reply · Ctrl+D or /bye exits'
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 PROMPT, CONTINUATION, FENCE = ">>> ", "... ", '"""'
 EXIT_COMMANDS = ("/bye", "/exit", "/quit")
 HELP = [
@@ -79,45 +79,12 @@ FIRST_MESSAGE = "What is the capital of France?"  # a likely first turn: the war
 # ---- pieces of a reply ---------------------------------------------------------------------------
 
 
-def split_thinking(text: str) -> tuple[str, str]:
-  """(reasoning, answer) of a reply: the text inside <think>...</think> and what follows it.
-  A reply without tags is all answer; one cut off inside <think> has no answer yet."""
-  head, closed, tail = text.partition(THINK_CLOSE)
-  if closed:
-    return head.replace(THINK_OPEN, "", 1).strip(), tail.strip()
-  if text.lstrip().startswith(THINK_OPEN):
-    return text.lstrip().removeprefix(THINK_OPEN).strip(), ""
-  return "", text
-
-
-class ThinkFilter:
-  """Splits streamed text into (text, is_reasoning) runs; a tag cut between two deltas is held back until whole."""
-
-  def __init__(self) -> None:
-    self.thinking, self._held = False, ""
-
-  def feed(self, delta: str) -> list[tuple[str, bool]]:
-    text, runs = self._held + delta, []
-    while (i := text.find(tag := THINK_CLOSE if self.thinking else THINK_OPEN)) >= 0:
-      runs.append((text[:i], self.thinking))
-      text, self.thinking = text[i + len(tag) :], not self.thinking
-    keep = next((n for n in range(len(tag) - 1, 0, -1) if text.endswith(tag[:n])), 0)
-    cut = len(text) - keep
-    runs.append((text[:cut], self.thinking))
-    self._held = text[cut:]
-    return [run for run in runs if run[0]]
-
-  def flush(self) -> list[tuple[str, bool]]:
-    held, self._held = self._held, ""
-    return [(held, self.thinking)] if held else []
-
-
 class ReplyView:
   """Streams one reply to a console: a spinner until the first token, reasoning dimmed on a terminal
   and left out elsewhere (so a pipe gets the answer only)."""
 
-  def __init__(self, console: Console) -> None:
-    self.console, self.filter = console, ThinkFilter()
+  def __init__(self, console: Console, started: bool = False) -> None:
+    self.console, self.splitter = console, ReasoningSplitter(started)
     self.printed = self.thought = False
     self.status = console.status("", spinner="dots") if console.is_terminal else None
     if self.status:
@@ -125,13 +92,11 @@ class ReplyView:
 
   def add(self, delta: str) -> None:
     self._stop_spinner()
-    for text, thinking in self.filter.feed(delta):
-      self._print(text, thinking)
+    self._print(*self.splitter.feed(delta))
 
   def close(self) -> None:
     self._stop_spinner()
-    for text, thinking in self.filter.flush():
-      self._print(text, thinking)
+    self._print(*self.splitter.flush())
     if self.printed:
       self.console.print()
 
@@ -140,16 +105,13 @@ class ReplyView:
       self.status.stop()
     self.status = None
 
-  def _print(self, text: str, thinking: bool) -> None:
-    if thinking:
-      self.thought = True
-      if not self.console.is_terminal:
-        return
-    elif self.thought and not self.printed:
-      text = text.lstrip()
-    if text:
-      self.console.print(Text(text, style="dim" if thinking else ""), end="", soft_wrap=True)
-      self.printed = True
+  def _print(self, reasoning: str, content: str) -> None:
+    if reasoning and self.console.is_terminal:
+      self.console.print(Text(reasoning, style="dim"), end="", soft_wrap=True)
+      self.printed = self.thought = True
+    if content:
+      self.console.print(Text("\n\n" * self.thought + content), end="", soft_wrap=True)
+      self.printed, self.thought = True, False
 
 
 @dataclass
@@ -318,7 +280,7 @@ class ChatApp:
 
   def _stream(self, stream: RequestStream) -> RequestOutput:
     """Show the reply as it streams; its final output. Ctrl+C aborts the request and keeps what was shown."""
-    view, last = ReplyView(self.console), None
+    view, last = ReplyView(self.console, prompt_opens_reasoning(self.conv.prompt_text)), None
     try:
       for last in stream:
         view.add(last.delta_text)
@@ -345,7 +307,7 @@ class ChatApp:
     if final.finish_reason == "error":
       self.conv.discard_last_user()
       return self.error(final.error or "the request failed")
-    answer = split_thinking(final.text)[1]
+    answer = split_reasoning(final.text, prompt_opens_reasoning(self.conv.prompt_text))[1]
     if answer:
       self.conv.add_reply(answer, final.token_ids)
     else:

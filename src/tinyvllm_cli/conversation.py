@@ -30,6 +30,11 @@ class Conversation:
     self._prompt = (text, ids)
     return ids
 
+  @property
+  def prompt_text(self) -> str:
+    """The rendered text of the last prompt_ids call."""
+    return self._prompt[0]
+
   def add_reply(self, text: str, generated_ids: list[int]) -> None:
     ids = list(generated_ids)
     while ids and ids[-1] in self.engine.eos_token_ids:
