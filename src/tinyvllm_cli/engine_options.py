@@ -90,7 +90,7 @@ def check_dtype_compiles(dtype: str, device: str | None) -> None:
   with tempfile.TemporaryFile() as log:
     try:
       with _stderr_to(log):
-        stored = Tensor(expected, device=dev).cast(getattr(dtypes, dtype)).contiguous().realize()
+        stored = Tensor(expected).cast(getattr(dtypes, dtype)).contiguous().realize()
         values = stored.cast(dtypes.float32).tolist()
       if values == expected:
         return

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -81,26 +80,11 @@ def on_cpu(device: str) -> bool:
 
 
 def resolve_device(name: str | None) -> str:
-  """Make `name` tinygrad's default device, or fail with the list of devices that work here."""
-  from tinygrad import Device
-  from tinygrad.helpers import DEV
+  """Make `name` (tinygrad's DEV syntax: CPU, CUDA:1, CPU:LLVM, PYTHON::sm_80; default: kernels/devices.py picks)
+  tinygrad's default device and return it as written, or fail with one line listing the devices that work here."""
+  from .kernels.devices import use_device
 
-  from .kernels.devices import default_device
-
-  base, sep, suffix = (name or default_device()).partition(":")
-  name = base.upper() + sep + suffix  # a suffix (an index, ::arch) keeps its case
-  if on_cpu(name):
-    from .kernels import cpu
-
-    cpu.setup()  # before the first CPU kernel compiles
-  try:
-    Device[name]
-  except Exception:
-    available = ", ".join(Device.get_available_devices()) or "none"
-    raise ConfigError(f"device {name!r} is not available on this machine (available: {available})") from None
-  DEV.value = name
-  os.environ["DEV"] = name  # tinygrad's pick wrote its own choice there for spawned children
-  return name
+  return use_device(name)
 
 
 def resolve_dtype(dtype: str, device: str) -> str:

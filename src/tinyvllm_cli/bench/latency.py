@@ -70,7 +70,7 @@ def run_latency(run: Run, p: LatencyParams) -> list[dict]:
 
 def decode_bound(run: Run) -> dict | None:
   """On CPU: every float32 weight read once per decode step at the host's memory bandwidth (one core's best copy)."""
-  if run.device != "CPU":
+  if run.device.split(":")[0] != "CPU":
     return None
   import numpy as np
 

@@ -238,7 +238,7 @@ def run_llamacpp(model: BenchModel, device: str, workload: Workload, opts: Backe
   import llama_cpp
 
   threads = os.cpu_count() or 1
-  gpu = device != "CPU" and bool(llama_cpp.llama_supports_gpu_offload())
+  gpu = device.split(":")[0] != "CPU" and bool(llama_cpp.llama_supports_gpu_offload())
   gpu_layers = -1 if gpu else 0
   llm = llama_cpp.Llama(
     model_path=str(model.path),

@@ -6,6 +6,7 @@ from pathlib import Path
 from tinygrad import Tensor
 
 from ..config import ConfigError, ModelConfig
+from ..kernels.devices import tensor_device
 from .rope import rope_from_hf
 
 # HF `architectures` entry -> our model family
@@ -122,7 +123,7 @@ def read_safetensors(path: Path, device: str) -> dict[str, Tensor]:
       raise ConfigError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
     if data_start + info["data_offsets"][1] > size:
       raise ConfigError(f"{path}: truncated (tensor {name!r} ends past the end of the file); download it again")
-  return {name: t.to(device) for name, t in safe_load(file).items()}
+  return {name: t.to(tensor_device(device)) for name, t in safe_load(file).items()}
 
 
 def read_weights(model_dir: Path, device: str) -> dict[str, Tensor]:
