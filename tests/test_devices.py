@@ -59,3 +59,17 @@ def test_device_names_are_case_insensitive():
   assert (
     resolve_device("cpu") == "CPU"
   )  # (what follows a ':' keeps its case: tinygrad reads a renderer or an arch there)
+
+
+def test_devices_command_lists_the_devices_present_and_marks_the_default():
+  from tinygrad import Device
+  from typer.testing import CliRunner
+
+  from tinyvllm_cli.main import app
+
+  r = CliRunner().invoke(app, ["devices"], prog_name="tinyvllm", env={"COLUMNS": "200", "NO_COLOR": "1"})
+  assert r.exit_code == 0, r.output
+  rows = {line.split()[0]: line for line in r.output.splitlines() if line and not line.startswith(("DEVICE", "not"))}
+  assert set(rows) == set(Device.get_available_devices())  # CL among them once pocl is installed
+  assert rows["CPU"].split()[1:3] == ["*", "CLANG"]  # this run's device (the CPU pass), its default renderer
+  assert "not here: " in r.output

@@ -36,7 +36,10 @@ BEAM_HELP = (
   "slow once, cached on disk (0 = off)."
 )
 MODEL_HELP = "Repo id, model folder or .gguf file (default: the last pulled model, else the embedded SmolLM2)."
-DEVICE_HELP = "tinygrad backend: CPU, METAL, CUDA, AMD, ... (default: DEV or tinygrad's choice)."
+DEVICE_HELP = (
+  "tinygrad device: CPU, METAL, CUDA, AMD, CL, ... as DEV writes it (CPU:LLVM a renderer, PYTHON::sm_80 an arch, "
+  "CUDA:1 the second GPU); `tinyvllm devices` lists those present (default: DEV, else a GPU, else CPU)."
+)
 KV_CACHE_GB_HELP = "Memory for the paged KV cache, in GiB."
 MAX_MODEL_LEN_HELP = "Context length cap (default: the model's)."
 QUANTIZE_LIST_HELP = QUANTIZE_HELP + " Repeat to compare, e.g. -q none -q gguf."

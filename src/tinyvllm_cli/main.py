@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from tinyvllm_cli import bench, chat, hub, serve
+from tinyvllm_cli import bench, chat, devices, hub, serve
 
 app = typer.Typer(
   name="tinyvllm",
@@ -23,6 +23,7 @@ app.command("rm")(hub.rm)
 app.add_typer(bench.app, name="bench")
 app.command("serve-lite")(serve.serve_lite)
 app.command("chat")(chat.chat)
+app.command("devices")(devices.devices)
 
 if __name__ == "__main__":
   app()
