@@ -411,3 +411,18 @@ def test_parse_conversation_accepts_a_leading_system_message():
   for bad in ([], {"messages": "x"}, {"system": 3, "messages": []}, {"messages": [{"role": "user"}]}):
     with pytest.raises(ValueError):
       parse_conversation(bad)
+
+
+def test_quantize_none_reaches_the_engine(monkeypatch: pytest.MonkeyPatch):
+  """`--quantize none` is quantize=None for the engine (a GGUF dequantized), not an unset option (the GGUF's blocks)."""
+  import tinyvllm_core
+
+  from tinyvllm_cli.chat import new_engine
+  from tinyvllm_cli.engine_options import quantize_setting
+
+  monkeypatch.setattr(tinyvllm_core, "LLMEngine", lambda path, **kwargs: kwargs)
+  assert new_engine("m.gguf", quantize=quantize_setting("none"), beam=None, device="CPU") == {
+    "quantize": None,
+    "device": "CPU",
+  }
+  assert new_engine("m.gguf", quantize=quantize_setting(None))["quantize"] == "auto"

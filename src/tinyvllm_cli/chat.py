@@ -495,7 +495,8 @@ def _history() -> History:
 def new_engine(path: Path, **engine_kwargs) -> LLMEngine:
   from tinyvllm_core import LLMEngine
 
-  return LLMEngine(path, **{k: v for k, v in engine_kwargs.items() if v is not None})
+  # unset options take the engine's defaults; quantize=None is `--quantize none` (a GGUF dequantized), not unset
+  return LLMEngine(path, **{k: v for k, v in engine_kwargs.items() if v is not None or k == "quantize"})
 
 
 def load_engine(model: str | None, **engine_kwargs) -> tuple[LLMEngine, str]:
