@@ -254,7 +254,8 @@ BAD = [
   ("/v1/completions", {"prompt": "hi", "stop": [1]}, 400, "stop"),
   ("/v1/completions", {"prompt": "hi", "stop": ""}, 400, "stop"),
   ("/v1/completions", {"prompt": "hi", "seed": "x"}, 400, "seed"),
-  ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "n"),
+  ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n"),
+  ("/v1/completions", {"prompt": "hi", "n": 1000}, 400, "n"),
   ("/v1/completions", {"prompt": "hi", "presence_penalty": 3}, 400, None),
   ("/v1/completions", {"prompt": "hi", "frequency_penalty": "x"}, 400, "frequency_penalty"),
   ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 0}, 400, None),
@@ -409,9 +410,11 @@ def test_cli_serves_until_ctrl_c(checkpoints):
     out, errors = proc.communicate(timeout=30)
   finally:
     proc.kill()
-  assert (
-    proc.returncode == 0 and out.strip().splitlines()[-1] == "serve-lite stopped (1 requests served)" and errors == ""
-  ), (lines, out, errors)
+  stopped = out.strip().splitlines()[-1]
+  assert proc.returncode == 0 and stopped == "serve-lite stopped (1 requests served)", (out, errors)
+  log = errors.splitlines()  # one access log line per request
+  assert len(log) == 2 and re.fullmatch(r"GET /health 200 prompt=- completion=- \d+\.\d{3}s", log[0]), errors
+  assert re.fullmatch(r"POST /v1/completions 200 prompt=3 completion=3 \d+\.\d{3}s", log[1]), errors
   bad = subprocess.run([*cmd[:4], "--model", "/no/such/model"], capture_output=True, text=True, timeout=60)
   assert bad.returncode == 1 and bad.stderr.startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
 

@@ -3,10 +3,10 @@ connection parses the request and streams its own output; the engine loop batche
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hmac
 import json
+import queue
 import secrets
 import select
 import socket
@@ -15,8 +15,7 @@ import threading
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -38,6 +37,21 @@ from tinyvllm_cli.engine_options import (
   check_dtype_compiles,
   quantize_setting,
 )
+from tinyvllm_cli.openai_api import (
+  ApiError,
+  ChoiceStream,
+  GenerateRequest,
+  TokenText,
+  choice_params,
+  chunk,
+  failed_output,
+  full_response,
+  parse_json_object,
+  parse_request,
+  role_choice,
+  usage,
+  usage_chunk,
+)
 from tinyvllm_cli.ui import err, fail, one_line, say
 
 MAX_BODY_BYTES = 4 << 20
@@ -48,22 +62,6 @@ ITL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Transfer-Encoding": "chunked"}
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
-
-
-INVALID_REQUEST = "invalid_request_error"
-
-
-class ApiError(Exception):
-  """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
-
-  def __init__(
-    self, status: int, message: str, param: str | None = None, code: str | None = None, type: str = INVALID_REQUEST
-  ):
-    super().__init__(message)
-    self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
-
-  def body(self) -> dict:
-    return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 # ---- metrics -----------------------------------------------------------------------------------
@@ -138,12 +136,17 @@ class ServerState:
   def wait_ready(self, timeout: float | None = None) -> bool:
     return self.loaded.wait(timeout) and self.loop is not None
 
-  def track(self, request_id: str, active: bool) -> None:
+  @functools.cached_property
+  def token_text(self) -> TokenText:
+    """Token ids as logprobs show them; built on the first request that asks (~0.2 s for a 49k vocabulary)."""
+    return TokenText(self.engine)
+
+  def track(self, request_ids: list[str], active: bool) -> None:
     with self._lock:
       if active:
-        self.active.add(request_id)
+        self.active.update(request_ids)
       else:
-        self.active.discard(request_id)
+        self.active.difference_update(request_ids)
 
   def close(self, grace_s: float = 2.0) -> None:
     """Abort what is in flight, give the handlers a moment to answer, stop the engine loop."""
@@ -159,247 +162,6 @@ class ServerState:
     while self.active and time.monotonic() < deadline:
       time.sleep(0.02)
     self.loop.shutdown()
-
-
-# ---- request parsing -----------------------------------------------------------------------------
-
-_KINDS = {
-  int: "an integer",
-  float: "a number",
-  bool: "a boolean",
-  str: "a string",
-  dict: "an object",
-  list: "an array",
-  (str, list): "a string or an array of strings",
-}
-
-
-def _get(body: dict, name: str, kind: type, default: Any = None) -> Any:
-  """body[name] checked against a JSON type; absent or null gives the default."""
-  value = body.get(name)
-  if value is None:
-    return default
-  accepted = (int, float) if kind is float else kind  # a JSON integer is a number too
-  bool_as_number = isinstance(value, bool) and kind is not bool  # True is an int to Python, not to JSON
-  if not isinstance(value, accepted) or bool_as_number:
-    raise ApiError(400, f"'{name}' must be {_KINDS[kind]}", name, "invalid_type")
-  return value
-
-
-def _is_int(value: Any) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
-
-
-def parse_json_object(raw: bytes) -> dict:
-  try:
-    body = json.loads(raw)
-  except (ValueError, UnicodeDecodeError, RecursionError) as e:
-    raise ApiError(400, f"the request body is not valid JSON ({one_line(e)})", code="invalid_json") from None
-  if not isinstance(body, dict):
-    raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
-  return body
-
-
-@dataclass
-class GenerateRequest:
-  prompt_ids: list[int]
-  params: Any  # SamplingParams
-  stream: bool
-  include_usage: bool
-  chat: bool
-
-
-def parse_request(body: dict, state: ServerState, chat: bool) -> GenerateRequest:
-  _check_model(body, state.model_name)
-  if _get(body, "n", int, 1) != 1:
-    raise ApiError(400, "only n=1 is supported", "n", "unsupported_value")
-  ids = chat_prompt(body, state.engine) if chat else completion_prompt(body, state.engine)
-  check_prompt_ids(ids, state.engine)
-  stream = _get(body, "stream", bool, False)
-  include_usage = _get(_get(body, "stream_options", dict, {}), "include_usage", bool, False)
-  params = sampling_params(body, state.engine, len(ids), chat)
-  return GenerateRequest(ids, params, stream, include_usage, chat)
-
-
-def _check_model(body: dict, served: str) -> None:
-  model = _get(body, "model", str)
-  if model is not None and model != served:
-    message = f"the model '{model}' does not exist; this server serves '{served}'"
-    raise ApiError(404, message, "model", "model_not_found")
-
-
-def completion_prompt(body: dict, engine: Any) -> list[int]:
-  prompt = body.get("prompt")
-  if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-    prompt = prompt[0]  # a batch of one prompt
-  if isinstance(prompt, str):
-    return engine.encode(prompt) if prompt else []
-  if isinstance(prompt, list) and all(map(_is_int, prompt)):
-    return list(prompt)
-  if prompt is None:
-    raise ApiError(400, "'prompt' is required", "prompt", "missing_field")
-  message = "'prompt' must be a string or a list of token ids (one prompt per request)"
-  raise ApiError(400, message, "prompt", "invalid_type")
-
-
-def chat_prompt(body: dict, engine: Any) -> list[int]:
-  messages = body.get("messages")
-  if messages is None:
-    raise ApiError(400, "'messages' is required", "messages", "missing_field")
-  if not isinstance(messages, list) or not messages:
-    message = "'messages' must be a non-empty array of {role, content} objects"
-    raise ApiError(400, message, "messages", "invalid_type")
-  kwargs = _get(body, "chat_template_kwargs", dict, {})
-  checked = [_message(m, i) for i, m in enumerate(messages)]
-  try:
-    return engine.apply_chat_template(checked, tokenize=True, add_generation_prompt=True, **kwargs)
-  except (ValueError, TypeError) as e:
-    raise ApiError(400, f"the chat template rejected the messages: {one_line(e)}", "messages") from None
-
-
-def _message(m: Any, i: int) -> dict:
-  param = f"messages[{i}]"
-  if not isinstance(m, dict):
-    raise ApiError(400, f"'{param}' must be an object with role and content", param, "invalid_type")
-  role, content = _get(m, "role", str), m.get("content")
-  if role is None:
-    raise ApiError(400, f"'{param}.role' is required", f"{param}.role", "missing_field")
-  if _is_text_parts(content):
-    content = "".join(part["text"] for part in content)
-  if content is not None and not isinstance(content, str):
-    message = f"'{param}.content' must be a string or a list of text parts"
-    raise ApiError(400, message, f"{param}.content", "invalid_type")
-  return {"role": role, "content": content or ""}
-
-
-def _is_text_parts(content: Any) -> bool:
-  """OpenAI's list form of a message's content: [{"type": "text", "text": "..."}, ...]."""
-  return isinstance(content, list) and all(map(_is_text_part, content))
-
-
-def _is_text_part(part: Any) -> bool:
-  return isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
-
-
-def check_prompt_ids(ids: list[int], engine: Any) -> None:
-  """The core's prompt rule (not empty, shorter than the context, ids in the vocabulary) as a 400 on 'prompt'."""
-  from tinyvllm_core import check_prompt
-
-  try:
-    check_prompt(ids, engine.max_model_len, engine.model_config.vocab_size)
-  except ValueError as e:
-    code = "context_length_exceeded" if len(ids) >= engine.max_model_len else "invalid_value"
-    raise ApiError(400, str(e), "prompt", code) from None
-
-
-def sampling_params(body: dict, engine: Any, prompt_len: int, chat: bool) -> Any:
-  """The model's default SamplingParams with the request's fields; a value SamplingParams rejects is a 400."""
-  max_tokens = _max_tokens(body, engine.max_model_len, prompt_len, chat)
-  fields = _sampling_overrides(body, engine.model_config.vocab_size)
-  fields |= {"seed": _get(body, "seed", int), "max_tokens": max_tokens, "stop": _stop(body)}
-  fields |= {"stop_token_ids": _stop_token_ids(body), "ignore_eos": _get(body, "ignore_eos", bool, False)}
-  try:
-    return dataclasses.replace(engine.default_params, **fields)
-  except ValueError as e:
-    raise ApiError(400, str(e).removeprefix("SamplingParams: "), None, "invalid_value") from None
-
-
-def _max_tokens(body: dict, max_model_len: int, prompt_len: int, chat: bool) -> int:
-  """max_completion_tokens or max_tokens; by default the room left for chat and 16 for completions (OpenAI's)."""
-  room = max_model_len - prompt_len
-  max_tokens = _get(body, "max_completion_tokens", int, _get(body, "max_tokens", int, room if chat else 16))
-  param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-  if max_tokens < 1:
-    raise ApiError(400, f"'{param}' must be at least 1", param, "invalid_value")
-  if max_tokens > room:
-    message = (
-      f"this model's maximum context length is {max_model_len} tokens; the prompt has {prompt_len} "
-      f"and {param} asks for {max_tokens} more (at most {room})"
-    )
-    raise ApiError(400, message, param, "context_length_exceeded")
-  return max_tokens
-
-
-def _sampling_overrides(body: dict, vocab_size: int) -> dict:
-  """The sampling knobs the request sets; the absent ones keep the model's generation_config values."""
-  top_k = _get(body, "top_k", int)
-  if top_k and top_k >= vocab_size:
-    top_k = 0  # every token: the same as no top-k
-  overrides = {"temperature": _get(body, "temperature", float), "top_p": _get(body, "top_p", float)}
-  overrides |= {"top_k": top_k, "min_p": _get(body, "min_p", float)}
-  for penalty in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
-    overrides[penalty] = _get(body, penalty, float)
-  return {name: value for name, value in overrides.items() if value is not None}
-
-
-def _stop(body: dict) -> list[str]:
-  stop = _get(body, "stop", (str, list), [])
-  stop = [stop] if isinstance(stop, str) else stop
-  if not all(isinstance(s, str) and s for s in stop):
-    raise ApiError(400, "'stop' must be a string or an array of non-empty strings", "stop", "invalid_type")
-  return stop
-
-
-def _stop_token_ids(body: dict) -> list[int]:
-  ids = _get(body, "stop_token_ids", list, [])
-  if not all(map(_is_int, ids)):
-    raise ApiError(400, "'stop_token_ids' must be an array of integers", "stop_token_ids", "invalid_type")
-  return ids
-
-
-# ---- responses ---------------------------------------------------------------------------------
-
-
-def usage(out: Any) -> dict:
-  prompt, completion = len(out.prompt_token_ids), len(out.token_ids)
-  counts = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-  return counts | {"prompt_tokens_details": {"cached_tokens": out.num_cached_tokens}}
-
-
-def _envelope(rid: str, model: str, kind: str) -> dict:
-  return {"id": rid, "object": kind, "created": int(time.time()), "model": model}
-
-
-def _chunk_kind(req: GenerateRequest) -> str:
-  return "chat.completion.chunk" if req.chat else "text_completion"
-
-
-def full_response(req: GenerateRequest, rid: str, model: str, out: Any) -> dict:
-  choice = {"index": 0, "logprobs": None, "finish_reason": out.finish_reason}
-  if req.chat:
-    choice["message"] = {"role": "assistant", "content": out.text}
-  else:
-    choice["text"] = out.text
-  kind = "chat.completion" if req.chat else "text_completion"
-  return _envelope(rid, model, kind) | {"choices": [choice], "usage": usage(out)}
-
-
-def chunk(
-  req: GenerateRequest, rid: str, model: str, text: str | None, finish_reason: str | None, role: bool = False
-) -> dict:
-  if req.chat:
-    choice = {"index": 0, "delta": _delta(text, role), "logprobs": None, "finish_reason": finish_reason}
-  else:
-    choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-  body = _envelope(rid, model, _chunk_kind(req)) | {"choices": [choice]}
-  return body | ({"usage": None} if req.include_usage else {})
-
-
-def _delta(text: str | None, role: bool) -> dict:
-  if role:
-    return {"role": "assistant", "content": ""}
-  return {"content": text} if text else {}
-
-
-def usage_chunk(req: GenerateRequest, rid: str, model: str, out: Any) -> dict:
-  return _envelope(rid, model, _chunk_kind(req)) | {"choices": [], "usage": usage(out)}
-
-
-def failed_output(out: Any) -> ApiError:
-  if out.finish_reason == "abort":
-    message = "the request was aborted (the server is shutting down)"
-    return ApiError(503, message, type="server_error", code="aborted")
-  return ApiError(500, f"generation failed: {out.error}", type="server_error", code="engine_error")
 
 
 # ---- metrics text --------------------------------------------------------------------------------
@@ -456,9 +218,15 @@ class JsonHandler(BaseHTTPRequestHandler):
   protocol_version = default_request_version = "HTTP/1.1"
   max_body_bytes = MAX_BODY_BYTES  # make_server sets it, and `timeout` (the socket timeout that ends stalled clients)
   body_read = False  # whether this request's body was read: after an error without it, the connection is closed
+  allowed_origins: frozenset[str] = frozenset()  # make_server sets it: origins whose pages may call ("*": any)
+  status = 0  # the status of the response sent
 
   def log_message(self, format: str, *args: Any) -> None:
-    pass  # no access log
+    pass  # the standard library's log: Handler writes its own line per request
+
+  def send_response(self, code: int, message: str | None = None) -> None:
+    self.status = code
+    super().send_response(code, message)
 
   def handle_one_request(self) -> None:
     try:
@@ -519,7 +287,7 @@ class JsonHandler(BaseHTTPRequestHandler):
     self._send(status, json.dumps(obj).encode(), "application/json", headers)
 
   def _send(self, status: int, data: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
-    headers = {"Content-Type": content_type, "Content-Length": str(len(data)), **(headers or {})}
+    headers = {"Content-Type": content_type, "Content-Length": str(len(data)), **self._cors(), **(headers or {})}
     try:
       self.send_response(status)
       for name, value in headers.items():
@@ -533,9 +301,23 @@ class JsonHandler(BaseHTTPRequestHandler):
 
   def _start_events(self) -> None:
     self.send_response(200)
-    for name, value in SSE_HEADERS.items():
+    for name, value in (SSE_HEADERS | self._cors()).items():
       self.send_header(name, value)
     self.end_headers()
+
+  def _cors(self) -> dict[str, str]:
+    """The CORS header that lets a page from the request's Origin read the response, when that origin is allowed."""
+    origin = self._origin()
+    if origin is None or not self._origin_allowed(origin):
+      return {}
+    return {"Access-Control-Allow-Origin": "*" if "*" in self.allowed_origins else origin, "Vary": "Origin"}
+
+  def _origin(self) -> str | None:
+    headers = getattr(self, "headers", None)  # absent when the request line itself was bad
+    return headers.get("Origin") if headers is not None else None
+
+  def _origin_allowed(self, origin: str) -> bool:
+    return "*" in self.allowed_origins or origin in self.allowed_origins
 
   def _event(self, obj: dict) -> None:
     if self._client_gone():
@@ -550,7 +332,9 @@ class Handler(JsonHandler):
   """The OpenAI routes: each request is parsed, submitted to the engine loop and answered from its stream."""
 
   server_version = "tinyvllm-serve-lite"
-  state: ServerState  # make_server sets it
+  state: ServerState  # make_server sets it, and access_log
+  access_log = False  # one line per request on stderr
+  tokens: tuple[int, int] | None = None  # the request's prompt and completion tokens, for the log line
   routes = {
     ("GET", "/health"): "_health",
     ("GET", "/v1/models"): "_models",
@@ -562,7 +346,8 @@ class Handler(JsonHandler):
   # ---- dispatch ----
   def _dispatch(self) -> None:
     """Answer one request; every failure becomes an error in OpenAI's shape."""
-    path, self.body_read = urlsplit(self.path).path.rstrip("/") or "/", False
+    path, self.body_read, self.status, self.tokens = urlsplit(self.path).path.rstrip("/") or "/", False, 0, None
+    start = time.perf_counter()
     try:
       self._serve(path)
     except ApiError as e:
@@ -571,10 +356,21 @@ class Handler(JsonHandler):
       self.close_connection = True
     except Exception:  # a bug, never bad input: answer 500 and keep serving
       self._answer_bug()
+    finally:
+      self._log(path, time.perf_counter() - start)
 
-  do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _dispatch
+  do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _dispatch
+
+  def _log(self, path: str, seconds: float) -> None:
+    """The access log line: method, path, status (0: none sent), prompt and completion tokens, duration."""
+    if self.access_log:
+      prompt, completion = self.tokens or ("-", "-")
+      line = f"{self.command} {path} {self.status} prompt={prompt} completion={completion} {seconds:.3f}s\n"
+      sys.stderr.write(line)
 
   def _serve(self, path: str) -> None:
+    if self.command == "OPTIONS":
+      return self._preflight(path)  # before the key check: browsers send no key with a preflight
     route = self._route(path)
     if path != "/health":
       self._authorize()
@@ -588,6 +384,20 @@ class Handler(JsonHandler):
     if any(p == path for _, p in self.routes):
       raise ApiError(405, f"{self.command} is not allowed on {path}", code="method_not_allowed")
     raise ApiError(404, f"no route {path}", code="not_found")
+
+  def _preflight(self, path: str) -> None:
+    """Answer OPTIONS (a browser's CORS preflight): the methods and headers a page from an allowed origin may send."""
+    methods = {method for method, p in self.routes if p == path}
+    if not methods and not path.startswith("/v1/models/"):
+      raise ApiError(404, f"no route {path}", code="not_found")
+    origin = self._origin()
+    if origin is not None and not self._origin_allowed(origin):
+      message = f"the origin {origin} is not allowed; start serve-lite with --allowed-origins"
+      raise ApiError(403, message, code="origin_not_allowed")
+    allow = ", ".join(sorted(methods or {"GET"}) + ["OPTIONS"])
+    asked = self.headers.get("Access-Control-Request-Headers", "Authorization, Content-Type")
+    headers = {"Allow": allow, "Access-Control-Allow-Methods": allow, "Access-Control-Allow-Headers": asked}
+    self._send(204, b"", "text/plain", headers | {"Access-Control-Max-Age": "600"})
 
   def _authorize(self) -> None:
     key = self.state.api_key
@@ -652,82 +462,110 @@ class Handler(JsonHandler):
   def _generate(self, chat: bool) -> None:
     body = self._read_json()
     self._require_ready()
-    req = parse_request(body, self.state, chat)
+    req = parse_request(body, self.state.engine, self.state.model_name, chat)
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}"
-    self.state.track(rid, True)
+    rids = [rid] if req.n == 1 else [f"{rid}-{i}" for i in range(req.n)]
+    self.state.track(rids, True)
     try:
-      stream = self.state.loop.submit(req.prompt_ids, req.params, request_id=rid)
-      if req.stream:
-        self._stream(req, rid, stream)
-      else:
-        self._respond(req, rid, stream)
+      outputs = self._submit(req, rids)
+      (self._stream if req.stream else self._respond)(req, rid, rids, outputs)
     finally:
-      self.state.track(rid, False)
+      self.state.track(rids, False)
 
-  def _respond(self, req: GenerateRequest, rid: str, stream: Any) -> None:
-    """Answer with the whole completion once it is finished."""
-    out = self._final_output(rid, stream)
-    if out.finish_reason not in ("stop", "length"):
-      raise failed_output(out)
-    self._send_json(200, full_response(req, rid, self.state.model_name, out))
+  def _submit(self, req: GenerateRequest, rids: list[str]) -> Iterator[tuple[int, Any]]:
+    """Submit the request's choices; their outputs as (choice index, output). With n > 1 the first choice goes
+    alone and the others once it has its first token: its prompt is then in the prefix cache, whose KV blocks they
+    share."""
+    loop = self.state.loop
+    streams = [loop.submit(req.prompt_ids, req.params, request_id=rids[0])]
+    sources: list[Iterable[Any]] = [streams[0]]
+    if len(rids) > 1:
+      sources[0] = _after(streams[0].get(), streams[0])
+    for i, rid in enumerate(rids[1:], 1):
+      streams.append(loop.submit(req.prompt_ids, choice_params(req.params, i), request_id=rid))
+    return self._timed(streams, merged(sources + streams[1:]))
 
-  def _final_output(self, rid: str, stream: Any) -> Any:
-    """The stream's last output; a client that hangs up meanwhile aborts the request and gets no answer."""
-    gone, out = False, None
-    for out in self._timed(stream):
+  def _respond(self, req: GenerateRequest, rid: str, rids: list[str], outputs: Iterator[tuple[int, Any]]) -> None:
+    """Answer with the whole completion once every choice is finished."""
+    outs = self._final_outputs(rids, outputs)
+    if failed := next((out for out in outs if out.finish_reason not in ("stop", "length")), None):
+      raise failed_output(failed)
+    self._count_tokens(outs)
+    self._send_json(200, full_response(req, rid, self.state.model_name, outs, self._token_text(req)))
+
+  def _final_outputs(self, rids: list[str], outputs: Iterator[tuple[int, Any]]) -> list[Any]:
+    """Each choice's last output; a client that hangs up meanwhile aborts the request and gets no answer."""
+    finals, gone = {}, False
+    for i, out in outputs:
       if not gone and self._client_gone():
         gone = True
-        self.state.loop.abort(rid)
+        for rid in rids:
+          self.state.loop.abort(rid)
+      if out.finished:
+        finals[i] = out
     if gone:
       raise ConnectionResetError("client went away")
-    return out
+    return [finals[i] for i in range(len(rids))]
 
-  def _stream(self, req: GenerateRequest, rid: str, stream: Any) -> None:
+  def _stream(self, req: GenerateRequest, rid: str, rids: list[str], outputs: Iterator[tuple[int, Any]]) -> None:
     """Answer with server-sent events as the text grows; a client that hangs up aborts the request."""
     self._start_events()
-    out = None
+    finals: dict[int, Any] = {}
     try:
-      if req.chat:
-        self._event(chunk(req, rid, self.state.model_name, None, None, role=True))
-      for out in self._timed(stream):  # delta_text: the engine holds back what may still become a stop string
-        if not self._send_delta(req, rid, out, out.delta_text):
-          break
-      self._end_events(req, rid, out)
-    except (ConnectionError, TimeoutError):
-      if out is None or not out.finished:
-        self._abort(rid)
-      raise
+      self._send_events(req, rid, outputs, finals)
+      self._end_events(req, rid, finals)
+    finally:
+      for i, choice_rid in enumerate(rids):  # a client gone, or an error that ended the stream early
+        if i not in finals:
+          self._abort(choice_rid)
 
-  def _send_delta(self, req: GenerateRequest, rid: str, out: Any, text: str) -> bool:
-    """The event for one output: its new text, or the error that ended it (then False: no more events)."""
-    if out.finish_reason in ("abort", "error"):
-      self._event(failed_output(out).body())
-      return False
-    if text or out.finished:
-      self._event(chunk(req, rid, self.state.model_name, text, out.finish_reason))
-    return True
+  def _send_events(
+    self, req: GenerateRequest, rid: str, outputs: Iterator[tuple[int, Any]], finals: dict[int, Any]
+  ) -> None:
+    """An event per output that brings something (text, logprobs, the end); an error ends the stream."""
+    model, choices = self.state.model_name, [ChoiceStream(req, i, self._token_text(req)) for i in range(req.n)]
+    for i in range(req.n if req.chat else 0):
+      self._event(chunk(req, rid, model, role_choice(i)))
+    for i, out in outputs:  # delta_text: the engine holds back what may still become a stop string
+      if out.finished:
+        finals[i] = out
+      if out.finish_reason in ("abort", "error"):
+        return self._event(failed_output(out).body())
+      if (choice := choices[i].choice(out)) is not None:
+        self._event(chunk(req, rid, model, choice))
 
-  def _end_events(self, req: GenerateRequest, rid: str, out: Any) -> None:
-    if req.include_usage and out is not None:
-      self._event(usage_chunk(req, rid, self.state.model_name, out))
+  def _end_events(self, req: GenerateRequest, rid: str, finals: dict[int, Any]) -> None:
+    if len(finals) == req.n:
+      outs = [finals[i] for i in range(req.n)]
+      self._count_tokens(outs)
+      if req.include_usage:
+        self._event(usage_chunk(req, rid, self.state.model_name, outs))
     self._write_chunk(b"data: [DONE]\n\n")
     self._write_chunk(b"")  # the last chunk of a chunked body
+
+  def _token_text(self, req: GenerateRequest) -> TokenText | None:
+    return self.state.token_text if req.params.logprobs is not None else None
+
+  def _count_tokens(self, outs: list[Any]) -> None:
+    counts = usage(outs)
+    self.tokens = counts["prompt_tokens"], counts["completion_tokens"]
 
   def _abort(self, rid: str) -> None:
     self.state.loop.abort(rid)
     self.state.metrics.count_finished("abort")
 
-  def _timed(self, stream: Any) -> Iterator[Any]:
-    """The stream's outputs, recording latency metrics as they arrive."""
-    last, out = None, None
-    for out in stream:
+  def _timed(self, streams: list[Any], outputs: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, Any]]:
+    """The outputs, recording latency metrics as they arrive."""
+    last: dict[int, float] = {}
+    for i, out in outputs:
       now = time.perf_counter()
       if out.delta_token_ids:
-        if last is not None:
-          self.state.metrics.itl.observe(now - last)
-        last = now
-      yield out
-    self._record_finish(stream, out)
+        if i in last:
+          self.state.metrics.itl.observe(now - last[i])
+        last[i] = now
+      if out.finished:
+        self._record_finish(streams[i], out)
+      yield i, out
 
   def _record_finish(self, stream: Any, out: Any) -> None:
     metrics = self.state.metrics
@@ -736,6 +574,34 @@ class Handler(JsonHandler):
       metrics.ttft.observe(stream.ttft)
     if stream.finish_time is not None:
       metrics.e2e.observe(stream.finish_time - stream.arrival_time)
+
+
+def _after(first: Any, stream: Iterable[Any]) -> Iterator[Any]:
+  """A stream whose first output was already taken from it."""
+  yield first
+  if not first.finished:
+    yield from stream
+
+
+def merged(sources: list[Iterable[Any]]) -> Iterator[tuple[int, Any]]:
+  """Several requests' outputs as (source index, output) in the order they come (a forwarding thread per source
+  when there is more than one)."""
+  if len(sources) == 1:
+    yield from ((0, out) for out in sources[0])
+    return
+  outputs: queue.Queue = queue.Queue()
+  for i, source in enumerate(sources):
+    threading.Thread(target=_forward, args=(i, source, outputs), name="tinyvllm-choice", daemon=True).start()
+  left = len(sources)
+  while left:
+    i, out = outputs.get()
+    left -= out.finished
+    yield i, out
+
+
+def _forward(index: int, source: Iterable[Any], outputs: queue.Queue) -> None:
+  for out in source:
+    outputs.put((index, out))
 
 
 class Server(ThreadingHTTPServer):
@@ -755,9 +621,14 @@ def make_server(
   model_name: str = "model",
   max_body_bytes: int = MAX_BODY_BYTES,
   timeout_s: float = SOCKET_TIMEOUT_S,
+  allowed_origins: Iterable[str] = (),
+  access_log: bool = False,
 ) -> tuple[Server, ServerState]:
-  """Bind host:port now and load the engine in the background; call serve_forever() on the server."""
-  handler = type("BoundHandler", (Handler,), {"timeout": timeout_s, "max_body_bytes": max_body_bytes})
+  """Bind host:port now and load the engine in the background; call serve_forever() on the server.
+  allowed_origins: the origins ("*": any) whose web pages may call the server (CORS); access_log: a line per request
+  on stderr."""
+  settings = {"timeout": timeout_s, "max_body_bytes": max_body_bytes, "access_log": access_log}
+  handler = type("BoundHandler", (Handler,), settings | {"allowed_origins": frozenset(allowed_origins)})
   server = (Server6 if ":" in host else Server)((host, port), handler)
   handler.state = ServerState(engine_factory, model_name, api_key)
   return server, handler.state
@@ -770,6 +641,8 @@ API_KEY_HELP = "Require 'Authorization: Bearer KEY' on every endpoint but /healt
 SERVED_NAME_HELP = "Model id clients send (default: the --model value)."
 TIMEOUT_HELP = "Seconds a stalled client may keep its connection idle."
 WARMUP_HELP = "Capture the common batch shapes before answering /health with 200."
+ORIGINS_HELP = "Origins whose web pages may call the server (CORS): a comma list, or * for any. Default: none."
+QUIET_HELP = "No log line per request on stderr."
 
 
 def serve_lite(
@@ -787,6 +660,8 @@ def serve_lite(
   dtype: DtypeOption = "auto",
   beam: BeamOption = 0,
   warmup: Annotated[bool, typer.Option(help=WARMUP_HELP)] = True,
+  allowed_origins: Annotated[str, typer.Option(help=ORIGINS_HELP, show_default=False)] = "",
+  quiet: Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_HELP)] = False,
 ) -> None:
   """Serve a model over an OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, /v1/models, /health,
   /metrics."""
@@ -795,7 +670,9 @@ def serve_lite(
   engine_kwargs |= dict(quantize=quantize_setting(quantize), dtype=dtype, beam=beam)
   load = functools.partial(_load_engine, path, engine_kwargs, warmup)
   name = served_model_name or _default_name(model, path)
-  server, state = _listen(load, host, port, api_key, name, timeout)
+  origins = [origin.strip() for origin in allowed_origins.split(",") if origin.strip()]
+  settings = dict(timeout_s=timeout, allowed_origins=origins, access_log=not quiet)
+  server, state = _listen(load, host, port, api_key, name, settings)
   thread = threading.Thread(target=server.serve_forever, name="tinyvllm-http", daemon=True)
   thread.start()
   url = f"http://{host}:{server.server_address[1]}/v1"
@@ -839,9 +716,9 @@ def _load_engine(path: Path, engine_kwargs: dict, warmup: bool) -> Any:
   return engine
 
 
-def _listen(load: Callable[[], Any], host: str, port: int, api_key: str | None, name: str, timeout: float):
+def _listen(load: Callable[[], Any], host: str, port: int, api_key: str | None, name: str, settings: dict):
   try:
-    server, state = make_server(load, host, port, api_key, name, timeout_s=timeout)
+    server, state = make_server(load, host, port, api_key, name, **settings)
   except OSError as e:
     fail(f"cannot listen on {host}:{port}: {e.strerror or e}; pick another --port or --host")
   if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
