@@ -52,12 +52,15 @@ def test_packed_kernels_match_dequantized_weights(kind, M):
 
 @pytest.fixture(scope="module")
 def wide_checkpoint(tmp_path_factory):
-  """K-quants need rows of 256: a tiny Llama with hidden size 256."""
+  """K-quants need rows of 256: a tiny Llama with hidden size 256 (3 layers: layers 0 and 2 replay one layer jit
+  unless their weights differ in layout)."""
   path = tmp_path_factory.mktemp("wide") / "llama256"
-  make_checkpoint(path, family="llama", hidden_size=256, intermediate_size=512, num_heads=4, num_kv_heads=2)
+  shape = dict(hidden_size=256, intermediate_size=512, num_layers=3, num_heads=4, num_kv_heads=2)
+  make_checkpoint(path, family="llama", **shape)
   return path
 
 
+# llama.cpp's mix: some layers' ffn_down / attn_v in Q6_K, the others' Q4_K (layer 0 and 2 differ)
 Q4_K_M = {"blk.0.ffn_down.weight": "Q6_K", "blk.1.attn_v.weight": "Q6_K", "token_embd.weight": "Q6_K"}
 
 
@@ -82,7 +85,8 @@ def test_other_types_load_dequantized_with_a_note(wide_checkpoint, tmp_path, qty
   config = json.loads((wide_checkpoint / "config.json").read_text())
   weights = write_gguf(tmp_path / "m.gguf", wide_checkpoint, qtype)
   engine = LLMEngine(tmp_path / "m.gguf", device="CPU", num_blocks=32, block_size=4)
-  assert engine.files.notes[0] == f"m.gguf: dequantized to float32 at load: 16 {qtype} tensors"
+  matrices = 7 * config["num_hidden_layers"] + 2  # q k v o gate up down per layer, token_embd, output
+  assert engine.files.notes[0] == f"m.gguf: dequantized to float32 at load: {matrices} {qtype} tensors"
   prompt = [7, 100, 42, 9, 250, 3]
   _, got, tokens = _engine_logits(tmp_path / "m.gguf", prompt, num_decode=1)
   ref = reference_logits(weights, config, tokens[:-1])[len(prompt) - 1 :]

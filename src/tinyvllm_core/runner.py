@@ -104,6 +104,9 @@ class ModelRunner:
     self.inputs: dict[BatchShape, dict[str, Tensor]] = {}
     self.direct: dict[TinyJit, object] = {}  # jit -> kernels.cpu.CPUReplay
     self.workers: list = []  # threads that run the other parts of kernels split over the CPU's cores
+    # a layer jit per weight layout: a Q4_K_M file mixes block types between layers (Q4_K / Q6_K, Q5_0 / Q8_0 rows)
+    layouts = [tuple((k, t.shape, t.dtype) for k, t in sorted(w.items())) for w in model.layer_inputs]
+    self.layer_layout = [layouts.index(layout) for layout in layouts]
 
   def _jit(self, key: tuple, fn) -> TinyJit:
     if key not in self.jits:
@@ -161,7 +164,7 @@ class ModelRunner:
     x, cos, sin = self._replay(self._jit(("embed", N), embed), b["token_ids"], b["positions"])
     step_inputs = {"cos": cos, "sin": sin} | {k: b[k] for k in ("block_tables", "context_lens", "slot_mapping")}
     for i in range(m.config.num_layers):
-      layer_jit = self._jit(("layer", N, W, i % 2), layer)
+      layer_jit = self._jit(("layer", N, W, i % 2, self.layer_layout[i]), layer)
       x = self._replay(layer_jit, x, **step_inputs, **m.layer_inputs[i])
     sampling = {k: b[k] for k in (*SAMPLING_INPUTS, *PENALTY_INPUTS, "bitmask") if k in b}
     head_key = ("head", N, shape.num_seqs, shape.greedy, shape.filtered, shape.penalty_width, shape.masked)
