@@ -2,7 +2,9 @@
 
 import http.client, json, os, re, signal, socket, subprocess, sys, threading, time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 import pytest
+from model_factory import CHAT_TEMPLATE
 from openai import OpenAI, AuthenticationError
 from tinyvllm_core import ConfigError, LLMEngine
 from tinyvllm_cli.bench import bench_serve
@@ -62,9 +64,26 @@ def tiny_factory(path, **kw):
   return lambda: LLMEngine(path, device="CPU", num_blocks=512, block_size=16, max_num_seqs=16, **kw)
 
 
+# the test checkpoints' template, with a system block and <tool_call> calls when tools are given (as Qwen2.5's)
+TOOLS_TEMPLATE = (
+  "{% if tools %}<|im_start|>system\n<tools>{% for tool in tools %}{{ tool | tojson }}{% endfor %}</tools>\n"
+  'Call a function as <tool_call>{"name": ..., "arguments": ...}</tool_call><|im_end|>\n{% endif %}' + CHAT_TEMPLATE
+)
+
+
+def with_template(checkpoint: Path, template: str, folder: Path) -> Path:
+  """A copy of a tiny checkpoint with another chat template."""
+  for file in checkpoint.iterdir():
+    (folder / file.name).write_bytes(file.read_bytes())
+  config = json.loads((folder / "tokenizer_config.json").read_text())
+  (folder / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": template}))
+  return folder
+
+
 @pytest.fixture(scope="module")
-def srv(checkpoints):
-  s = Running(tiny_factory(checkpoints["llama"][0]), max_body_bytes=64 << 10, timeout_s=3.0)
+def srv(checkpoints, tmp_path_factory):
+  path = with_template(checkpoints["llama"][0], TOOLS_TEMPLATE, tmp_path_factory.mktemp("llama-tools"))
+  s = Running(tiny_factory(path), max_body_bytes=64 << 10, timeout_s=3.0)
   assert s.state.wait_ready(60), s.state.load_error
   yield s
   s.stop()
@@ -349,25 +368,44 @@ def test_health_is_503_while_loading_and_after_a_failed_load(checkpoints):
     s.stop()
 
 
+WEATHER = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"]}
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}}
+MIXED = [  # beside the plain streams: constrained and tool-calling requests, streamed and not
+  dict(response_format={"type": "json_schema", "json_schema": {"name": "w", "schema": WEATHER}}),
+  dict(response_format={"type": "json_object"}, stream=True),
+  dict(extra_body={"guided_regex": "[a-z]{2,10}"}),
+  dict(tools=[TOOL], tool_choice="required"),
+  dict(tools=[TOOL], tool_choice="required", stream=True),
+  dict(tools=[TOOL], logprobs=True, top_logprobs=2, n=2),
+]
+
+
 def test_bounded_load_run_has_no_failures_and_frees_every_block(srv, tmp_path, capsys):
+  """200 requests, 32 at a time: 140 plain streams from bench serve and, at the same time, 60 constrained and
+  tool-calling ones; none fails and every KV block is free at the end."""
   (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS))
-  report = bench_serve(
-    srv.url,
-    concurrency="32",
-    num_prompts=200,
-    max_tokens=4,
-    warmup=False,
-    dataset=tmp_path / "prompts.txt",
-    output_dir=tmp_path / "out",
-    json_output=True,
-  )
+  load = dict(concurrency="24", num_prompts=140, max_tokens=4, warmup=False, json_output=True)
+  with ThreadPoolExecutor(1) as bench, ThreadPoolExecutor(8) as pool:
+    plain = bench.submit(bench_serve, srv.url, dataset=tmp_path / "prompts.txt", output_dir=tmp_path / "out", **load)
+    mixed = list(pool.map(mixed_request, [srv.client()] * 60, range(60)))
+    report = plain.result()
+  assert all(reason in ("stop", "length", "tool_calls") for reasons in mixed for reason in reasons), mixed
   level = report["levels"][0]
-  assert (level["completed"], level["failed"]) == (200, 0) and level["total_output_tokens"] == 800
+  assert (level["completed"], level["failed"]) == (140, 0) and level["total_output_tokens"] == 560
   assert level["output_throughput"] > 0 and level["median_ttft_ms"] > 0 and level["median_itl_ms"] > 0
-  assert json.loads(capsys.readouterr().out)["levels"][0]["completed"] == 200
+  assert json.loads(capsys.readouterr().out)["levels"][0]["completed"] == 140
   assert {p.suffix for p in (tmp_path / "out").glob("serve-*")} == {".json", ".md"}
-  assert "| successful | 200 |" in next((tmp_path / "out").glob("serve-*.md")).read_text()
+  assert "| successful | 140 |" in next((tmp_path / "out").glob("serve-*.md")).read_text()
   srv.wait_idle()
+
+
+def mixed_request(client: OpenAI, i: int) -> list[str]:
+  """One of the MIXED requests (a 200 or an exception); its choices' finish reasons."""
+  kwargs = MIXED[i % len(MIXED)] | {"model": MODEL, "max_tokens": 6, "temperature": 0}
+  reply = client.chat.completions.create(messages=[{"role": "user", "content": PROMPTS[i % 16]}], **kwargs)
+  if not kwargs.get("stream"):
+    return [choice.finish_reason for choice in reply.choices]
+  return [choice.finish_reason for chunk in reply for choice in chunk.choices if choice.finish_reason]
 
 
 # ---- the command and the real model ------------------------------------------------------------

@@ -213,6 +213,7 @@ def test_n_choices_share_the_prompt(client, srv):
 # ---- refused fields -----------------------------------------------------------------------------
 
 HI = [{"role": "user", "content": "hi"}]
+FUNCTION = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
 REFUSED = [
   ("/v1/completions", {"prompt": "hi", "echo": True}, "echo"),
   ("/v1/completions", {"prompt": "hi", "best_of": 2}, "best_of"),
@@ -249,6 +250,8 @@ REFUSED = [
   ("/v1/chat/completions", {"messages": [{"role": "system", "content": None}, *HI]}, "messages[0].content"),
   ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
   ("/v1/chat/completions", {"messages": [*HI, {"role": "assistant", "tool_calls": [1]}]}, "messages[1].tool_calls[0]"),
+  ("/v1/chat/completions", {"messages": HI, "tools": [FUNCTION]}, "tools"),  # the template takes no tools
+  ("/v1/chat/completions", {"messages": HI, "tool_choice": "required"}, "tool_choice"),
 ]
 
 

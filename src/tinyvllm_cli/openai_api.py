@@ -10,7 +10,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from tinyvllm_cli.reasoning import ReasoningSplitter, has_reasoning, prompt_opens_reasoning, split_reasoning
+from tinyvllm_cli.reasoning import (
+  THINK_CLOSE,
+  ReasoningSplitter,
+  has_reasoning,
+  prompt_opens_reasoning,
+  split_reasoning,
+)
+from tinyvllm_cli.tool_calls import ToolParser, ToolStreamer, normalize_tool_messages, tool_parser_for
 from tinyvllm_cli.ui import one_line
 
 INVALID_REQUEST = "invalid_request_error"
@@ -42,7 +49,8 @@ SHARED_FIELDS = frozenset(
     *("response_format", "guided_json", "guided_regex", "guided_grammar"),
   }
 )
-CHAT_FIELDS = SHARED_FIELDS | {"messages", "top_logprobs", "chat_template_kwargs"}
+CHAT_FIELDS = SHARED_FIELDS | {"messages", "top_logprobs", "chat_template_kwargs", "tools", "tool_choice"}
+CHAT_FIELDS |= {"parallel_tool_calls"}
 COMPLETION_FIELDS = SHARED_FIELDS | {"prompt"}
 # fields serve-lite does not honour, accepted at the one value that asks for nothing
 INERT = {"echo": False, "best_of": 1, "suffix": "", "store": False, "modalities": ["text"], "service_tier": "auto"}
@@ -119,35 +127,79 @@ def parse_json_object(raw: bytes) -> dict:
 
 
 @dataclass
+class ToolRequest:
+  """The tools a chat request offers and how the reply may call them."""
+
+  tools: list[dict]
+  choice: str | dict  # auto, required, or {"type": "function", "function": {"name": ...}}
+  parser: ToolParser  # the chat template's call format
+  parallel: bool = True  # parallel_tool_calls: false keeps the first call
+
+
+@dataclass
 class Reply:
-  """How a chat reply's text becomes the assistant's message: reasoning split off for templates with <think>."""
+  """How a chat reply's text becomes the assistant's message: reasoning split off (templates with <think>), tool
+  calls parsed out (requests with tools)."""
 
   reasoning: bool = False  # split <think>...</think> into reasoning_content
   reasoning_started: bool = False  # the prompt opened the think block: the reply starts inside it
+  thinking_off: bool = False  # the prompt closed an empty think block (enable_thinking false): the reply has none
+  tools: ToolRequest | None = None
 
   def message(self, text: str) -> tuple[dict, bool]:
     """The assistant message of a whole reply, and whether it calls tools."""
     reasoning, content = split_reasoning(text, self.reasoning_started) if self.reasoning else (None, text)
-    message = {"role": "assistant", "content": content}
-    return message | ({} if reasoning is None else {"reasoning_content": reasoning}), False
+    content, calls = self.tools.parser.parse(content) if self.tools else (content, [])
+    calls = calls if self.tools is None or self.tools.parallel else calls[:1]
+    message = {"role": "assistant", "content": (content or None) if calls else content}
+    message |= {"tool_calls": calls} if calls else {}
+    return message | ({} if reasoning is None else {"reasoning_content": reasoning}), bool(calls)
+
+  def grammar(self) -> str | None:
+    """The grammar that forces a tool call (tool_choice required or a named function); None otherwise."""
+    if self.tools is None:
+      return None
+    thinking = self.reasoning and not self.thinking_off
+    try:
+      return self.tools.parser.grammar(self.tools.tools, self.tools.choice, thinking, self.reasoning_started)
+    except ValueError as e:
+      raise ApiError(400, one_line(e), "tool_choice", "invalid_value") from None
 
   def streamer(self) -> ReplyStreamer:
     return ReplyStreamer(self)
 
 
 class ReplyStreamer:
-  """A chat reply's text deltas -> message deltas (reasoning_content, content), as Reply.message splits the whole."""
+  """A chat reply's text deltas -> message deltas (reasoning_content, content, tool_calls), as Reply.message splits
+  the whole reply."""
 
   def __init__(self, reply: Reply):
     self.splitter = ReasoningSplitter(reply.reasoning_started) if reply.reasoning else None
-    self.called = False
+    self.tools = ToolStreamer(reply.tools.parser) if reply.tools else None
+    self.max_calls = None if reply.tools is None or reply.tools.parallel else 1
+    self.num_calls = 0
+
+  @property
+  def called(self) -> bool:
+    return self.num_calls > 0
 
   def feed(self, text: str, final: bool) -> dict:
-    reasoning, content = self.splitter.feed(text) if self.splitter else ("", text)
-    if final and self.splitter:
-      tail = self.splitter.flush()
-      reasoning, content = reasoning + tail[0], content + tail[1]
-    return ({"reasoning_content": reasoning} if reasoning else {}) | ({"content": content} if content else {})
+    reasoning, content = _fed(self.splitter, text, final) if self.splitter else ("", text)
+    content, calls = _fed(self.tools, content, final) if self.tools else (content, [])
+    calls = calls[: None if self.max_calls is None else self.max_calls - self.num_calls]
+    indexed = [{"index": self.num_calls + k, **call} for k, call in enumerate(calls)]
+    self.num_calls += len(calls)
+    delta = {"reasoning_content": reasoning} if reasoning else {}
+    return delta | ({"content": content} if content else {}) | ({"tool_calls": indexed} if indexed else {})
+
+
+def _fed(streamer: Any, text: str, final: bool) -> tuple[Any, Any]:
+  """A streamer's (first, second) output for a delta, and for what it held back when the reply ends."""
+  first, second = streamer.feed(text)
+  if final:
+    tail = streamer.flush()
+    first, second = first + tail[0], second + tail[1]
+  return first, second
 
 
 @dataclass
@@ -171,7 +223,7 @@ def parse_request(body: dict, engine: Any, model_name: str, chat: bool) -> Gener
   check_prompt_ids(ids, engine)
   stream = _get(body, "stream", bool, False)
   include_usage = _get(_get(body, "stream_options", dict, {}), "include_usage", bool, False)
-  params = sampling_params(body, engine, len(ids), chat, output_grammar(body))
+  params = sampling_params(body, engine, len(ids), chat, output_grammar(body, reply))
   return GenerateRequest(ids, params, stream, include_usage, chat, n, reply)
 
 
@@ -218,15 +270,17 @@ def chat_prompt(body: dict, engine: Any) -> tuple[list[int], Reply]:
   if not isinstance(messages, list) or not messages:
     message = "'messages' must be a non-empty array of {role, content} objects"
     raise ApiError(400, message, "messages", "invalid_type")
-  kwargs = _get(body, "chat_template_kwargs", dict, {})
-  checked = [_message(m, i) for i, m in enumerate(messages)]
+  template = engine.files.chat_template
+  tools = chat_tools(body, template)
+  kwargs = _get(body, "chat_template_kwargs", dict, {}) | ({"tools": tools.tools} if tools else {})
+  checked = normalize_tool_messages([_message(m, i) for i, m in enumerate(messages)])
   try:
     text = engine.apply_chat_template(checked, tokenize=False, add_generation_prompt=True, **kwargs)
   except (ValueError, TypeError) as e:
     raise ApiError(400, f"the chat template rejected the messages: {one_line(e)}", "messages") from None
-  reasoning = has_reasoning(engine.files.chat_template)
-  reply = Reply(reasoning, reasoning and prompt_opens_reasoning(text))
-  return engine.encode(text, add_special_tokens=False), reply
+  reasoning = has_reasoning(template)
+  opened, closed = reasoning and prompt_opens_reasoning(text), reasoning and text.rstrip().endswith(THINK_CLOSE)
+  return engine.encode(text, add_special_tokens=False), Reply(reasoning, opened, closed, tools)
 
 
 def _message(m: Any, i: int) -> dict:
@@ -278,18 +332,56 @@ def _message_extras(m: dict, param: str, role: str) -> dict:
 
 
 def _history_call(call: Any, param: str) -> dict:
-  """An earlier tool call as templates read it: its arguments as an object, not a JSON string (as vLLM passes it)."""
+  """An earlier tool call, checked (normalize_tool_messages hands its arguments to the template as an object)."""
   function = call.get("function") if isinstance(call, dict) else None
   if not isinstance(function, dict) or not isinstance(function.get("name"), str):
     raise ApiError(400, f"'{param}' must be {{id, type, function: {{name, arguments}}}}", param, "invalid_type")
-  arguments = function.get("arguments") or "{}"
-  if isinstance(arguments, str):
-    try:
-      arguments = json.loads(arguments)
-    except ValueError:
-      message = f"'{param}.function.arguments' is not valid JSON"
-      raise ApiError(400, message, f"{param}.function.arguments", "invalid_value") from None
-  return call | {"function": function | {"arguments": arguments}}
+  return call
+
+
+# ---- tools ---------------------------------------------------------------------------------------
+
+
+def chat_tools(body: dict, template: str | None) -> ToolRequest | None:
+  """The request's tools, passed to the template and parsed out of the reply; None without tools or with
+  tool_choice none (the template then gets no tools). A template that takes no tools is a 400."""
+  tools = _tools(body)
+  choice = _tool_choice(body, tools)
+  if choice == "none":
+    return None
+  if (parser := tool_parser_for(template)) is None:
+    message = "this model's chat template has no tool calling (or a call format serve-lite does not parse)"
+    raise ApiError(400, message, "tools", "unsupported_value")
+  return ToolRequest(tools, choice, parser, _get(body, "parallel_tool_calls", bool, True))
+
+
+def _tools(body: dict) -> list[dict]:
+  tools = _get(body, "tools", list, [])
+  for i, tool in enumerate(tools):
+    if not _is_function_tool(tool):
+      message = f"'tools[{i}]' must be {{type: function, function: {{name, description, parameters}}}}"
+      raise ApiError(400, message, f"tools[{i}]", "invalid_type")
+  return tools
+
+
+def _is_function_tool(tool: Any) -> bool:
+  function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+  if not isinstance(function, dict):
+    return False
+  return isinstance(function.get("name"), str) and isinstance(function.get("parameters", {}), dict)
+
+
+def _tool_choice(body: dict, tools: list[dict]) -> str | dict:
+  """auto (the default with tools), none (without), required, or {"type": "function", "function": {"name"}}."""
+  choice = _get(body, "tool_choice", (str, dict), "auto" if tools else "none")
+  names = {tool["function"]["name"] for tool in tools}
+  named = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+  if choice not in ("auto", "none", "required") and named not in names:
+    message = "'tool_choice' must be auto, none, required or {type: function, function: {name}} naming one of the tools"
+    raise ApiError(400, message, "tool_choice", "invalid_value")
+  if choice != "none" and not tools:
+    raise ApiError(400, "'tool_choice' needs 'tools'", "tool_choice", "invalid_value")
+  return choice
 
 
 # ---- sampling ------------------------------------------------------------------------------------
@@ -392,12 +484,13 @@ def choice_params(params: Any, index: int) -> Any:
 # ---- structured output ---------------------------------------------------------------------------
 
 
-def output_grammar(body: dict) -> str | None:
-  """The request's one constraint on the output (response_format or a vLLM guided_* field) as an llguidance
-  grammar, checked here so a bad one is a 400 naming its field."""
+def output_grammar(body: dict, reply: Reply) -> str | None:
+  """The request's one constraint on the output (response_format, a vLLM guided_* field, or a tool call that
+  tool_choice forces) as an llguidance grammar, checked here so a bad one is a 400 naming its field."""
   from llguidance import LLMatcher
 
   asked = [(name, g) for name, build in GRAMMARS.items() if (g := _built(body, name, build)) is not None]
+  asked += [("tool_choice", g)] if (g := reply.grammar()) is not None else []
   if len(asked) > 1:
     message = f"'{asked[0][0]}' and '{asked[1][0]}' both constrain the output; send one"
     raise ApiError(400, message, asked[1][0], "invalid_value")
