@@ -399,6 +399,22 @@ def test_bounded_load_run_has_no_failures_and_frees_every_block(srv, tmp_path, c
   srv.wait_idle()
 
 
+def test_bench_serve_json_schema_constrains_every_request(srv, tmp_path):
+  (tmp_path / "schema.json").write_text(json.dumps(WEATHER))
+  report = bench_serve(
+    srv.url,
+    concurrency="2",
+    num_prompts=4,
+    max_tokens=4,
+    warmup=False,
+    endpoint="chat",
+    json_schema=tmp_path / "schema.json",
+    output_dir=tmp_path,
+  )
+  assert report["levels"][0]["completed"] == 4 and report["config"]["json_schema"] == WEATHER
+  assert "output constrained to the JSON schema" in next(tmp_path.glob("serve-*.md")).read_text()
+
+
 def mixed_request(client: OpenAI, i: int) -> list[str]:
   """One of the MIXED requests (a 200 or an exception); its choices' finish reasons."""
   kwargs = MIXED[i % len(MIXED)] | {"model": MODEL, "max_tokens": 6, "temperature": 0}
@@ -519,3 +535,5 @@ def test_bench_serve_is_a_bench_preset_with_one_line_errors():
 
   r = CliRunner().invoke(app, ["bench", "serve", "--url", "http://127.0.0.1:9", "--timeout", "2", "-c", "1", "-n", "1"])
   assert r.exit_code == 1 and "cannot reach http://127.0.0.1:9" in r.output and "Traceback" not in r.output
+  r = CliRunner().invoke(app, ["bench", "serve", "--url", "http://127.0.0.1:9", "--json-schema", "/no/such.json"])
+  assert r.exit_code == 1 and "cannot read --json-schema /no/such.json" in r.output and "Traceback" not in r.output

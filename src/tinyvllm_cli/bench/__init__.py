@@ -40,6 +40,7 @@ JsonOpt = Annotated[bool, Opt("--json", help="Print the result JSON to stdout.")
 OutputOpt = Annotated[Path, Opt("--output", "-o", help="Folder for the .json and .md results.")]
 NoteOpt = Annotated[Optional[list[str]], Opt("--note", help="A note for the markdown (repeatable).")]
 NUM_SEQS_HELP = "Number of sequences (repeatable: one workload per count)."
+SCHEMA_HELP = "A JSON schema file: every request's output is constrained to it (response_format json_schema)."
 RESULTS = Path("bench_results")
 BACKENDS = ("tinyvllm", "vllm", "nanovllm", "transformers", "llamacpp")
 
@@ -277,16 +278,18 @@ def bench_serve(
   output_dir: OutputOpt = RESULTS,
   json_output: JsonOpt = False,
   timeout: Annotated[float, Opt(min=1, help="Seconds to wait for the server and for each request.")] = 600.0,
+  json_schema: Annotated[Optional[Path], Opt("--json-schema", show_default=False, help=SCHEMA_HELP)] = None,
 ) -> dict:
   """Benchmark a running OpenAI-compatible server (e.g. tinyvllm serve-lite) at several concurrency levels."""
   from datetime import datetime
 
-  from tinyvllm_cli.bench.serve import Target, markdown, read_dataset, run_levels
+  from tinyvllm_cli.bench.serve import Target, markdown, read_dataset, read_schema, run_levels
 
   with one_line_errors():
     if endpoint not in ("completions", "chat"):
       raise BenchError(f"--endpoint {endpoint!r}: expected completions or chat")
     levels = parse_ints(concurrency, "--concurrency", "1,4,16")
+    schema = read_schema(json_schema)
     target = Target(url, endpoint, api_key, timeout)
     model = target.wait_ready()
     config = {
@@ -298,6 +301,8 @@ def bench_serve(
       "max_tokens": max_tokens,
       "ignore_eos": ignore_eos,
       "warmup": warmup,
+      "json_schema_file": str(json_schema) if json_schema else None,
+      "json_schema": schema,
     }
     report = {"timestamp": datetime.now().strftime("%Y%m%d-%H%M%S"), "model": model, "config": config}
     report["levels"] = run_levels(target, model, config, read_dataset(dataset))

@@ -116,6 +116,18 @@ def read_dataset(path: Path | None) -> list[str] | None:
   return lines
 
 
+def read_schema(path: Path | None) -> dict | None:
+  if path is None:
+    return None
+  try:
+    schema = json.loads(path.read_text())
+  except (OSError, UnicodeDecodeError, ValueError) as e:
+    raise BenchError(f"cannot read --json-schema {path}: {one_line(e)}") from None
+  if not isinstance(schema, dict):
+    raise BenchError(f"--json-schema {path}: a JSON schema is an object")
+  return schema
+
+
 def read_events(resp: http.client.HTTPResponse, start: float) -> Result:
   res = Result(True)
   last = None
@@ -207,6 +219,9 @@ def run_levels(target: Target, model: str, config: dict, dataset: list[str] | No
           {"messages": [{"role": "user", "content": prompt}]} if target.endpoint == "chat" else {"prompt": prompt}
         )
         options = {"max_tokens": config["max_tokens"], "temperature": 0, "ignore_eos": config["ignore_eos"]}
+        if config.get("json_schema"):
+          spec = {"name": "bench", "schema": config["json_schema"]}
+          options["response_format"] = {"type": "json_schema", "json_schema": spec}
         out.append({"model": model, **payload, **options, "stream": True, "stream_options": {"include_usage": True}})
       return out
 
@@ -242,12 +257,13 @@ def markdown(report: dict) -> str:
   rows = [[title, *(fmt.format(lv[key]) for lv in levels)] for key, title, fmt in ROWS]
   path = "chat/completions" if c["endpoint"] == "chat" else "completions"
   ignore_eos = ", ignore_eos" if c["ignore_eos"] else ""
+  schema = f", output constrained to the JSON schema {c['json_schema_file']}" if c.get("json_schema") else ""
   errors = [f"- concurrency {lv['concurrency']}: {e}" for lv in levels for e in lv["errors"]]
   lines = [
     f"# tinyvllm bench serve — {report['timestamp']}",
     "",
     f"Server {c['url']}, model `{report['model']}`, endpoint /v1/{path}, greedy, max_tokens {c['max_tokens']}"
-    f"{ignore_eos}, warm-up {'on' if c['warmup'] else 'off'}.",
+    f"{ignore_eos}{schema}, warm-up {'on' if c['warmup'] else 'off'}.",
     "",
     markdown_table(header, rows),
     *(["", "Errors:", *errors] if errors else []),
