@@ -7,7 +7,7 @@ from numpy_ref import reference_logits
 from tinygrad import Tensor
 from tinyvllm_core import LLMEngine, SamplingParams
 from tinyvllm_core.kernels.penalties import apply_penalties
-from tinyvllm_core.sampling import penalty_entries
+from tinyvllm_core.kernels.penalties import penalty_entries
 
 
 def numpy_penalties(logits: np.ndarray, params: SamplingParams, prompt: list[int], output: list[int]) -> np.ndarray:

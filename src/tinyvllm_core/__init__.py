@@ -17,28 +17,3 @@ from .runner import BatchShape, block_table_width
 from .kernels.sampler import hash_uniform
 from .sampling import SamplingParams
 from .sequence import Logprob, Sequence
-
-__all__ = [
-  "LLM",
-  "LLMEngine",
-  "EngineLoop",
-  "RequestStream",
-  "RequestOutput",
-  "SamplingParams",
-  "EngineConfig",
-  "ModelConfig",
-  "ConfigError",
-  "BlockManager",
-  "Sequence",
-  "Logprob",
-  "Detokenizer",
-  "BatchShape",
-  "block_table_width",
-  "check_prompt",
-  "stop_holdback",
-  "hash_uniform",
-  "kv_bytes_per_block",
-  "num_kv_blocks",
-  "resolve_device",
-  "resolve_dtype",
-]

@@ -60,9 +60,16 @@ class EngineConfig:
   # values (GGUF blocks dequantized); int8: matmul weights as int8 + a scale per 32; gguf: a GGUF's blocks, or an error
   quantize: str | None = "auto"
   beam: int = 0  # > 0: capture each new jit under tinygrad's BEAM search of this width (results are cached on disk)
+  num_speculative_tokens: int = 0  # prompt-lookup draft tokens verified per decode step (0: off)
 
   def __post_init__(self):
-    for name, low in (("block_size", 1), ("max_num_seqs", 1), ("max_num_batched_tokens", 1), ("beam", 0)):
+    for name, low in (
+      ("block_size", 1),
+      ("max_num_seqs", 1),
+      ("max_num_batched_tokens", 1),
+      ("beam", 0),
+      ("num_speculative_tokens", 0),
+    ):
       if getattr(self, name) < low:
         raise ConfigError(f"engine setting {name} must be >= {low} (got {getattr(self, name)})")
     if self.kv_cache_gb <= 0:

@@ -32,6 +32,21 @@ def check_prompt(ids: list[int], max_model_len: int, vocab_size: int) -> None:
     raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
 
 
+def ngram_drafts(token_ids: list[int], k: int, max_ngram: int = 3) -> list[int]:
+  """Prompt lookup: the (up to) k tokens that followed the latest earlier occurrence of the longest suffix n-gram."""
+  ids = np.asarray(token_ids)
+  for n in range(min(max_ngram, len(ids) - 1), 0, -1):
+    hits = np.flatnonzero((np.lib.stride_tricks.sliding_window_view(ids[:-1], n) == ids[-n:]).all(1))
+    if len(hits):
+      return ids[hits[-1] + n : hits[-1] + n + k].tolist()
+  return []
+
+
+def num_accepted(drafts: list[int], sampled: list[int]) -> int:
+  """Sampled tokens kept: each row's token up to and including the first that differs from its draft."""
+  return next((i + 1 for i, (d, t) in enumerate(zip(drafts, sampled)) if d != t), len(sampled))
+
+
 Prompts = str | list[str] | list[list[int]]  # one prompt or many, as text or token ids
 
 
@@ -76,7 +91,7 @@ class LLMEngine:
     self.seqs: dict[str, Sequence] = {}
     self._detok: dict[str, Detokenizer] = {}
     self._counter = itertools.count()
-    self.num_prompt_tokens = self.num_generated_tokens = 0
+    self.num_prompt_tokens = self.num_generated_tokens = self.num_draft_tokens = self.num_accepted_drafts = 0
     self.last_step_timings: dict[str, float] = {}  # seconds spent in each phase of the last step (profiling)
 
   def _max_model_len(self, num_blocks: int) -> int:
@@ -155,6 +170,8 @@ class LLMEngine:
       "kv_cache_usage": 1 - bm.num_free_blocks / bm.num_total_blocks,
       "num_prompt_tokens": self.num_prompt_tokens,
       "num_generated_tokens": self.num_generated_tokens,
+      "num_draft_tokens": self.num_draft_tokens,  # verified; accepted ones follow
+      "num_accepted_drafts": self.num_accepted_drafts,
       "num_cached_tokens": bm.num_hit_tokens,
       "prefix_cache_hit_rate": bm.num_hit_tokens / max(bm.num_queried_tokens, 1),
       "num_free_blocks": bm.num_free_blocks,
@@ -164,18 +181,25 @@ class LLMEngine:
   # ---- one step of continuous batching ----
   def step(self) -> list[RequestOutput]:
     t0 = time.perf_counter()
+    self._propose_drafts()
     if not (scheduled := self.scheduler.schedule()):
       return []
     t1 = time.perf_counter()
     sampled, next_ids = self.runner.execute(scheduled)
     t2 = time.perf_counter()
-    for seq, n in scheduled:
-      seq.num_computed_tokens += n
-      self.block_manager.cache_full_blocks(seq)
-    for row, seq in enumerate(sampled):
+    rows: dict[Sequence, list[int]] = {}  # a sequence's sampled rows: one, or one per draft and one more
+    for row, (seq, token_id) in enumerate(zip(sampled, next_ids)):
+      rows.setdefault(seq, []).append(token_id)
       if seq.sampling_params.logprobs is not None:
-        seq.logprobs.append(self._logprob(row, next_ids[row], seq.sampling_params.logprobs))
-    outputs = [self._append_token(seq, tok) for seq, tok in zip(sampled, next_ids)]
+        seq.logprobs.append(self._logprob(row, token_id, seq.sampling_params.logprobs))
+    accepted = {seq: ids[: num_accepted(seq.spec_token_ids, ids)] for seq, ids in rows.items()}
+    self.num_draft_tokens += len(sampled) - len(rows)
+    self.num_accepted_drafts += sum(map(len, accepted.values())) - len(rows)
+    for seq, n in scheduled:  # a rejected draft's KV slot is written again later
+      seq.num_computed_tokens += n - len(rows.get(seq, ())) + len(accepted.get(seq, ()))
+      self.block_manager.cache_full_blocks(seq)
+      seq.spec_token_ids = []
+    outputs = [self._append_tokens(seq, ids) for seq, ids in accepted.items()]
     self.last_step_timings = {
       "schedule_s": t1 - t0,
       **self.runner.last_timings,
@@ -189,17 +213,31 @@ class LLMEngine:
     chosen, values, token_ids = (a[row] for a in self.runner.last_logprobs)
     return Logprob(token_id, float(chosen), list(zip(token_ids[:k].tolist(), values[:k].tolist())))
 
-  def _append_token(self, seq: Sequence, token_id: int) -> RequestOutput:
-    seq.output_token_ids.append(token_id)
-    if seq.matcher:
-      seq.matcher.consume_token(token_id)
-    self.num_generated_tokens += 1
+  def _propose_drafts(self) -> None:
+    """Prompt lookup, no draft model: a decoding sequence's next tokens guessed from the tokens so far, verified as
+    extra rows of its chunk. Not for rows whose logits depend on the output (penalties, grammars, logprobs)."""
+    k = self.config.num_speculative_tokens
+    for seq in self.scheduler.running if k else ():
+      seq.spec_token_ids, p = [], seq.sampling_params
+      room = min(k, p.max_tokens - len(seq.output_token_ids) - 1, self.max_model_len - seq.num_tokens - 1)
+      plain = not (p.penalized or seq.matcher or p.logprobs is not None)
+      if plain and room > 0 and seq.num_computed_tokens == seq.num_tokens - 1:
+        seq.spec_token_ids = ngram_drafts(seq.token_ids, room)
+
+  def _append_tokens(self, seq: Sequence, token_ids: list[int]) -> RequestOutput:
     detok = self._detok[seq.request_id]
-    if self.tokenizer:
-      detok.update(self.tokenizer, seq.output_token_ids)
-    if reason := self._finish_reason(seq, token_id, detok):
-      self.scheduler.finish(seq, reason)
-    return self._output(seq, [token_id])
+    for i, token_id in enumerate(token_ids):
+      seq.output_token_ids.append(token_id)
+      if seq.matcher:
+        seq.matcher.consume_token(token_id)
+      if self.tokenizer:
+        detok.update(self.tokenizer, seq.output_token_ids)
+      if reason := self._finish_reason(seq, token_id, detok):
+        self.scheduler.finish(seq, reason)
+        token_ids = token_ids[: i + 1]
+        break
+    self.num_generated_tokens += len(token_ids)
+    return self._output(seq, token_ids)
 
   def _finish_reason(self, seq: Sequence, token_id: int, detok: Detokenizer) -> str | None:
     """stop (an EOS or stop token, or a stop string, which the text then ends before), length, or None."""

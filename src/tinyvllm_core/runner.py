@@ -9,9 +9,9 @@ from tinygrad.helpers import BEAM, DEBUG, Context
 
 from .config import on_cpu
 from .model import Model
-from .kernels.penalties import apply_penalties
-from .kernels.sampler import apply_bitmask, sample, top_logprobs
-from .sampling import SamplingParams, penalty_entries
+from .kernels.penalties import PENALTY_INPUTS, apply_penalties, penalty_arrays, penalty_entries
+from .kernels.sampler import apply_bitmask, grammar_bitmask, sample, top_logprobs
+from .sampling import SamplingParams
 from .sequence import Sequence
 
 
@@ -34,6 +34,7 @@ class BatchShape:
   penalty_width: int = 0  # distinct tokens per row the penalties touch (bucketed); 0: no row uses penalties
   masked: bool = False  # a row's output follows a grammar (a bitmask input of allowed tokens)
   logprobs: bool = False  # a row asks for logprobs
+  speculative: bool = False  # a sampling (not greedy) row verifies a draft token (a draft_ids input)
 
 
 @dataclass
@@ -49,8 +50,9 @@ class Chunk:
     return self.start + self.num_tokens
 
   @property
-  def samples(self) -> bool:  # the chunk reaches the sequence's end: it yields the next token
-    return self.end == self.seq.num_tokens
+  def num_sampled_rows(self) -> int:  # rows that yield a token: the last real token's and each draft's
+    last_real = self.seq.num_tokens - len(self.seq.spec_token_ids) - 1
+    return max(0, self.end - max(self.start, last_real))
 
 
 def _is_filtered(params: SamplingParams) -> bool:
@@ -58,38 +60,6 @@ def _is_filtered(params: SamplingParams) -> bool:
 
 
 SAMPLING_INPUTS = ("logits_indices", "temperature", "top_k", "top_p", "min_p", "seeds")
-PENALTY_INPUTS = ("penalty_token_ids", "penalty_counts", "penalty_num_tokens", "penalties", "penalty_biases")
-
-
-def _penalty_arrays(entries: dict, sampled: list[Sequence], num_rows: int, width: int) -> dict[str, np.ndarray]:
-  """Per sampled row: its distinct penalized tokens, their output counts, how many, and (repetition, frequency,
-  presence); rows without penalties list nothing."""
-  a = {
-    "penalty_token_ids": np.zeros((num_rows, width), np.int32),
-    "penalty_counts": np.zeros((num_rows, width), np.int32),
-    "penalty_num_tokens": np.zeros(num_rows, np.int32),
-    "penalties": np.tile(np.array([1.0, 0.0, 0.0], np.float32), (num_rows, 1)),
-    "penalty_biases": np.zeros((num_rows, width), np.float32),
-  }
-  for row, (token_ids, counts, biases) in entries.items():
-    p = sampled[row].sampling_params
-    a["penalty_token_ids"][row, : len(token_ids)] = token_ids
-    a["penalty_counts"][row, : len(counts)] = counts
-    a["penalty_biases"][row, : len(biases)] = biases
-    a["penalty_num_tokens"][row] = len(token_ids)
-    a["penalties"][row] = (p.repetition_penalty, p.frequency_penalty, p.presence_penalty)
-  return a
-
-
-def grammar_bitmask(sampled: list[Sequence], num_rows: int, vocab_size: int) -> np.ndarray:
-  """Allowed tokens per sampled row as llguidance's bitmask (32 tokens per int32); rows without a grammar allow all."""
-  from llguidance.numpy import fill_next_token_bitmask
-
-  bitmask = np.full((num_rows, -(-vocab_size // 32)), -1, np.int32)
-  for row, seq in enumerate(sampled):
-    if seq.matcher:
-      fill_next_token_bitmask(seq.matcher, bitmask, row)
-  return bitmask
 
 
 class ModelRunner:
@@ -147,7 +117,7 @@ class ModelRunner:
     def layer(x: Tensor, **inputs: Tensor):
       return m.layer(x, **inputs).realize()
 
-    def head(x, logits_indices, temperature, top_k, top_p, min_p, seeds, bitmask=None, **penalties):
+    def head(x, logits_indices, temperature, top_k, top_p, min_p, seeds, bitmask=None, draft_ids=None, **penalties):
       logits = m.head(x, logits_indices).contiguous()  # else argmax/sampling fuse and recompute the lm_head matmul
       if penalties:
         logits = apply_penalties(logits, *(penalties[k] for k in PENALTY_INPUTS))
@@ -156,7 +126,7 @@ class ModelRunner:
       if shape.greedy:
         next_ids = logits.argmax(-1)
       else:
-        next_ids = sample(logits, temperature, top_k, top_p, min_p, seeds, shape.filtered)
+        next_ids = sample(logits, temperature, top_k, top_p, min_p, seeds, shape.filtered, draft_ids)
       next_ids = next_ids.cast(dtypes.int32)
       extra = top_logprobs(logits, temperature, next_ids) if shape.logprobs else ()
       return tuple(t.realize() for t in (next_ids, logits, *extra))
@@ -166,28 +136,31 @@ class ModelRunner:
     for i in range(m.config.num_layers):
       layer_jit = self._jit(("layer", N, W, i % 2, self.layer_layout[i]), layer)
       x = self._replay(layer_jit, x, **step_inputs, **m.layer_inputs[i])
-    sampling = {k: b[k] for k in (*SAMPLING_INPUTS, *PENALTY_INPUTS, "bitmask") if k in b}
+    sampling = {k: b[k] for k in (*SAMPLING_INPUTS, *PENALTY_INPUTS, "bitmask", "draft_ids") if k in b}
     head_key = ("head", N, shape.num_seqs, shape.greedy, shape.filtered, shape.penalty_width, shape.masked)
-    return self._replay(self._jit((*head_key, shape.logprobs), head), x, **sampling)
+    return self._replay(self._jit((*head_key, shape.logprobs, shape.speculative), head), x, **sampling)
 
   def _batch_shape(self, chunks: list[Chunk], sampled: list[Sequence], penalty_width: int) -> BatchShape:
     width = block_table_width(max(c.end for c in chunks), self.block_size)
     params = [s.sampling_params for s in sampled]
+    greedy = all(p.temperature == 0 for p in params)
     return BatchShape(
       num_tokens=next_power_of_2(sum(c.num_tokens for c in chunks)),
       num_seqs=next_power_of_2(max(len(sampled), 1)),
       num_blocks=min(width, self.max_blocks_per_seq),
-      greedy=all(p.temperature == 0 for p in params),
+      greedy=greedy,
       filtered=any(map(_is_filtered, params)),
       penalty_width=penalty_width,
       masked=any(s.matcher for s in sampled),
       logprobs=any(p.logprobs is not None for p in params),
+      speculative=not greedy and any(s.spec_token_ids for s in sampled),
     )
 
   def prepare(self, scheduled: list[tuple[Sequence, int]]) -> tuple[BatchShape, dict[str, np.ndarray], list[Sequence]]:
     """Flat arrays for the scheduled chunks; the sequences whose chunk reaches their end get a sampled token."""
     chunks = [Chunk(seq, seq.num_computed_tokens, n) for seq, n in scheduled]
-    sampled = [c.seq for c in chunks if c.samples]
+    sampled = [c.seq for c in chunks for _ in range(c.num_sampled_rows)]  # a sequence's rows are adjacent
+    offsets = [j for c in chunks for j in range(c.num_sampled_rows)]  # tokens after the output: its seed
     penalized = {i: s for i, s in enumerate(sampled) if s.sampling_params.penalized}
     penalties = {
       i: penalty_entries(s.sampling_params, s.prompt_token_ids, s.output_token_ids) for i, s in penalized.items()
@@ -209,18 +182,22 @@ class ModelRunner:
       "min_p": np.zeros(S, np.float32),
       "seeds": np.zeros(S, np.uint32),
     }
-    row = 0
+    row = out = 0
     for c in chunks:
       self._fill_rows(a, row, c, shape.num_blocks)
-      row += c.num_tokens
-      if c.samples:
-        a["logits_indices"][sampled.index(c.seq)] = row - 1
+      row, out = row + c.num_tokens, out + c.num_sampled_rows
+      a["logits_indices"][out - c.num_sampled_rows : out] = np.arange(row - c.num_sampled_rows, row)
     for k in ("temperature", "top_k", "top_p", "min_p"):
       a[k][: len(sampled)] = [getattr(s.sampling_params, k) for s in sampled]
     # a fresh seed per generated token, fixed by the request's seed: reproducible whatever the batch
-    a["seeds"][: len(sampled)] = [hash((s.sampling_params.seed, len(s.output_token_ids))) & 0xFFFFFFFF for s in sampled]
+    seeds = [hash((s.sampling_params.seed, len(s.output_token_ids) + j)) for s, j in zip(sampled, offsets)]
+    a["seeds"][: len(sampled)] = [h & 0xFFFFFFFF for h in seeds]
     if penalties:
-      a |= _penalty_arrays(penalties, sampled, S, penalty_width)
+      a |= penalty_arrays(penalties, [s.sampling_params for s in sampled], S, penalty_width)
+    if shape.speculative:  # row j of a sequence verifies its draft j; its last row has none
+      drafts = [d for c in chunks if c.num_sampled_rows for d in (*c.seq.spec_token_ids[: c.num_sampled_rows - 1], -1)]
+      a["draft_ids"] = np.full(S, -1, np.int32)
+      a["draft_ids"][: len(drafts)] = drafts
     if shape.masked:
       a["bitmask"] = grammar_bitmask(sampled, S, self.model.config.vocab_size)
     return shape, a, sampled

@@ -2,8 +2,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
-
 
 # llama.cpp's sampling defaults, for models that ship no generation_config (every GGUF file)
 LLAMA_CPP_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
@@ -61,19 +59,3 @@ class SamplingParams:
     if fields or cfg.get("do_sample"):
       return SamplingParams(**fields), "generation_config.json"
     return SamplingParams(**LLAMA_CPP_DEFAULTS), "llama.cpp's defaults (the model has no generation_config)"
-
-
-def penalty_entries(
-  params: SamplingParams, prompt_ids: list[int], output_ids: list[int]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """The distinct tokens a row's penalties (repetition: prompt and output; presence, frequency: output) and logit bias
-  touch, their output counts (-1: listed for its bias alone) and biases."""
-  output_tokens, output_counts = np.unique(np.asarray(output_ids, np.int32), return_counts=True)
-  biased = np.asarray(list(params.logit_bias), np.int32)
-  repeated = np.asarray(prompt_ids if params.repetition_penalty != 1 else [], np.int32)
-  tokens = np.union1d(np.union1d(output_tokens, biased), repeated)
-  counts, biases = np.full(len(tokens), -1, np.int32), np.zeros(len(tokens), np.float32)
-  counts[np.searchsorted(tokens, repeated)] = 0
-  counts[np.searchsorted(tokens, output_tokens)] = output_counts
-  biases[np.searchsorted(tokens, biased)] = list(params.logit_bias.values())
-  return tokens, counts, biases

@@ -66,6 +66,7 @@ class Scheduler:
       budget -= num_new
 
   def _preempt(self, seq: Sequence) -> None:
+    seq.spec_token_ids = []
     self.block_manager.free(seq)
     self.running.remove(seq)
     seq.status = SequenceStatus.WAITING

@@ -36,14 +36,15 @@ class Sequence:
   finish_reason: str | None = None
   matcher: object | None = None  # llguidance.LLMatcher of the request's grammar: which tokens may come next
   logprobs: list[Logprob] = field(default_factory=list)  # per output token, when the request asks
+  spec_token_ids: list[int] = field(default_factory=list)  # this step's draft tokens, after the output
 
   @property
   def token_ids(self) -> list[int]:
-    return self.prompt_token_ids + self.output_token_ids
+    return self.prompt_token_ids + self.output_token_ids + self.spec_token_ids
 
   @property
-  def num_tokens(self) -> int:
-    return len(self.prompt_token_ids) + len(self.output_token_ids)
+  def num_tokens(self) -> int:  # drafts included: the scheduler gives a decoding sequence a row for each
+    return len(self.prompt_token_ids) + len(self.output_token_ids) + len(self.spec_token_ids)
 
   @property
   def is_finished(self) -> bool:

@@ -138,7 +138,7 @@ def step(engine, contexts: dict[str, int], tokens: dict[str, tuple] | None = Non
 def one_penalty_width(params, tokens: dict[str, tuple], window: int) -> bool:
   """Whether the penalized tokens' padded width of the last step (a power of 2 over the row with the most; a new
   width is a new capture) stays for `window` more steps: each step adds at most one token per row."""
-  from tinyvllm_core.sampling import penalty_entries
+  from tinyvllm_core.kernels.penalties import penalty_entries
 
   if not params.penalized or not tokens:
     return True

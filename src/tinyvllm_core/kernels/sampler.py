@@ -1,5 +1,6 @@
 """The batched sampler on the device: grammar masks, logprobs, top-k / top-p / min-p and Gumbel-max sampling."""
 
+import numpy as np
 from tinygrad import Tensor, dtypes
 
 NUM_LOGPROBS = 20  # top logprobs computed when any row asks (OpenAI's top_logprobs maximum): one head per shape
@@ -59,12 +60,34 @@ def sample(
   min_p: Tensor,
   seeds: Tensor,
   filtered: bool = True,
+  draft_ids: Tensor | None = None,
 ) -> Tensor:
   """Batched sampler on the device. logits [S, V]; per-row params [S]. Greedy rows have temperature 0.
-  filtered=False skips the top-k/top-p search (no row uses them): the same tokens, ~8% of a sampled step less."""
+  filtered=False skips the top-k/top-p search (no row uses them): the same tokens, ~8% of a sampled step less.
+  draft_ids [S] (-1: none): speculative rejection sampling for a draft proposed with certainty (prompt lookup): keep
+  it with its probability p, else sample from p without it; the output follows p exactly."""
+  V = logits.shape[-1]
   probs = (logits / temperature.maximum(1e-5).reshape(-1, 1)).softmax(-1)
-  threshold = _threshold(probs, top_k, top_p, min_p, 16 if filtered else 0)
-  tokens = Tensor.arange(logits.shape[-1], dtype=dtypes.uint32).reshape(1, -1)
-  gumbel = -(-hash_uniform(tokens, seeds.reshape(-1, 1)).log()).log()
-  sampled = (probs >= threshold).where(probs.log() + gumbel, float("-inf")).argmax(-1)
+  kept = probs >= _threshold(probs, top_k, top_p, min_p, 16 if filtered else 0)
+  counters = Tensor.arange(V + (draft_ids is not None), dtype=dtypes.uint32).reshape(1, -1)  # V: a draft's draw
+  uniform = hash_uniform(counters, seeds.reshape(-1, 1))
+  scores = probs.log() - (-uniform[:, :V].log()).log()  # Gumbel-max
+  if draft_ids is None:
+    sampled = kept.where(scores, float("-inf")).argmax(-1)
+  else:
+    is_draft = Tensor.arange(V).reshape(1, -1) == draft_ids.reshape(-1, 1)
+    resampled = (kept & is_draft.logical_not()).where(scores, float("-inf")).argmax(-1)
+    draft_prob = (kept & is_draft).where(probs, 0).sum(-1) / kept.where(probs, 0).sum(-1)
+    sampled = (uniform[:, V] < draft_prob).where(draft_ids, resampled)
   return (temperature > 0).where(sampled, logits.argmax(-1))  # greedy rows take the argmax
+
+
+def grammar_bitmask(sampled: list, num_rows: int, vocab_size: int) -> np.ndarray:
+  """Allowed tokens per sampled row as llguidance's bitmask (32 tokens per int32); rows without a grammar allow all."""
+  from llguidance.numpy import fill_next_token_bitmask
+
+  bitmask = np.full((num_rows, -(-vocab_size // 32)), -1, np.int32)
+  for row, seq in enumerate(sampled):
+    if seq.matcher:
+      fill_next_token_bitmask(seq.matcher, bitmask, row)
+  return bitmask
