@@ -412,3 +412,16 @@ def test_bench_device_writes_both_seed_tables(tmp_path: Path):
   assert any(scale_text in note for note in throughput["notes"])
   markdown = (out / files[3]).read_text()
   assert "| **Gen Throughput** |" in markdown and "scaled 1/64 for CPU" in markdown
+
+
+def test_speculative_compares_drafts_with_none_on_both_workloads(tmp_path: Path):
+  """The embedded SmolLM2, a few tokens per prompt: both workloads with and without drafts, the same greedy tokens,
+  and the drafts counted."""
+  result = bench("speculative", "--max-tokens", "12", "-k", "3", "-o", str(tmp_path), "--json")
+  assert result.exit_code == 0, result.output
+  data = json.loads(result.stdout[result.stdout.index("{") :])
+  rows = {(r["workload"], r["num_speculative_tokens"]): r for r in data["results"]}
+  assert set(rows) == {("chat", 0), ("chat", 3), ("edit", 0), ("edit", 3)}
+  assert all(r["same_tokens_as_without"] and r["tokens"] > 0 for r in rows.values())
+  assert rows[("edit", 3)]["drafts"] > 0 and rows[("chat", 0)]["drafts"] == 0
+  assert len(list(tmp_path.glob("speculative-*.md"))) == 1

@@ -34,6 +34,7 @@ from tinyvllm_cli.engine_options import (
   ModelOption,
   OptionalKvCacheGbOption,
   QuantizeOption,
+  SpeculativeOption,
   check_dtype,
   check_dtype_compiles,
   quantize_setting,
@@ -599,6 +600,7 @@ def chat(
   quantize: QuantizeOption = None,
   dtype: DtypeOption = "auto",
   beam: BeamOption = 0,
+  num_speculative_tokens: SpeculativeOption = 0,
   warmup: Annotated[bool, typer.Option(help=WARMUP_HELP)] = True,
 ) -> None:
   """Chat with a model in the terminal (/help lists the commands). Piped input is answered once:
@@ -614,6 +616,7 @@ def chat(
     fail(e)
   engine_kwargs = dict(device=device, kv_cache_gb=kv_cache_gb, max_model_len=max_model_len, dtype=dtype)
   engine_kwargs |= dict(quantize=quantize_setting(quantize), beam=beam or None)
+  engine_kwargs |= dict(num_speculative_tokens=num_speculative_tokens)
   settings = dict(system=system, verbose=verbose, max_tokens=max_tokens, overrides=overrides)
   if piped is not None:
     _answer_piped(piped, model, engine_kwargs, settings)

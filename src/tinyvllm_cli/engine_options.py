@@ -41,6 +41,10 @@ DEVICE_HELP = (
   "CUDA:1 the second GPU); `tinyvllm devices` lists those present (default: DEV, else a GPU, else CPU)."
 )
 KV_CACHE_GB_HELP = "Memory for the paged KV cache, in GiB."
+SPECULATIVE_HELP = (
+  "Speculative decoding with prompt lookup: up to this many draft tokens per step, copied from where the last tokens "
+  "occurred before in the prompt or reply and verified in one step (greedy output unchanged; 0 = off)."
+)
 MAX_MODEL_LEN_HELP = "Context length cap (default: the model's)."
 QUANTIZE_LIST_HELP = QUANTIZE_HELP + " Repeat to compare, e.g. -q none -q gguf."
 
@@ -53,6 +57,7 @@ QuantizeListOption = Annotated[
 ]
 DtypeOption = Annotated[str, typer.Option("--dtype", metavar=DTYPE_METAVAR, help=DTYPE_HELP)]
 BeamOption = Annotated[int, typer.Option("--beam", min=0, help=BEAM_HELP)]
+SpeculativeOption = Annotated[int, typer.Option("--num-speculative-tokens", min=0, help=SPECULATIVE_HELP)]
 KvCacheGbOption = Annotated[float, typer.Option("--kv-cache-gb", min=0.001, help=KV_CACHE_GB_HELP)]
 # chat leaves the KV budget to the engine's default unless asked
 OptionalKvCacheGbOption = Annotated[

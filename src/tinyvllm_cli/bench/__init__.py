@@ -264,6 +264,29 @@ def profile(
     run.emit("profile", *profile_report(run, resolve_dtype("auto", run.device), params, results), output, as_json)
 
 
+@app.command("speculative")
+def speculative(
+  ctx: typer.Context,
+  model: ModelOpt = "smollm2",
+  device: DeviceOption = None,
+  quantize: QuantizeOption = None,
+  draft_counts: Annotated[str, Opt("--num-speculative-tokens", "-k", help="Comma-separated draft counts.")] = "2,4",
+  max_tokens: Annotated[int, Opt(min=1, help="Tokens generated per prompt at most.")] = 128,
+  as_json: JsonOpt = False,
+  output: OutputOpt = RESULTS,
+  note: NoteOpt = None,
+) -> None:
+  """Speculative decoding with prompt lookup: one-sequence greedy tok/s and draft acceptance, with and without
+  drafts, on a chat and an edit workload."""
+  from tinyvllm_cli.bench.speculative import run_speculative, speculative_report
+
+  with one_line_errors():
+    counts = parse_ints(draft_counts, "--num-speculative-tokens", "2,4")
+    run = Run.start(ctx, device, model, False, note)
+    results = run_speculative(run, quantize_setting(quantize), counts, max_tokens)
+    run.emit("speculative", *speculative_report(run, results), output, as_json)
+
+
 @app.command("serve")
 def bench_serve(
   url: Annotated[str, Opt("--url", help="Server base URL.")] = "http://127.0.0.1:8000",

@@ -1,0 +1,92 @@
+"""`tinyvllm bench speculative`: one sequence at a time, greedy, with and without prompt-lookup drafts, on a chat
+workload (answers that rarely repeat the prompt) and an edit workload (the answer repeats text from the prompt).
+The same engine runs both (the draft count is read every step), so captured shapes and weights are shared."""
+
+from __future__ import annotations
+
+from tinyvllm_cli.bench.common import Run, markdown_table, now
+
+CHAT = [
+  "Explain in a few sentences why the sky is blue.",
+  "Give me three tips for a good night's sleep.",
+  "What is the difference between a list and a tuple in Python?",
+]
+CODE = """def moving_average(values, window):
+    result = []
+    for i in range(len(values) - window + 1):
+        chunk = values[i : i + window]
+        result.append(sum(chunk) / window)
+    return result
+
+
+def normalize(values):
+    low, high = min(values), max(values)
+    return [(v - low) / (high - low) for v in values]
+"""
+EDIT = [
+  "Rename the function moving_average to rolling_mean in this code and show the whole code:\n\n" + CODE,
+  "Add a docstring to each function in this code and show the whole code:\n\n" + CODE,
+  "Repeat this code exactly, then say how long it is:\n\n" + CODE,
+]
+WORKLOADS = {"chat": CHAT, "edit": EDIT}
+
+
+def run_workload(engine, prompts: list[str], max_tokens: int) -> dict:
+  """Each prompt alone, greedy: generated tokens, seconds, drafts verified and accepted."""
+  from tinyvllm_core import SamplingParams
+
+  before = engine.stats()
+  tokens, seconds, outputs = 0, 0.0, []
+  for prompt in prompts:
+    ids = engine.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    start = now()
+    engine.add_request(ids, SamplingParams(temperature=0, max_tokens=max_tokens))
+    while engine.has_unfinished_requests():
+      for out in engine.step():
+        if out.finished:
+          tokens, outputs = tokens + len(out.token_ids), outputs + [out.token_ids]
+    seconds += now() - start
+  after = engine.stats()
+  drafts, accepted = (after[k] - before[k] for k in ("num_draft_tokens", "num_accepted_drafts"))
+  return {"tokens": tokens, "seconds": seconds, "drafts": drafts, "accepted": accepted, "outputs": outputs}
+
+
+def run_speculative(run: Run, quantize: str | None, draft_counts: list[int], max_tokens: int) -> list[dict]:
+  """Per workload and draft count (0 = off): tok/s, acceptance, and whether the tokens equal those without drafts."""
+  from tinyvllm_core import LLMEngine
+
+  engine = LLMEngine(run.model.files(run.device), device=run.device, quantize=quantize, kv_cache_gb=0.5)
+  results = []
+  for name, prompts in WORKLOADS.items():
+    engine.config.num_speculative_tokens = 0
+    run_workload(engine, prompts[:1], 8)  # capture the one-sequence shapes
+    without = None
+    for k in [0, *draft_counts]:
+      engine.config.num_speculative_tokens = k
+      run_workload(engine, prompts[:1], 24)  # capture this draft count's shapes
+      r = run_workload(engine, prompts, max_tokens)
+      without = without or r["outputs"]
+      same = r.pop("outputs") == without
+      results.append({"workload": name, "num_speculative_tokens": k, **r, "same_tokens_as_without": same})
+  return results
+
+
+def speculative_report(run: Run, results: list[dict]) -> tuple[dict, str]:
+  base = {r["workload"]: r["tokens"] / r["seconds"] for r in results if r["num_speculative_tokens"] == 0}
+  rows = []
+  for r in results:
+    tok_s = r["tokens"] / r["seconds"]
+    acceptance = f"{r['accepted'] / r['drafts']:.0%}" if r["drafts"] else "-"
+    speedup = f"{tok_s / base[r['workload']]:.2f}x"
+    k = str(r["num_speculative_tokens"] or "off")
+    rows.append(
+      [r["workload"], k, str(r["tokens"]), f"{tok_s:.1f}", acceptance, speedup, str(r["same_tokens_as_without"])]
+    )
+  header = ["workload", "drafts/step", "tokens", "tok/s", "accepted", "vs off", "same tokens"]
+  lines = [
+    "One sequence at a time, greedy, chat template; prompt-lookup drafts (no draft model) verified in one step.",
+    "",
+    markdown_table(header, rows),
+  ]
+  data = run.data("speculative", results=results)
+  return data, run.markdown("speculative", lines)
