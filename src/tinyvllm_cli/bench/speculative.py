@@ -1,5 +1,6 @@
 """`tinyvllm bench speculative`: one sequence at a time, greedy, with and without prompt-lookup drafts, on a chat
-workload (answers that rarely repeat the prompt) and an edit workload (the answer repeats text from the prompt).
+workload (answers that rarely repeat the prompt) and an edit workload (the answer repeats a paragraph of the
+prompt with small changes).
 The same engine runs both (the draft count is read every step), so captured shapes and weights are shared."""
 
 from __future__ import annotations
@@ -11,22 +12,16 @@ CHAT = [
   "Give me three tips for a good night's sleep.",
   "What is the difference between a list and a tuple in Python?",
 ]
-CODE = """def moving_average(values, window):
-    result = []
-    for i in range(len(values) - window + 1):
-        chunk = values[i : i + window]
-        result.append(sum(chunk) / window)
-    return result
-
-
-def normalize(values):
-    low, high = min(values), max(values)
-    return [(v - low) / (high - low) for v in values]
-"""
-EDIT = [
-  "Rename the function moving_average to rolling_mean in this code and show the whole code:\n\n" + CODE,
-  "Add a docstring to each function in this code and show the whole code:\n\n" + CODE,
-  "Repeat this code exactly, then say how long it is:\n\n" + CODE,
+TEXT = (
+  "The quick brown fox jumps over the lazy dog. The dog wakes up and chases the fox across the field, but the fox is "
+  "too fast and escapes into the forest. Later that evening the dog returns home, tired and hungry, and falls asleep "
+  "by the fire while the rain begins to fall on the old wooden roof of the farmhouse."
+)
+EDIT = [  # the answer repeats the text with small changes: prompt lookup finds most of it in the prompt
+  "Fix the spelling mistakes in this text and write out the corrected text:\n\n"
+  + TEXT.replace("quick", "quik").replace("forest", "forrest").replace("hungry", "hungy"),
+  "Copy this text word for word:\n\n" + TEXT,
+  "Rewrite this text with 'cat' instead of 'dog' and write it out:\n\n" + TEXT,
 ]
 WORKLOADS = {"chat": CHAT, "edit": EDIT}
 
