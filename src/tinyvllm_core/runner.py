@@ -4,7 +4,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from tinygrad import Tensor, TinyJit, dtypes
+from tinygrad import Device, Tensor, TinyJit, dtypes
 from tinygrad.helpers import BEAM, DEBUG, Context
 
 from .config import on_cpu
@@ -70,6 +70,9 @@ class ModelRunner:
   def __init__(self, model: Model, device: str, block_size: int, max_blocks_per_seq: int, beam: int = 0):
     self.model, self.block_size, self.max_blocks_per_seq, self.beam = model, block_size, max_blocks_per_seq, beam
     self.cpu = on_cpu(device)  # kernels/cpu.py: direct replay, worker threads
+    # devices with graphs (CUDA, NV, AMD, METAL) launch a jit's kernels as one graph: capture the whole forward once
+    # per shape; elsewhere one layer's jit, replayed per layer, keeps capture short (a new shape captures one layer)
+    self.whole_forward = Device[device].graph is not None
     self.jits: dict[tuple, TinyJit] = {}
     self.inputs: dict[BatchShape, dict[str, Tensor]] = {}
     self.direct: dict[TinyJit, object] = {}  # jit -> kernels.cpu.CPUReplay
@@ -131,6 +134,17 @@ class ModelRunner:
       extra = top_logprobs(logits, temperature, next_ids) if shape.logprobs else ()
       return tuple(t.realize() for t in (next_ids, logits, *extra))
 
+    def forward(token_ids: Tensor, positions: Tensor, **inputs: Tensor):
+      x, cos, sin = embed(token_ids, positions)
+      step_inputs = {"cos": cos, "sin": sin} | {
+        k: inputs.pop(k) for k in ("block_tables", "context_lens", "slot_mapping")
+      }
+      for i in range(m.config.num_layers):
+        x = layer(x, **step_inputs, **m.layer_inputs[i])
+      return head(x, **inputs)
+
+    if self.whole_forward:
+      return self._replay(self._jit(("forward", shape), forward), **b)
     x, cos, sin = self._replay(self._jit(("embed", N), embed), b["token_ids"], b["positions"])
     step_inputs = {"cos": cos, "sin": sin} | {k: b[k] for k in ("block_tables", "context_lens", "slot_mapping")}
     for i in range(m.config.num_layers):

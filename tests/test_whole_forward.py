@@ -1,0 +1,35 @@
+"""Devices with graphs capture the whole forward (embed, every layer, head and sampler) as one jit per batch shape;
+the CPU and CL take one layer's jit replayed per layer. Both give the same tokens and logits (forced here: neither
+CPU nor CL has graphs in tinygrad 0.14)."""
+
+import numpy as np
+from tinyvllm_core import LLMEngine, SamplingParams
+
+PROMPTS = [[5, 17, 42, 9, 100, 3, 7], [8, 8, 1], list(range(30, 70))]
+
+
+def _run(engine: LLMEngine, params: list[SamplingParams]) -> tuple[list[list[int]], list[np.ndarray]]:
+  ids = [engine.add_request(p, sp) for p, sp in zip(PROMPTS, params)]
+  tokens, logits = {i: [] for i in ids}, []
+  while engine.has_unfinished_requests():
+    for out in engine.step():
+      tokens[out.request_id] += out.delta_token_ids
+    logits.append(engine.last_logits())
+  return [tokens[i] for i in ids], logits
+
+
+def test_whole_forward_jit_gives_the_per_layer_results(checkpoints, device):
+  path = checkpoints["qwen3"][0]
+  engines = [LLMEngine(path, device=device, dtype="float32", num_blocks=64, block_size=4) for _ in range(2)]
+  engines[1].runner.whole_forward = True
+  params = [
+    SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+    SamplingParams(temperature=0.9, seed=3, max_tokens=6, ignore_eos=True, repetition_penalty=1.3),
+    SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+  ]
+  (want, want_logits), (got, got_logits) = (_run(e, params) for e in engines)
+  assert got == want
+  for a, b in zip(got_logits, want_logits):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  kinds = {key[0] for key in engines[1].runner.jits}
+  assert kinds == {"forward"}, kinds  # one jit per batch shape, nothing per layer
