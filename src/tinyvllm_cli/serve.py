@@ -509,9 +509,9 @@ class Handler(JsonHandler):
 
   def _stream(self, req: GenerateRequest, rid: str, rids: list[str], outputs: Iterator[tuple[int, Any]]) -> None:
     """Answer with server-sent events as the text grows; a client that hangs up aborts the request."""
-    self._start_events()
     finals: dict[int, Any] = {}
     try:
+      self._start_events()
       self._send_events(req, rid, outputs, finals)
       self._end_events(req, rid, finals)
     finally:
