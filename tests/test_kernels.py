@@ -90,3 +90,35 @@ def test_masked_exp_and_split_kernels_on_devices_with_and_without_threads(backen
     rtol=1e-4,
     atol=1e-4,
   )
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+def test_custom_kernels_get_workgroups_where_the_renderer_has_local_memory(device, rows, monkeypatch):
+  """On a GPU-style renderer (CL here; tinygrad's PYTHON emulator stands in during the CPU pass) no custom kernel of a
+  decode step launches single-thread workgroups: the matmuls split K over threads as tinygrad's matvec does, attention
+  gets workgroups over positions and head dims, the rest tinygrad's own heuristics. Compiled only, not run."""
+  from tinygrad import Device
+  from tinygrad.engine.realize import compile_linear
+  from tinygrad.helpers import DEV
+  from tinyvllm_core.kernels.attention import paged_attention, write_kv
+
+  if not Device[device].renderer.has_local:
+    monkeypatch.setattr(DEV, "value", device := "PYTHON")
+
+  def empty(*shape, dtype=dtypes.float32):
+    return Tensor.empty(*shape, dtype=dtype, device=device)
+
+  kv = write_kv(
+    empty(64, 192, 16), empty(64, 16, 3, 64), empty(rows, 192), empty(rows, 192), empty(rows, dtype="int32")
+  )
+  tables, lens = empty(rows, 4, dtype="int32"), empty(rows, dtype="int32")
+  outs = [*kv, paged_attention(empty(rows, 9, 64), *kv, tables, lens, empty(1, dtype="int32"))]
+  outs += [linear(empty(rows, 576), empty(120, 288, 8, dtype="uint8"), empty(120, 18, 8), empty(120, 18, 8))]
+  outs += [linear(empty(rows, 1536), empty(72, 1536, 8, dtype="int8"), empty(72, 48, 8))]
+  outs += [gather_rows(empty(6144, 288, 8, dtype="uint8"), tables[:, 0], empty(6144, 18, 8), empty(6144, 18, 8))]
+  calls = compile_linear(outs[0].linear_with_vars(*outs[1:])[0]).src
+  programs = {call.src[0].arg.name: call.src[0].arg.launch_dims({}) for call in calls}
+  custom = ["kv_write", "paged_qk", "masked_exp", "paged_pv", "gather_rows", f"linear_{rows}_960_576"]
+  for name in [*custom, f"linear_{rows}_576_1536"]:  # 4-bit codes with scales and offsets, int8 codes with scales
+    global_size, local_size = programs[name]
+    assert local_size is not None and np.prod(local_size) > 1, (name, global_size, local_size)

@@ -2,14 +2,15 @@
 GFLOPS here. Weights are stored as panels [N/8, K, 8] instead: the kernel streams one contiguous panel at a time and
 keeps a block of accumulators in registers (~41 GFLOPS per core with float4 loads, ~86 8-wide; one sequence reaches
 memory speed). Other devices keep [N, K] and tinygrad's own matmul heuristics. Quantized weights (int8 codes, or 4-bit
-GGUF codes two to a byte) use the same kernel with the same panels and a scale (and offset) per 32 along K."""
+GGUF codes two to a byte) use the same kernel with the same panels and a scale (and offset) per 32 along K; on a
+GPU-style renderer that kernel has one reduce over K and the workgroups tinygrad's heuristics give x @ W.T."""
 
 from tinygrad import Tensor, dtypes
 from tinygrad.codegen.opt import Opt, OptOps
 from tinygrad.dtype import DType
 from tinygrad.uop.ops import AxisType, KernelInfo, Ops, UOp
 
-from .opts import accumulators, upcast
+from .opts import accumulators, divisor, has_local, heuristic_on_gpu, upcast, workgroups
 
 PANEL, QBLOCK = 8, 32
 DEQUANTIZE_ROWS = 128  # measured: at 128 rows dequantizing first is faster (4-bit prefill 1.3x), at 64 slower
@@ -54,7 +55,9 @@ def _weight(w: UOp, scale: tuple[UOp, ...], t: UOp, k: UOp, j: UOp) -> UOp:
 
 def _panel_matmul(out: UOp, x: UOp, w: UOp, *scale: UOp) -> UOp:
   """out[m, n] = sum_k x[m, k] * weight(n, k). Quantized: scale * sum(x * code) + offset * sum(x) per group (32, or
-  16) along K, so the dequantization stays outside the inner loop."""
+  16) along K, so the dequantization stays outside the inner loop. A GPU-style renderer gets _panel_matmul_gpu."""
+  if has_local():
+    return _panel_matmul_gpu(out, x, w, *scale)
   (num_panels, _, P), (M, K) = w.shape, x.shape
   inner = _group(w, scale) if scale else K
   t, m, j = UOp.range(num_panels, 0), UOp.range(M, 1), UOp.range(P, 2)
@@ -82,9 +85,40 @@ def _register_block(num_panels: int, M: int, P: int, two_reduces: bool, w_dtype:
   return block
 
 
+def _panel_matmul_gpu(out: UOp, x: UOp, w: UOp, *scale: UOp) -> UOp:
+  """One reduce over K of x * the dequantized weight (a GPU reads the scales from cache; a reduce inside a reduce
+  could not be split over threads)."""
+  (num_panels, _, P), (M, K), pairs = w.shape, x.shape, w.dtype == dtypes.uint8
+  t, m, j = UOp.range(num_panels, 0), UOp.range(M, 1), UOp.range(P, 2)
+  if pairs:  # 4-bit: the two codes of a byte as a range of their own
+    ks = UOp.range(K // 2, 3, AxisType.REDUCE), UOp.range(2, 4, AxisType.REDUCE)
+    k = ks[0] * 2 + ks[1]
+  else:
+    ks = (k := UOp.range(K, 3, AxisType.REDUCE),)
+  acc = (x[m, k].load().cast(dtypes.float32) * _weight(w, scale, t, k, j)).reduce(*ks, arg=Ops.ADD)
+  store = out.index(m, t * P + j).store(acc.cast(out.dtype)).end(t, m, j)
+  opts = _matmul_workgroups(num_panels, M, P, K, pairs)
+  return store.sink(arg=KernelInfo(name=f"linear_{M}_{num_panels * P}_{K}", opts_to_apply=opts))
+
+
+def _matmul_workgroups(num_panels: int, M: int, P: int, K: int, pairs: bool) -> tuple[Opt, ...]:
+  """tinygrad's heuristics for x @ W.T of the same shape. One row (its matvec): K split over 8 threads, 4 outputs per
+  thread, 16 per workgroup. More rows: 4 rows x 4 columns per thread, K unrolled by 4, workgroups over rows and panels
+  (up to 128 threads). 4-bit codes: both codes of a byte in one thread."""
+  ranges, reduces = {"panel": num_panels, "row": M, "col": P}, {"k": K // 2, "pair": 2} if pairs else {"k": K}
+  up, local, unroll = OptOps.UPCAST, OptOps.LOCAL, OptOps.UNROLL
+  if M == 1:
+    steps = [(unroll, "pair", 2), (OptOps.GROUP, "k", 8), (up, "col", 4), (local, "col", 2), (local, "panel", 2)]
+  else:
+    rows, k_unroll = divisor(M, 4, 2), [(unroll, "pair", 2), (unroll, "k", 2)] if pairs else [(unroll, "k", 4)]
+    steps = [(up, "col", 4), (up, "row", rows), *k_unroll, (local, "col", 2)]
+    steps += [(local, "panel", divisor(num_panels, 8, 4, 2)), (local, "row", divisor(M // rows, 8, 4, 2))]
+  return workgroups(ranges, reduces, *steps)
+
+
 def _dequantize(out: UOp, w: UOp, *scale: UOp) -> UOp:
   t, k, j = (UOp.range(n, i) for i, n in enumerate(out.shape))
-  opts = upcast({"t": out.shape[0]})
+  opts = heuristic_on_gpu(upcast({"t": out.shape[0]}))
   store = out.index(t, k, j).store(_weight(w, scale, t, k, j)).end(t, k, j)
   return store.sink(arg=KernelInfo(name="dequantize", opts_to_apply=opts))
 
@@ -108,7 +142,8 @@ def _gather_rows(out: UOp, table: UOp, index: UOp, *scale: UOp) -> UOp:
   else:
     value = _weight(table, scale, row // table.shape[2], j, row % table.shape[2])
   store = out.index(i, j).store(value.cast(out.dtype)).end(i, j)
-  return store.sink(arg=KernelInfo(name="gather_rows", opts_to_apply=()))
+  opts = heuristic_on_gpu(())
+  return store.sink(arg=KernelInfo(name="gather_rows", opts_to_apply=opts))
 
 
 def gather_rows(table: Tensor, index: Tensor, *scale: Tensor, dtype: DType | None = None) -> Tensor:

@@ -9,6 +9,8 @@ import numpy as np
 from tinygrad import Tensor, dtypes
 from tinygrad.uop.ops import KernelInfo, UOp
 
+from .opts import heuristic_on_gpu
+
 if TYPE_CHECKING:
   from ..sampling import SamplingParams
 
@@ -28,7 +30,8 @@ def _penalize(logits: UOp, token_ids: UOp, counts: UOp, num_tokens: UOp, penalti
   penalized = penalized - frequency * count.maximum(0.0) - (count > 0).where(presence, 0.0) + biases[row, i].load()
   listed = token.valid(i < num_tokens[row].load().cast(dtypes.weakint))
   store = logits.index(row, listed).store(penalized).end(row, i)
-  return store.sink(arg=KernelInfo(name="penalize", opts_to_apply=()))
+  opts = heuristic_on_gpu(())
+  return store.sink(arg=KernelInfo(name="penalize", opts_to_apply=opts))
 
 
 def apply_penalties(
