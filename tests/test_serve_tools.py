@@ -59,17 +59,20 @@ def streamed_calls(chunks) -> tuple[list[tuple[str, dict]], str]:
   return calls_of([calls[i] for i in sorted(calls)]), finish
 
 
-def test_required_tool_choice_gives_calls_that_validate(client):
-  reply = client.chat.completions.create(
-    model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=200, extra_body=NO_THINKING
-  )
+def end_after_a_call(srv) -> dict:
+  """A +100 bias on the end of turn: "required" lets the reply write more calls, and a random model may write calls
+  until max_tokens; the grammar allows the end only after a whole call, so the reply ends after its first."""
+  return {str(eos): 100 for eos in srv.state.engine.eos_token_ids}
+
+
+def test_required_tool_choice_gives_calls_that_validate(client, srv):
+  required = dict(tool_choice="required", max_tokens=200, extra_body=NO_THINKING, logit_bias=end_after_a_call(srv))
+  reply = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, **required)
   choice = reply.choices[0]
   assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
   calls = calls_of(choice.message.tool_calls)
   assert calls and all(name in PARAMETERS for name, _ in calls)
-  chunks = client.chat.completions.create(
-    model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=200, extra_body=NO_THINKING, stream=True
-  )
+  chunks = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, stream=True, **required)
   got, finish = streamed_calls(chunks)
   assert finish == "tool_calls" and got and all(name in PARAMETERS for name, _ in got)
 
@@ -107,7 +110,13 @@ def test_a_two_turn_tool_round_trip(client, srv):
   """The call comes back; the assistant's call and the tool's result go into the next prompt as the template
   renders them."""
   first = client.chat.completions.create(
-    model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=200, extra_body=NO_THINKING
+    model=MODEL,
+    messages=ASK,
+    tools=TOOLS,
+    tool_choice="required",
+    max_tokens=200,
+    extra_body=NO_THINKING,
+    logit_bias=end_after_a_call(srv),
   )
   call = first.choices[0].message.tool_calls[0]
   history = [
