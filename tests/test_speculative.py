@@ -13,7 +13,8 @@ from tinyvllm_core.kernels.sampler import sample
 def test_ngram_drafts_follow_the_latest_longest_match():
   assert ngram_drafts([1, 2, 3, 9, 9, 1, 2, 3, 7, 1, 2, 3], 2) == [7, 1]  # latest 3-gram match, not the first
   assert ngram_drafts([5, 6, 7, 8, 6, 7], 3) == [8, 6, 7]
-  assert ngram_drafts([5, 6, 7, 8, 4, 7], 5) == [8, 4, 7]  # only a 1-gram matches; the drafts stop at the end
+  assert ngram_drafts([5, 6, 7, 8, 4, 6, 7], 5) == [8, 4, 6, 7]  # a 2-gram; the drafts stop at the end
+  assert ngram_drafts([5, 6, 7, 8, 4, 7], 5) == []  # a 1-gram match is no draft
   assert ngram_drafts([1, 2, 3], 4) == [] and ngram_drafts([1], 4) == []
 
 

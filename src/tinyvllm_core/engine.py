@@ -33,9 +33,10 @@ def check_prompt(ids: list[int], max_model_len: int, vocab_size: int) -> None:
 
 
 def ngram_drafts(token_ids: list[int], k: int, max_ngram: int = 3) -> list[int]:
-  """Prompt lookup: the (up to) k tokens that followed the latest earlier occurrence of the longest suffix n-gram."""
+  """Prompt lookup: the (up to) k tokens that followed the latest earlier occurrence of the longest suffix n-gram,
+  n >= 2 (1-gram drafts were accepted 9-15% of the time on a chat workload and cost more than they gave)."""
   ids = np.asarray(token_ids)
-  for n in range(min(max_ngram, len(ids) - 1), 0, -1):
+  for n in range(min(max_ngram, len(ids) - 1), 1, -1):
     hits = np.flatnonzero((np.lib.stride_tricks.sliding_window_view(ids[:-1], n) == ids[-n:]).all(1))
     if len(hits):
       return ids[hits[-1] + n : hits[-1] + n + k].tolist()
