@@ -53,12 +53,10 @@ def run_speculative(run: Run, quantize: str | None, draft_counts: list[int], max
   engine = LLMEngine(run.model.files(run.device), device=run.device, quantize=quantize, kv_cache_gb=0.5)
   results = []
   for name, prompts in WORKLOADS.items():
-    engine.config.num_speculative_tokens = 0
-    run_workload(engine, prompts[:1], 8)  # capture the one-sequence shapes
     without = None
     for k in [0, *draft_counts]:
       engine.config.num_speculative_tokens = k
-      run_workload(engine, prompts[:1], 24)  # capture this draft count's shapes
+      run_workload(engine, prompts, max_tokens)  # untimed: captures every shape the timed run meets
       r = run_workload(engine, prompts, max_tokens)
       without = without or r["outputs"]
       same = r.pop("outputs") == without
