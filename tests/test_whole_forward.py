@@ -1,6 +1,6 @@
-"""Devices with graphs capture the whole forward (embed, every layer, head and sampler) as one jit per batch shape;
-the CPU and CL take one layer's jit replayed per layer. Both give the same tokens and logits (forced here: neither
-CPU nor CL has graphs in tinygrad 0.14)."""
+"""Devices with graphs, and CL (whose direct replay sets kernel arguments once), capture the whole forward (embed,
+every layer, head and sampler) as one jit per batch shape; the CPU takes one layer's jit replayed per layer. Both
+give the same tokens and logits (each forced here, on whichever device the run uses)."""
 
 import numpy as np
 from tinyvllm_core import LLMEngine, SamplingParams
@@ -21,7 +21,7 @@ def _run(engine: LLMEngine, params: list[SamplingParams]) -> tuple[list[list[int
 def test_whole_forward_jit_gives_the_per_layer_results(checkpoints, device):
   path = checkpoints["qwen3"][0]
   engines = [LLMEngine(path, device=device, dtype="float32", num_blocks=64, block_size=4) for _ in range(2)]
-  engines[1].runner.whole_forward = True
+  engines[0].runner.whole_forward, engines[1].runner.whole_forward = False, True
   params = [
     SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
     SamplingParams(temperature=0.9, seed=3, max_tokens=6, ignore_eos=True, repetition_penalty=1.3),
@@ -33,3 +33,5 @@ def test_whole_forward_jit_gives_the_per_layer_results(checkpoints, device):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   kinds = {key[0] for key in engines[1].runner.jits}
   assert kinds == {"forward"}, kinds  # one jit per batch shape, nothing per layer
+  if device == "CL":  # kernels/cl.py replays every capture directly: per layer (inputs bound again) or whole
+    assert all(jit in e.runner.direct for e in engines for jit in e.runner.jits.values() if jit.captured)

@@ -70,9 +70,11 @@ class ModelRunner:
   def __init__(self, model: Model, device: str, block_size: int, max_blocks_per_seq: int, beam: int = 0):
     self.model, self.block_size, self.max_blocks_per_seq, self.beam = model, block_size, max_blocks_per_seq, beam
     self.cpu = on_cpu(device)  # kernels/cpu.py: direct replay, worker threads
-    # devices with graphs (CUDA, NV, AMD, METAL) launch a jit's kernels as one graph: capture the whole forward once
-    # per shape; elsewhere one layer's jit, replayed per layer, keeps capture short (a new shape captures one layer)
-    self.whole_forward = Device[device].graph is not None
+    self.cl = device.split(":")[0] == "CL"  # kernels/cl.py: direct replay, arguments set once per capture
+    # devices with graphs (CUDA, NV, AMD, METAL) launch a jit's kernels as one graph, and CL's direct replay sets a
+    # kernel's arguments once: capture the whole forward once per shape; on CPU one layer's jit, replayed per layer,
+    # keeps capture short (a new shape captures one layer)
+    self.whole_forward = Device[device].graph is not None or self.cl
     self.jits: dict[tuple, TinyJit] = {}
     self.inputs: dict[BatchShape, dict[str, Tensor]] = {}
     self.direct: dict[TinyJit, object] = {}  # jit -> kernels.cpu.CPUReplay
@@ -91,7 +93,12 @@ class ModelRunner:
     settings = {"BEAM": self.beam or BEAM.value}  # beam > 0 searches the kernels' opts
     if not self.cpu:
       with Context(**settings):
-        return jit(*args, **kwargs)
+        out = jit(*args, **kwargs)
+      if self.cl:
+        from .kernels.cl import CLReplay
+
+        self.direct[jit] = CLReplay(jit)
+      return out
     from .kernels import cpu
 
     with Context(**settings, **cpu.capture_settings()):
