@@ -21,7 +21,7 @@ BENCH_HELP = (
   "Benchmark tinyvllm. `tinyvllm bench --device X` runs the seed tables in one go on that device: the latency table "
   "(single / sequential / concurrent) and the throughput table (seed 001's workload, scaled to a few minutes; "
   "--full for its 256 sequences), written to bench_results/. Or one preset: latency, throughput (vs peers), "
-  "memory (KV), profile (the decode step), serve (a running server)."
+  "memory (KV), profile (the decode step), serve (a running server), vs-llamacpp (llama.cpp side by side)."
 )
 SCALE_HELP = (
   f"Divide the throughput workload's sequence count and lengths by this (default: {CPU_SCALE} on CPU, "
@@ -41,6 +41,7 @@ OutputOpt = Annotated[Path, Opt("--output", "-o", help="Folder for the .json and
 NoteOpt = Annotated[Optional[list[str]], Opt("--note", help="A note for the markdown (repeatable).")]
 NUM_SEQS_HELP = "Number of sequences (repeatable: one workload per count)."
 SCHEMA_HELP = "A JSON schema file: every request's output is constrained to it (response_format json_schema)."
+LLAMACPP_BIN_HELP = "Folder of llama-bench, llama-batched-bench and llama-server (default: PATH)."
 RESULTS = Path("bench_results")
 BACKENDS = ("tinyvllm", "vllm", "nanovllm", "transformers", "llamacpp")
 
@@ -285,6 +286,48 @@ def speculative(
     run = Run.start(ctx, device, model, False, note)
     results = run_speculative(run, quantize_setting(quantize), counts, max_tokens)
     run.emit("speculative", *speculative_report(run, results), output, as_json)
+
+
+@app.command("vs-llamacpp")
+def vs_llamacpp(
+  ctx: typer.Context,
+  model: ModelOpt = "smollm2",
+  device: DeviceOption = None,
+  quantize: QuantizeOption = None,
+  llamacpp_bin: Annotated[Optional[Path], Opt("--llamacpp-bin", show_default=False, help=LLAMACPP_BIN_HELP)] = None,
+  batch_sizes: Annotated[str, Opt("--batch-sizes", "-b", help="Comma-separated decode batch sizes.")] = "1,8,32",
+  concurrency: Annotated[
+    str, Opt("--concurrency", "-c", help="Comma-separated serving concurrency levels.")
+  ] = "1,4,16",
+  num_prompts: Annotated[int, Opt("--num-prompts", "-n", min=1, help="Serving requests per level.")] = 32,
+  max_tokens: Annotated[int, Opt(min=1, help="Serving: tokens generated per request.")] = 64,
+  prefill_len: Annotated[int, Opt(min=1, help="Prefill: prompt length (llama-bench -p).")] = 512,
+  timeout: Annotated[float, Opt(min=1, help="Seconds a tool, a server's start or a request may take.")] = 600.0,
+  as_json: JsonOpt = False,
+  output: OutputOpt = RESULTS,
+  note: NoteOpt = None,
+) -> None:
+  """tinyvllm against llama.cpp built from source (llama-bench, llama-batched-bench, llama-server on PATH) on the
+  same GGUF file and thread count: decode at each batch size, prefill, serving at each concurrency and start-up time,
+  with the ratio and the weight-read bound; without the binaries, tinyvllm's column alone."""
+  from tinygrad.helpers import NUM_CPU_THREADS
+
+  from tinyvllm_cli.bench.peers import BackendUnavailable, check_gguf
+  from tinyvllm_cli.bench.vs_llamacpp import VsParams, run_vs_llamacpp
+
+  with one_line_errors():
+    sizes = parse_ints(batch_sizes, "--batch-sizes", "1,8,32")
+    levels = parse_ints(concurrency, "--concurrency", "1,4,16")
+    run = Run.start(ctx, device, model, False, note)
+    try:
+      check_gguf(run.model)
+    except BackendUnavailable as e:
+      raise BenchError(f"vs-llamacpp compares on one GGUF file: {str(e).removeprefix('llama.cpp runs GGUF files; ')}")
+    if quantize not in (None, "none", "int8", "gguf"):
+      raise BenchError(f"--quantize {quantize!r}: choose none, int8 or gguf")
+    shape = (tuple(sizes), tuple(levels), num_prompts, max_tokens, prefill_len, timeout)
+    params = VsParams(run.model.path, NUM_CPU_THREADS.value, quantize, *shape)
+    run.emit("vs-llamacpp", *run_vs_llamacpp(run, params, llamacpp_bin), output, as_json)
 
 
 @app.command("serve")
