@@ -232,6 +232,7 @@ def test_host_share_from_timings():
       "prepare_s": [0.002] * 3,
       "forward_s": [forward] * 3,
       "postprocess_s": [0.001] * 3,
+      "launch_s": [forward / 2] * 3,  # inside forward: counted nowhere else
     }
     debug = [
       [

@@ -245,7 +245,8 @@ class ModelRunner:
       buf.allocator._copyin(buf._buf, memoryview(arrays[k]).cast("B"))
     t1 = time.perf_counter()
     next_ids, self.last_logits, *logprobs = self._forward(shape, self.inputs[shape])  # logits stay on the device
+    t2 = time.perf_counter()  # the step's kernels are queued (on CPU: have run)
     next_ids = next_ids.numpy()[: len(sampled)].tolist()
     self.last_logprobs = [t.numpy() for t in logprobs]  # chosen [S], top values and token ids [S, k]
-    self.last_timings = {"prepare_s": t1 - t0, "forward_s": time.perf_counter() - t1}  # forward: launches + device time
+    self.last_timings = {"prepare_s": t1 - t0, "launch_s": t2 - t1, "forward_s": time.perf_counter() - t1}
     return sampled, next_ids

@@ -22,7 +22,7 @@ LINEARS = ("qkv", "o", "gate_up", "down", "lm_head")
 OTHER = "norms/rope/residual/activation"
 CATEGORIES = ("embedding", *LINEARS, "attention", "sampling", OTHER)
 EXTRA_CATEGORIES = ("other matmul", "transfers", "graph batches")  # shown only when a run has them
-PHASES = ("schedule_s", "prepare_s", "forward_s", "postprocess_s")
+PHASES = ("schedule_s", "prepare_s", "forward_s", "postprocess_s")  # launch_s lies inside forward_s
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 # *** CPU     5972 r_320_2_3_4_144_4   arg  3 mem   1.62 GB tm   1604.26us/     1.65ms ( ...
 KERNEL_LINE = re.compile(
@@ -176,7 +176,7 @@ def time_window(engine, b: int, p: ProfileParams, contexts: dict[str, int]) -> t
     walls.append(step(engine, contexts))
     if not all_decoding(engine, b):
       raise BenchError(f"batch size {b}: a timed step did not decode all {b} sequences (raise --kv-cache-gb)")
-    for k in PHASES:
+    for k in (*PHASES, "launch_s"):
       phases[k].append(engine.last_step_timings[k])
   debug_outputs = []
   for _ in range(DEBUG_STEPS):
@@ -274,7 +274,7 @@ def batch_summary(
     "prepare": med["prepare_s"],
     "launch_overhead": max(0.0, med["forward_s"] - kernel_total),
     "postprocess": med["postprocess_s"],
-    "outside_phases": max(0.0, step_s - sum(med.values())),
+    "outside_phases": max(0.0, step_s - sum(med[k] for k in PHASES)),
   }
   by_name = sorted(per_kernel.items(), key=lambda kv: -kv[1][1])
   return {
@@ -301,6 +301,7 @@ def batch_summary(
     "host": {k: {"ms": v * 1e3, "pct_of_step": 100 * v / step_s} for k, v in host.items()},
     "python_share_pct": 100 * sum(host.values()) / step_s,
     "launch_overhead_raw_s": med["forward_s"] - kernel_total,
+    "enqueue_s": med["launch_s"],
     "launch_overhead_floored": med["forward_s"] < kernel_total,
   }
 
@@ -373,6 +374,7 @@ def profile_table(results: list[dict]) -> str:
     ["*host, % of the step:*", *blank],
     *([title, *(host_cell(r, k) for r in results)] for k, title in HOST_ROWS.items()),
     ["**Python / host share**", *(f"**{r['python_share_pct']:.1f}%**" for r in results)],
+    ["forward until the step is queued (CPU: run)", *(f"{r['enqueue_s'] * 1e3:.2f} ms" for r in results)],
     ["*kernels (DEBUG=2), % of kernel time:*", *blank],
     ["kernel time per step (% of the step)", *(ms_pct(k["total_s"] * 1e3, k["pct_of_step"]) for k in kernels)],
     ["kernels per step", *(str(k["per_step"][0]) for k in kernels)],
