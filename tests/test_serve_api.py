@@ -8,27 +8,10 @@ import numpy as np
 import pytest
 from tinyvllm_core import LLM, LLMEngine, SamplingParams
 from test_serve import MODEL, Running, assert_error, tiny_factory
+from test_structured import PERSON, TOPICS
 
 PROMPT = "What is 3 plus 9?"  # 13-15 tokens, as test_serve's prompts: no new prefill shapes
 LONG_PROMPT = "Once upon a time there was a little girl who lived in a village near the forest, said the computer."
-PERSON = {
-  "type": "object",
-  "properties": {
-    "name": {"type": "string", "maxLength": 20},
-    "age": {"type": "integer", "minimum": 0, "maximum": 120},
-    "pet": {"enum": ["cat", "dog", "none"]},
-    "address": {
-      "type": "object",
-      "properties": {"city": {"type": "string", "maxLength": 20}, "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
-      "required": ["city", "zip"],
-      "additionalProperties": False,
-    },
-    "tags": {"type": "array", "items": {"type": "string", "maxLength": 10}, "maxItems": 3},
-  },
-  "required": ["name", "age", "pet", "address", "tags"],
-  "additionalProperties": False,
-}
-TOPICS = ["a pilot", "a chef", "a child", "a painter", "a robot", "a farmer", "a doctor", "a poet", "a king", "a cat"]
 
 
 @pytest.fixture(scope="module")

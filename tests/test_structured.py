@@ -16,7 +16,7 @@ PERSON = {
   "type": "object",
   "properties": {
     "name": {"type": "string", "maxLength": 20},
-    "age": {"type": "integer", "minimum": 0},
+    "age": {"type": "integer", "minimum": 0, "maximum": 120},
     "pet": {"enum": ["cat", "dog", "none"]},
     "address": {
       "type": "object",
