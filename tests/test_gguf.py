@@ -20,6 +20,14 @@ from tinyvllm_core.formats.gguf_blocks import Unpacked
 from tinyvllm_core.formats.gguf import unpermute_rope as core_unpermute_rope
 from tinyvllm_core.formats.tokenizer import gguf_tokenizer
 
+
+@pytest.fixture(autouse=True)
+def float_kernels(monkeypatch):
+  """These tests check the kernels that dequantize the blocks, to float32 rounding; on a CPU with VNNI the matmuls
+  would take int8 activations (kernels/int_dot.py, checked in tests/test_int_dot.py)."""
+  monkeypatch.setenv("TINYVLLM_INT_DOT", "0")
+
+
 ENGINE_KW = dict(device="CPU", num_blocks=32, block_size=4)
 TEXTS = [
   "Hello world, the capital of France is Paris.",

@@ -19,6 +19,13 @@ from tinyvllm_core.formats.weights import MATMUL_WEIGHTS, _gguf_block_tensors
 from tinyvllm_core.kernels.linear import gather_rows, linear, to_panels
 
 
+@pytest.fixture(autouse=True)
+def float_kernels(monkeypatch):
+  """These tests check the kernels that dequantize the blocks, to float32 rounding; on a CPU with VNNI the matmuls
+  would take int8 activations (kernels/int_dot.py, checked in tests/test_int_dot.py)."""
+  monkeypatch.setenv("TINYVLLM_INT_DOT", "0")
+
+
 def random_blocks(kind: int, rows: int, num_blocks: int, seed: int) -> np.ndarray:
   """Valid blocks of any type: random bytes, with finite f16 scales."""
   rng = np.random.default_rng(seed)

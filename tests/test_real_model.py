@@ -63,10 +63,13 @@ def test_same_greedy_tokens_as_cpu_for_a_batch(smollm2, device):
   assert got == CPU_GREEDY
 
 
-def test_int8_weights_keep_smollm2_sensible_in_under_a_third_of_the_memory(smollm2, smollm2_path, device):
+def test_int8_weights_keep_smollm2_sensible_in_under_a_third_of_the_memory(smollm2, smollm2_path, device, monkeypatch):
   """--quantize int8 (one scale per 32 weights, dequantized in the matmul kernel) against the float32 engine:
-  logits of the same prompt within 3% of their range, the same greedy answer, and <= 1/3 of the weight bytes."""
+  logits of the same prompt within 3% of their range, the same greedy answer, and <= 1/3 of the weight bytes. (The
+  float kernels: int8 activations, kernels/int_dot.py, are tests/test_int_dot.py's.)"""
   from tinyvllm_core import LLM
+
+  monkeypatch.setenv("TINYVLLM_INT_DOT", "0")
 
   q8 = LLM(smollm2_path, device=device, dtype="float32", kv_cache_gb=0.05, quantize="int8")
   messages = [{"role": "user", "content": "What is the capital of France?"}]
@@ -79,12 +82,16 @@ def test_int8_weights_keep_smollm2_sensible_in_under_a_third_of_the_memory(smoll
   assert weight_bytes(q8) * 3 <= weight_bytes(smollm2)
 
 
-def test_packed_gguf_blocks_are_the_float32_model_in_a_quarter_of_the_memory(smollm2, smollm2_path, device):
+def test_packed_gguf_blocks_are_the_float32_model_in_a_quarter_of_the_memory(
+  smollm2, smollm2_path, device, monkeypatch
+):
   """--quantize gguf keeps the file's Q4_1 / Q8_0 blocks and dequantizes them inside the kernels: the same weights as
   the float32 engine (which dequantizes at load), so logits agree to float32 rounding (1e-4 of their range) and the
   greedy answer is the same, in at most a quarter of the weight bytes (Q4_1: 4-bit codes + a float32 scale and offset
-  per 32; Q8_0: int8 + a scale)."""
+  per 32; Q8_0: int8 + a scale). The float kernels (int8 activations, kernels/int_dot.py: tests/test_int_dot.py)."""
   from tinyvllm_core import LLM
+
+  monkeypatch.setenv("TINYVLLM_INT_DOT", "0")
 
   packed = LLM(smollm2_path, device=device, dtype="float32", kv_cache_gb=0.05, quantize="gguf")
   messages = [{"role": "user", "content": "What is the capital of France?"}]

@@ -11,6 +11,7 @@ from tinygrad import Device, Tensor
 from tinygrad.dtype import DType
 
 from ..config import ConfigError, ModelConfig
+from ..kernels import int_dot
 from ..kernels.linear import PANEL, QBLOCK, quantize_int8, to_panels
 from .gguf_blocks import block_elements, dequantize, fuse_blocks, is_blocks, unpack_blocks
 
@@ -131,7 +132,9 @@ def _prepare(name: str, w: np.ndarray | Tensor, dtype: DType, quantize: str | No
   if quantize == "int8" and matrix and tensors[name].shape[1] % QBLOCK == 0:
     tensors = dict(zip((name, name + "_scale"), quantize_int8(tensors[name])))
   if matrix and panels:
-    tensors = {k: to_panels(t) for k, t in tensors.items()}
+    scale = tensors.get(name + "_scale")
+    int_panels = scale is not None and int_dot.wanted(tensors[name], scale)  # CPU with VNNI: kernels/int_dot.py
+    tensors = {k: int_dot.int_panels(t) if int_panels and k == name else to_panels(t) for k, t in tensors.items()}
   return {k: t.contiguous().realize() for k, t in tensors.items()}
 
 

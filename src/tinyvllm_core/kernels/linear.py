@@ -3,13 +3,15 @@ GFLOPS here. Weights are stored as panels [N/8, K, 8] instead: the kernel stream
 keeps a block of accumulators in registers (~41 GFLOPS per core with float4 loads, ~86 8-wide; one sequence reaches
 memory speed). Other devices keep [N, K] and tinygrad's own matmul heuristics. Quantized weights (int8 codes, or 4-bit
 GGUF codes two to a byte) use the same kernel with the same panels and a scale (and offset) per 32 along K; on a
-GPU-style renderer that kernel has one reduce over K and the workgroups tinygrad's heuristics give x @ W.T."""
+GPU-style renderer that kernel has one reduce over K and the workgroups tinygrad's heuristics give x @ W.T. On an x86
+CPU with VNNI, quantized weights are stored as int panels and multiplied by int_dot.py's kernel (int8 activations)."""
 
 from tinygrad import Tensor, dtypes
 from tinygrad.codegen.opt import Opt, OptOps
 from tinygrad.dtype import DType
 from tinygrad.uop.ops import AxisType, KernelInfo, Ops, UOp
 
+from . import int_dot
 from .opts import accumulators, divisor, has_local, heuristic_on_gpu, upcast, workgroups
 
 PANEL, QBLOCK = 8, 32
@@ -30,7 +32,9 @@ def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
 
 def _code(w: UOp, t: UOp, k: UOp, j: UOp) -> UOp:
   """Weight code k of column j in panel t: a float, an int8, or 4 bits of a uint8 (two codes per byte along K, k even
-  in the low nibble)."""
+  in the low nibble); or of int panels (int_dot.py)."""
+  if int_dot.is_int_panels(w):
+    return int_dot.code(w, t, k, j).cast(dtypes.float32)
   if w.dtype != dtypes.uint8:
     return w[t, k, j].load().cast(dtypes.float32)
   shift = (k % 2 * 4).cast(dtypes.uint8)
@@ -39,8 +43,7 @@ def _code(w: UOp, t: UOp, k: UOp, j: UOp) -> UOp:
 
 def _group(w: UOp, scale: tuple[UOp, ...]) -> int:
   """Weights per scale along K: 32, or 16 (GGUF Q6_K), read off the shapes."""
-  K = w.shape[1] * (2 if w.dtype == dtypes.uint8 else 1)
-  return K // scale[0].shape[1]
+  return int_dot.codes_along_k(w) // scale[0].shape[1]
 
 
 def _weight(w: UOp, scale: tuple[UOp, ...], t: UOp, k: UOp, j: UOp) -> UOp:
@@ -127,6 +130,8 @@ def linear(x: Tensor, w: Tensor, *scale: Tensor) -> Tensor:
   """x @ W.T for W as [N, K] (tinygrad's matmul) or as panels, float or quantized (with its scales and offsets)."""
   if w.ndim == 2:
     return x @ w.T
+  if int_dot.is_int_panels(w):  # CPU with VNNI: int8 activations x codes, faster at every row count measured (1-512)
+    return int_dot.int_linear(x, w, *scale)
   if scale and x.shape[0] >= DEQUANTIZE_ROWS:  # many rows (prefill): dequantize once per call, then the float kernel
     dense = Tensor.empty(w.shape[0], x.shape[1], w.shape[2], device=w.device)
     w, scale = dense.custom_kernel(w, *scale, fxn=_dequantize)[0], ()
@@ -149,6 +154,6 @@ def _gather_rows(out: UOp, table: UOp, index: UOp, *scale: UOp) -> UOp:
 def gather_rows(table: Tensor, index: Tensor, *scale: Tensor, dtype: DType | None = None) -> Tensor:
   """Rows of a [rows, D] table, or of a [rows/8, D, 8] panel table (quantized ones with their scales), picked by
   index."""
-  width = table.shape[1] * (2 if table.dtype == dtypes.uint8 else 1)
+  width = table.shape[1] if len(table.shape) == 2 else int_dot.codes_along_k(table)
   out = Tensor.empty(index.shape[0], width, dtype=dtype or table.dtype, device=table.device)
   return out.custom_kernel(table, index, *scale, fxn=_gather_rows)[0]
