@@ -368,6 +368,102 @@ def test_health_is_503_while_loading_and_after_a_failed_load(checkpoints):
     s.stop()
 
 
+def test_warm_up_runs_after_health_and_yields_to_a_request(srv, checkpoints, monkeypatch):
+  """/health answers 200 before any batch shape is captured; a request that comes while a warm-up step runs pauses
+  the warm-up (its queued round is aborted), runs alone after that step and answers what a server without warm-up
+  answers; once the server is idle the warm-up resumes and completes."""
+  import tinyvllm_cli.serve
+
+  monkeypatch.setattr(tinyvllm_cli.serve, "RESUME_AFTER_IDLE_S", 0.2)
+  gate, in_engine = threading.Event(), []
+
+  def gated():  # the engine's first step (the warm-up's) waits until the request is queued
+    engine = LLMEngine(checkpoints["llama"][0], device="CPU", num_blocks=512, block_size=16, max_num_seqs=2)
+    step = engine.step
+
+    def gated_step():
+      assert gate.wait(60), "the warm-up was never paused"
+      in_engine.append(len(engine.scheduler.running) + len(engine.scheduler.waiting))
+      return step()
+
+    engine.step = gated_step
+    return engine
+
+  body = {"model": MODEL, "prompt": list(range(3, 40)), "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+  expected = srv.request("POST", "/v1/completions", body)[1]["choices"][0]["text"]
+  s = Running(gated, warmup=True)
+  try:
+    assert s.state.wait_ready(60) and s.request("GET", "/health") == (200, {"status": "ok"})
+    warmup = s.state.warmup
+    while not warmup.pending:  # its first round is queued, and that step waits at the gate
+      time.sleep(0.01)
+    with ThreadPoolExecutor(1) as pool:
+      reply = pool.submit(s.request, "POST", "/v1/completions", body)
+      while not warmup.paused:
+        time.sleep(0.01)
+      assert warmup.done == 0
+      gate.set()
+      status, answer = reply.result(120)
+    assert status == 200 and answer["choices"][0]["text"] == expected
+    assert in_engine[0] == 1 and set(in_engine[1:9]) == {1}  # the warm-up's step in flight, then the request alone
+    deadline = time.monotonic() + 300
+    while not warmup.finished and time.monotonic() < deadline:
+      time.sleep(0.1)
+    assert warmup.finished and warmup.elapsed_s is not None and len(s.state.engine.captured_shapes()) > 10
+    s.wait_idle()
+  finally:
+    s.stop()
+
+
+class FakeWarmUp:
+  """Records what the server asks of its warm-up."""
+
+  finished = False
+
+  def __init__(self):
+    self.calls = []
+
+  def pause(self):
+    self.calls.append("pause")
+
+  def resume(self):
+    self.calls.append("resume")
+
+  def stop(self):
+    self.calls.append("stop")
+
+
+class IdleEngine:
+  def stats(self):
+    return {}
+
+  def has_unfinished_requests(self):
+    return False
+
+
+def test_the_warm_up_resumes_only_after_an_idle_moment(monkeypatch):
+  """Requests one after another keep the warm-up paused; it resumes RESUME_AFTER_IDLE_S after the last one ends,
+  and stops with the server."""
+  import tinyvllm_cli.serve
+
+  warmup = FakeWarmUp()
+  monkeypatch.setattr(tinyvllm_cli.serve, "RESUME_AFTER_IDLE_S", 0.3)
+  monkeypatch.setattr(tinyvllm_cli.serve, "_background_warm_up", lambda loop: warmup)
+  s = Running(IdleEngine, warmup=True)
+  try:
+    assert s.state.wait_ready(10) and s.state.warmup is warmup
+    for rid in ("a", "b", "c"):
+      s.state.track([rid], True)
+      s.state.track([rid], False)
+    time.sleep(0.1)
+    assert warmup.calls == ["pause"] * 3
+    time.sleep(0.5)
+    assert warmup.calls == ["pause"] * 3 + ["resume"]
+  finally:
+    s.stop()
+  assert warmup.calls[-1] == "stop"
+
+
 WEATHER = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"]}
 TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}}
 MIXED = [  # beside the plain streams: constrained and tool-calling requests, streamed and not
@@ -446,10 +542,10 @@ def test_cli_serves_until_ctrl_c(checkpoints):
     cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"}
   )
   try:
-    lines = [proc.stdout.readline() for _ in range(3)]
-    assert lines[1].startswith("warming up: capturing") and lines[2].startswith("ready: tiny"), lines
+    lines = [proc.stdout.readline() for _ in range(4)]  # ready once loaded; the warm-up goes on in the background
+    assert lines[1].startswith("ready: tiny") and lines[3].startswith("warming up in the background"), lines
     port = int(re.search(r"http://127\.0\.0\.1:(\d+)/v1", lines[0]).group(1))
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)  # the request may wait for captures
     conn.request("GET", "/health")
     health = conn.getresponse()
     assert health.status == 200 and health.read()

@@ -1,10 +1,10 @@
-"""Warm-up captures the batch shapes of a first chat turn (and of small batches for serve-lite): serve-lite before
-requests come, chat in the background through its engine loop, paused by a reply."""
+"""Warm-up captures the batch shapes of a first chat turn (and of small batches for serve-lite), in the background
+through an engine loop, paused by a reply (serve-lite's side: tests/test_serve.py)."""
 
 import threading
 
-from tinyvllm_core import EngineLoop, LLMEngine, SamplingParams
-from tinyvllm_cli.warmup import BackgroundWarmUp, head_of, warm_up, warmup_plan
+from tinyvllm_core import ConfigError, EngineLoop, LLMEngine, SamplingParams
+from tinyvllm_cli.warmup import BackgroundWarmUp, first_prompt_len, head_of, warm_up, warmup_plan
 
 
 def test_plan_covers_prefill_buckets_widths_and_batches():
@@ -50,6 +50,20 @@ def test_a_chat_plan_puts_the_rounds_of_its_first_prompt_first():
   assert head_of(SamplingParams(temperature=0)) == "greedy"
   assert head_of(SamplingParams(temperature=0.8, top_k=0, top_p=1.0)) == "sample"
   assert head_of(SamplingParams(temperature=0.8, top_k=40)) == "top_p"
+
+
+class Templated:
+  def apply_chat_template(self, messages, **kwargs):
+    return list(range(len(messages[0]["content"].split()) + 5))
+
+
+class Untemplated:
+  def apply_chat_template(self, messages, **kwargs):
+    raise ConfigError("this model has no chat template; send a plain prompt instead")
+
+
+def test_first_prompt_len_counts_the_templated_first_message():
+  assert first_prompt_len(Templated()) == 11 and first_prompt_len(Untemplated()) == 0
 
 
 def test_background_warm_up_yields_to_a_request_and_changes_nothing(checkpoints, monkeypatch):

@@ -99,16 +99,22 @@ class Metrics:
       self.finished[reason] += 1
 
 
-# ---- server state: the engine loads in the background --------------------------------------------
+# ---- server state: the engine loads, then warms up, in the background ------------------------------
+
+RESUME_AFTER_IDLE_S = 1.0  # the warm-up starts, and resumes, once no request has been in flight this long
 
 
 class ServerState:
-  """The engine loop once loaded, the settings the handlers need, and the requests in flight."""
+  """The engine loop once loaded, the settings the handlers need, the requests in flight, and the background warm-up
+  (held while requests are in flight: warm-up work only fills idle time)."""
 
-  def __init__(self, engine_factory: Callable[[], Any], model_name: str, api_key: str | None):
+  def __init__(
+    self, engine_factory: Callable[[], Any], model_name: str, api_key: str | None, warmup: bool = False
+  ) -> None:
     self.model_name, self.api_key = model_name, api_key
     self.engine: Any = None
     self.loop: Any = None
+    self.warmup: Any = None  # a BackgroundWarmUp, when asked for
     self.load_error: str | None = None
     self.loaded = threading.Event()  # set when loading ended, well or not
     self.created = int(time.time())
@@ -116,18 +122,25 @@ class ServerState:
     self.active: set[str] = set()
     self._lock = threading.Lock()
     self._closed = False
-    threading.Thread(target=self._load, args=(engine_factory,), name="tinyvllm-load", daemon=True).start()
+    self._resume_timer: threading.Timer | None = None
+    args = (engine_factory, warmup)
+    threading.Thread(target=self._load, args=args, name="tinyvllm-load", daemon=True).start()
 
   @property
   def ready(self) -> bool:
     return self.loop is not None and not self._closed
 
-  def _load(self, engine_factory: Callable[[], Any]) -> None:
+  def _load(self, engine_factory: Callable[[], Any], warmup: bool) -> None:
     try:
       from tinyvllm_core import EngineLoop
 
       engine = engine_factory()
-      self.engine, self.loop = engine, EngineLoop(engine)
+      loop = EngineLoop(engine)
+      if warmup:  # before the loop is published: no request can come before the warm-up is there to yield
+        self.warmup = _background_warm_up(loop)
+        with self._lock:
+          self._hold_warmup()  # a first request sent as /health turns 200 finds no warm-up step in its way
+      self.engine, self.loop = engine, loop
     except Exception as e:  # shown by /health and by the CLI
       self.load_error = one_line(e) or repr(e)
     finally:
@@ -142,26 +155,62 @@ class ServerState:
     return TokenText(self.engine)
 
   def track(self, request_ids: list[str], active: bool) -> None:
+    """Count requests in and out; the first one in pauses the warm-up, the last one out lets it resume later."""
     with self._lock:
       if active:
         self.active.update(request_ids)
       else:
         self.active.difference_update(request_ids)
+      if self.warmup is not None and not self.warmup.finished:
+        self._hold_warmup()
+
+  def _hold_warmup(self) -> None:
+    """Pause the warm-up while requests are in flight; resume it RESUME_AFTER_IDLE_S after the last one (a client
+    sending one request after another keeps it paused). Called under the lock."""
+    if self._resume_timer is not None:
+      self._resume_timer.cancel()
+      self._resume_timer = None
+    if self.active:
+      self.warmup.pause()
+      return
+    self._resume_timer = threading.Timer(RESUME_AFTER_IDLE_S, self._resume_if_idle)
+    self._resume_timer.daemon = True
+    self._resume_timer.start()
+
+  def _resume_if_idle(self) -> None:
+    with self._lock:
+      if not self.active and not self._closed:
+        self.warmup.resume()
 
   def close(self, grace_s: float = 2.0) -> None:
-    """Abort what is in flight, give the handlers a moment to answer, stop the engine loop."""
-    if self._closed or self.loop is None:
-      self._closed = True
-      return
-    self._closed = True
+    """Stop the warm-up, abort what is in flight, give the handlers a moment to answer, stop the engine loop."""
     with self._lock:
+      already, self._closed = self._closed, True
+      if self._resume_timer is not None:
+        self._resume_timer.cancel()
       running = list(self.active)
+    if already or self.loop is None:
+      return
+    if self.warmup is not None:
+      self.warmup.stop()
     for request_id in running:
       self.loop.abort(request_id)
     deadline = time.monotonic() + grace_s
     while self.active and time.monotonic() < deadline:
       time.sleep(0.02)
     self.loop.shutdown()
+
+
+def _background_warm_up(loop: Any) -> Any:
+  """The warm-up plan on `loop`, started paused (ServerState resumes it): the rounds of a first chat request at the
+  model's sampling defaults first, then the other heads and prompt buckets, then batches up to max_num_seqs."""
+  from tinyvllm_cli.warmup import BackgroundWarmUp, first_prompt_len
+
+  engine = loop.engine
+  params, max_num_seqs = engine.default_params, engine.config.max_num_seqs
+  warmup = BackgroundWarmUp(loop, params, first_prompt_len(engine), max_num_seqs)
+  warmup.pause()
+  return warmup.start()
 
 
 # ---- metrics text --------------------------------------------------------------------------------
@@ -623,14 +672,15 @@ def make_server(
   timeout_s: float = SOCKET_TIMEOUT_S,
   allowed_origins: Iterable[str] = (),
   access_log: bool = False,
+  warmup: bool = False,
 ) -> tuple[Server, ServerState]:
   """Bind host:port now and load the engine in the background; call serve_forever() on the server.
   allowed_origins: the origins ("*": any) whose web pages may call the server (CORS); access_log: a line per request
-  on stderr."""
+  on stderr; warmup: capture the common batch shapes once loaded, in the background, yielding to requests."""
   settings = {"timeout": timeout_s, "max_body_bytes": max_body_bytes, "access_log": access_log}
   handler = type("BoundHandler", (Handler,), settings | {"allowed_origins": frozenset(allowed_origins)})
   server = (Server6 if ":" in host else Server)((host, port), handler)
-  handler.state = ServerState(engine_factory, model_name, api_key)
+  handler.state = ServerState(engine_factory, model_name, api_key, warmup)
   return server, handler.state
 
 
@@ -640,7 +690,10 @@ HOST_HELP = "Address to listen on; 0.0.0.0 exposes the server to the network."
 API_KEY_HELP = "Require 'Authorization: Bearer KEY' on every endpoint but /health."
 SERVED_NAME_HELP = "Model id clients send (default: the --model value)."
 TIMEOUT_HELP = "Seconds a stalled client may keep its connection idle."
-WARMUP_HELP = "Capture the common batch shapes before answering /health with 200."
+WARMUP_HELP = (
+  "Capture the common batch shapes in the background once the model is loaded (/health answers 200 at once; "
+  "requests come first)."
+)
 ORIGINS_HELP = "Origins whose web pages may call the server (CORS): a comma list, or * for any. Default: none."
 QUIET_HELP = "No log line per request on stderr."
 
@@ -668,10 +721,10 @@ def serve_lite(
   path = _checked_model_path(model, device, dtype)
   engine_kwargs = dict(device=device, kv_cache_gb=kv_cache_gb, max_num_seqs=max_num_seqs, max_model_len=max_model_len)
   engine_kwargs |= dict(quantize=quantize_setting(quantize), dtype=dtype, beam=beam)
-  load = functools.partial(_load_engine, path, engine_kwargs, warmup)
+  load = functools.partial(_load_engine, path, engine_kwargs)
   name = served_model_name or _default_name(model, path)
   origins = [origin.strip() for origin in allowed_origins.split(",") if origin.strip()]
-  settings = dict(timeout_s=timeout, allowed_origins=origins, access_log=not quiet)
+  settings = dict(timeout_s=timeout, allowed_origins=origins, access_log=not quiet, warmup=warmup)
   server, state = _listen(load, host, port, api_key, name, settings)
   thread = threading.Thread(target=server.serve_forever, name="tinyvllm-http", daemon=True)
   thread.start()
@@ -702,18 +755,11 @@ def _default_name(model: str | None, path: Path) -> str:
   return models.EMBEDDED_ALIAS if path == models.embedded_model_path() else path.name
 
 
-def _load_engine(path: Path, engine_kwargs: dict, warmup: bool) -> Any:
-  """The engine, with the common batch shapes captured when asked (runs on the loading thread)."""
+def _load_engine(path: Path, engine_kwargs: dict) -> Any:
+  """The engine (runs on the loading thread)."""
   from tinyvllm_core import LLMEngine
 
-  from tinyvllm_cli.warmup import warm_up
-
-  engine = LLMEngine(path, **engine_kwargs)
-  if warmup:
-    beam = engine_kwargs["beam"]
-    say(f"warming up: capturing the common batch shapes{f' with BEAM={beam} search' if beam else ''} ...")
-    warm_up(engine, engine_kwargs["max_num_seqs"])
-  return engine
+  return LLMEngine(path, **engine_kwargs)
 
 
 def _listen(load: Callable[[], Any], host: str, port: int, api_key: str | None, name: str, settings: dict):
@@ -756,5 +802,12 @@ def _wait(state: ServerState, thread: threading.Thread) -> None:
   )
   for note in engine.files.notes:  # what was dequantized at load, a context the KV budget capped
     say(note)
+  warmup = state.warmup
+  if warmup is not None:
+    beam = f" with BEAM={engine.config.beam} search" if engine.config.beam else ""
+    say(f"warming up in the background: capturing the common batch shapes{beam} (requests come first)")
   while thread.is_alive():
     thread.join(0.5)
+    if warmup is not None and warmup.elapsed_s is not None:
+      say(f"warm-up done: {len(warmup.rounds)} rounds in {warmup.elapsed_s:.1f} s")
+      warmup = None

@@ -1,22 +1,25 @@
 """Warm-up: tinygrad captures a TinyJit (and with --beam searches its kernels) the first time a batch shape is seen,
-which costs seconds. Running the shapes a first request uses once moves that cost out of the first reply. Only the
-engine's public API is used: short dummy requests, each shape's prompt chosen so it lands in the next prefill bucket
-and attention width (blocks of 16 tokens: 1, 2, 4, 8), then batches of 2, 4, ... sequences decoding together
-(serve-lite).
+which costs seconds even when the kernels are in tinygrad's disk cache (lowering them is most of it). Running the
+shapes a first request uses once moves that cost out of the first reply. Only the engine's public API is used: short
+dummy requests, each shape's prompt chosen so it lands in the next prefill bucket and attention width (blocks of 16
+tokens: 1, 2, 4, 8), then batches of 2, 4, ... sequences decoding together (serve-lite).
 
-serve-lite runs the plan before it listens (`warm_up`). chat shows its prompt first and runs the plan in the
-background through its EngineLoop (`BackgroundWarmUp`), one round at a time, the rounds a first reply needs first;
-a reply pauses it: the warm-up requests still queued are aborted, so a reply never queues behind them."""
+chat and serve-lite answer first and warm up in the background through their EngineLoop (`BackgroundWarmUp`), one
+round at a time, the rounds a likely first request needs first; a reply pauses it: the warm-up requests still queued
+are aborted, so a reply never queues behind them (only behind the step in flight). `warm_up` runs the plan on an
+engine directly."""
 
 from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from typing import Callable
 
 PROMPT_LENS = (8, 24, 56, 120)  # prefill buckets 8, 32, 64, 128 and decode widths of 1, 2, 4, 8 blocks
 # the engine's three sampling heads: argmax, plain sampling, with the top-k/top-p search
 HEADS = ("greedy", "sample", "top_p")
+FIRST_MESSAGE = "What is the capital of France?"  # a likely first turn: its prefill bucket is warmed up first
 
 
 def next_power_of_2(n: int) -> int:
@@ -45,6 +48,14 @@ def warmup_plan(max_len: int, max_num_seqs: int = 1, head: str | None = None, pr
     rounds += [(batch, 8, h) for h in heads]
     batch *= 2
   return rounds
+
+
+def first_prompt_len(engine) -> int:
+  """Tokens of FIRST_MESSAGE in the model's chat template (0 for a model without one)."""
+  try:
+    return len(engine.apply_chat_template([{"role": "user", "content": FIRST_MESSAGE}], add_generation_prompt=True))
+  except ValueError:  # no chat template (ConfigError), or one that refuses the message
+    return 0
 
 
 def head_params(params) -> dict:
@@ -79,19 +90,6 @@ def warm_up(engine, max_num_seqs: int = 1, on_round: Callable[[int, int], None] 
   return len(rounds)
 
 
-def warm_up_with_progress(engine, console, max_num_seqs: int = 1) -> None:
-  """warm_up with a progress bar on `console` (stderr for chat and serve-lite)."""
-  from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-  label = TextColumn("warming up: capturing batch shapes{task.fields[beam]}")
-  columns = (label, BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-  rounds = len(warmup_plan(engine.max_model_len, max_num_seqs))
-  beam = engine.config.beam
-  with Progress(*columns, console=console, transient=True) as progress:
-    task = progress.add_task("warm-up", total=rounds, beam=f" (BEAM={beam} search)" if beam else "")
-    warm_up(engine, max_num_seqs, lambda done, total: progress.update(task, completed=done))
-
-
 class BackgroundWarmUp:
   """Runs the warm-up plan through an EngineLoop (the only thread that steps the engine), one round at a time, from a
   thread of its own. `pause` aborts the round in flight and holds the next one (a reply is coming); `resume` goes on,
@@ -103,6 +101,8 @@ class BackgroundWarmUp:
     self.rounds = warmup_plan(engine.max_model_len, max_num_seqs, head_of(params), prompt_len)
     self.params = head_params(params)
     self.done = 0
+    self.elapsed_s: float | None = None  # from start() to the last round's end, once the plan completed
+    self._started = 0.0
     self._first = 0  # the next warm-up prompt's number
     self._lock = threading.Lock()  # orders submits against pause: no warm-up request is queued after a pause
     self._running = threading.Event()
@@ -116,6 +116,10 @@ class BackgroundWarmUp:
     return self.done == len(self.rounds)
 
   @property
+  def paused(self) -> bool:
+    return not self._running.is_set()
+
+  @property
   def pending(self) -> bool:
     """Whether a round's requests are in the engine loop now."""
     return bool(self._streams)
@@ -127,6 +131,7 @@ class BackgroundWarmUp:
     return f"warming up {self.done}/{len(self.rounds)}"
 
   def start(self) -> BackgroundWarmUp:
+    self._started = time.perf_counter()
     self._thread.start()
     return self
 
@@ -172,3 +177,5 @@ class BackgroundWarmUp:
         self._streams = []
       if "abort" not in reasons:  # done (or failed: a failed round is not retried)
         self.done += 1
+    if self.finished:
+      self.elapsed_s = time.perf_counter() - self._started
