@@ -1,6 +1,6 @@
 """`tinyvllm serve-lite`: the OpenAI-compatible server, driven by the official openai client and raw HTTP."""
 
-import http.client, json, os, re, signal, socket, subprocess, sys, threading, time
+import functools, http.client, json, os, re, signal, socket, subprocess, sys, threading, time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import pytest
@@ -569,7 +569,7 @@ def test_cli_serves_until_ctrl_c(checkpoints):
   assert bad.returncode == 1 and bad.stderr.startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
 
 
-def test_cli_dtype_reaches_the_engine_and_a_bad_one_is_one_line(checkpoints, monkeypatch):
+def test_cli_dtype_and_drafts_reach_the_engine_and_a_bad_dtype_is_one_line(checkpoints, monkeypatch):
   from typer.testing import CliRunner
   import tinyvllm_core
   from tinyvllm_cli.main import app
@@ -583,11 +583,14 @@ def test_cli_dtype_reaches_the_engine_and_a_bad_one_is_one_line(checkpoints, mon
   monkeypatch.setattr(tinyvllm_core, "LLMEngine", fake_engine)
   r = CliRunner().invoke(
     app,
-    ["serve-lite", "--model", str(checkpoints["llama"][0]), "--port", "0", "--device", "CPU", "--dtype", "float16"],
+    [
+      *("serve-lite", "--model", str(checkpoints["llama"][0]), "--port", "0", "--device", "CPU"),
+      *("--dtype", "float16", "--num-speculative-tokens", "3"),
+    ],
     env={"COLUMNS": "200", "NO_COLOR": "1"},
   )
   assert r.exit_code == 1 and "could not load" in r.stderr and "stopped by the test" in r.stderr, r.output
-  assert seen["dtype"] == "float16" and seen["device"] == "CPU"
+  assert seen["dtype"] == "float16" and seen["device"] == "CPU" and seen["num_speculative_tokens"] == 3
   bad = subprocess.run(
     [
       sys.executable,
@@ -610,19 +613,31 @@ def test_cli_dtype_reaches_the_engine_and_a_bad_one_is_one_line(checkpoints, mon
   assert bad.stderr.strip() == "error: --dtype 'half': choose auto, float32, float16 or bfloat16"
 
 
-def test_real_smollm2_through_the_server(smollm2_path):
-  s = Running(lambda: LLMEngine(smollm2_path, device="CPU", kv_cache_gb=0.25, max_num_seqs=4), model_name="smollm2")
-  try:
-    assert s.state.wait_ready(120), s.state.load_error
-    reply = s.client().chat.completions.create(
-      model="smollm2",
-      messages=[{"role": "user", "content": "What is the capital of France?"}],
-      temperature=0,
-      max_tokens=24,
-    )
-    assert "Paris" in reply.choices[0].message.content and reply.choices[0].finish_reason in ("stop", "length")
-  finally:
-    s.stop()
+REPEAT = "Repeat this sentence exactly: The quick brown fox jumps over the lazy dog near the old river bank."
+
+
+def test_real_smollm2_through_the_server_with_and_without_drafts(smollm2_path):
+  """Paris; and a server with --num-speculative-tokens 4 answers the same greedy text, drafts accepted (a reply that
+  repeats its prompt)."""
+  answers, metrics = {}, {}
+  for k in (0, 4):
+    kwargs = dict(device="CPU", kv_cache_gb=0.25, max_num_seqs=4, num_speculative_tokens=k)
+    s = Running(functools.partial(LLMEngine, smollm2_path, **kwargs), model_name="smollm2")
+    try:
+      assert s.state.wait_ready(120), s.state.load_error
+      answers[k] = [smollm2_reply(s.client(), question) for question in ("What is the capital of France?", REPEAT)]
+      metrics[k] = s.metrics()
+    finally:
+      s.stop()
+  assert "Paris" in answers[0][0] and answers[4] == answers[0], answers
+  assert metrics[0]["spec_decode_num_draft_tokens_total"] == 0 < metrics[4]["spec_decode_num_accepted_tokens_total"]
+
+
+def smollm2_reply(client: OpenAI, question: str) -> str:
+  messages = [{"role": "user", "content": question}]
+  reply = client.chat.completions.create(model="smollm2", messages=messages, temperature=0, max_tokens=24)
+  assert reply.choices[0].finish_reason in ("stop", "length")
+  return reply.choices[0].message.content
 
 
 def test_bench_serve_is_a_bench_preset_with_one_line_errors():

@@ -33,6 +33,7 @@ from tinyvllm_cli.engine_options import (
   MaxModelLenOption,
   ModelOption,
   QuantizeOption,
+  SpeculativeOption,
   check_dtype,
   check_dtype_compiles,
   quantize_setting,
@@ -227,6 +228,8 @@ SCALAR_METRICS = [
   ("prompt_tokens_total", "counter", "Prompt tokens received.", "num_prompt_tokens"),
   ("generation_tokens_total", "counter", "Tokens generated.", "num_generated_tokens"),
   ("prefix_cache_hit_tokens_total", "counter", "Prompt tokens served from the prefix cache.", "num_cached_tokens"),
+  ("spec_decode_num_draft_tokens_total", "counter", "Prompt-lookup draft tokens verified.", "num_draft_tokens"),
+  ("spec_decode_num_accepted_tokens_total", "counter", "Draft tokens accepted.", "num_accepted_drafts"),
 ]
 # (metric, help, Metrics attribute)
 HISTOGRAM_METRICS = [
@@ -712,6 +715,7 @@ def serve_lite(
   quantize: QuantizeOption = None,
   dtype: DtypeOption = "auto",
   beam: BeamOption = 0,
+  num_speculative_tokens: SpeculativeOption = 0,
   warmup: Annotated[bool, typer.Option(help=WARMUP_HELP)] = True,
   allowed_origins: Annotated[str, typer.Option(help=ORIGINS_HELP, show_default=False)] = "",
   quiet: Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_HELP)] = False,
@@ -721,6 +725,7 @@ def serve_lite(
   path = _checked_model_path(model, device, dtype)
   engine_kwargs = dict(device=device, kv_cache_gb=kv_cache_gb, max_num_seqs=max_num_seqs, max_model_len=max_model_len)
   engine_kwargs |= dict(quantize=quantize_setting(quantize), dtype=dtype, beam=beam)
+  engine_kwargs |= dict(num_speculative_tokens=num_speculative_tokens)
   load = functools.partial(_load_engine, path, engine_kwargs)
   name = served_model_name or _default_name(model, path)
   origins = [origin.strip() for origin in allowed_origins.split(",") if origin.strip()]
