@@ -133,7 +133,9 @@ def _prepare(name: str, w: np.ndarray | Tensor, dtype: DType, quantize: str | No
     tensors = dict(zip((name, name + "_scale"), quantize_int8(tensors[name])))
   if matrix and panels:
     scale = tensors.get(name + "_scale")
-    int_panels = scale is not None and int_dot.wanted(tensors[name], scale)  # CPU with VNNI: kernels/int_dot.py
+    # GGUF blocks on a CPU with VNNI: int8 activations as llama.cpp's (kernels/int_dot.py); --quantize int8 keeps
+    # float activations: with int8 ones SmolLM2's France answer flipped on a 0.08-logit near tie
+    int_panels = quantize == "gguf" and scale is not None and int_dot.wanted(tensors[name], scale)
     tensors = {k: int_dot.int_panels(t) if int_panels and k == name else to_panels(t) for k, t in tensors.items()}
   return {k: t.contiguous().realize() for k, t in tensors.items()}
 
