@@ -718,7 +718,7 @@ def serve_lite(
   num_speculative_tokens: SpeculativeOption = 0,
   warmup: Annotated[bool, typer.Option(help=WARMUP_HELP)] = True,
   allowed_origins: Annotated[str, typer.Option(help=ORIGINS_HELP, show_default=False)] = "",
-  quiet: Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_HELP)] = False,
+  quiet: Annotated[bool, typer.Option("--quiet", help=QUIET_HELP)] = False,
 ) -> None:
   """Serve a model over an OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, /v1/models, /health,
   /metrics."""
