@@ -5,22 +5,13 @@ streamed and not; a tool round trip reaches the template; <think> text comes bac
 import json
 import jsonschema
 import pytest
-from test_serve import Running, assert_error, tiny_factory
+from test_serve import Running, assert_error, tiny_factory, with_template
 from test_tool_calls import PARAMETERS, QWEN3_TEMPLATE, TOOLS, WEATHER
 
 MODEL = "tiny"
 NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}  # a random model would think until max_tokens
 ASK = [{"role": "user", "content": "Weather in Paris?"}]
 CALL_REGEX = r'<tool_call>\n\{"name": "get_time", "arguments": \{\}\}\n</tool_call>'
-
-
-def with_template(checkpoint, template: str, folder):
-  """A copy of a tiny checkpoint with another chat template."""
-  for file in checkpoint.iterdir():
-    (folder / file.name).write_bytes(file.read_bytes())
-  config = json.loads((folder / "tokenizer_config.json").read_text())
-  (folder / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": template}))
-  return folder
 
 
 @pytest.fixture(scope="module")

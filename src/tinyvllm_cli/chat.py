@@ -41,7 +41,7 @@ from tinyvllm_cli.engine_options import (
 )
 from tinyvllm_cli.reasoning import ReasoningSplitter, prompt_opens_reasoning, split_reasoning
 from tinyvllm_cli.ui import err, fail, one_line, out
-from tinyvllm_cli.warmup import BackgroundWarmUp
+from tinyvllm_cli.warmup import BackgroundWarmUp, first_prompt_len
 
 if TYPE_CHECKING:
   from tinyvllm_core import EngineLoop, LLMEngine, RequestOutput, RequestStream, SamplingParams
@@ -74,7 +74,6 @@ SETTABLE |= {"repetition_penalty": float, "presence_penalty": float, "frequency_
 SETTABLE |= {"max_tokens": int, "seed": _seed}
 VERBOSE_HELP = "Print token counts, TTFT and tok/s after each reply"
 WARMUP_HELP = "Capture the common batch shapes in the background while you type (not for piped input)"
-FIRST_MESSAGE = "What is the capital of France?"  # a likely first turn: the warm-up captures its shapes first
 
 
 # ---- pieces of a reply ---------------------------------------------------------------------------
@@ -643,9 +642,7 @@ def _build_app(engine: LLMEngine, label: str, settings: dict, warmup: bool, note
   loop = EngineLoop(engine)
   background = None
   if warmup:
-    first = [{"role": "user", "content": FIRST_MESSAGE}]
-    first_len = len(engine.apply_chat_template(first, tokenize=True, add_generation_prompt=True))
-    background = BackgroundWarmUp(loop, params, prompt_len=first_len).start()
+    background = BackgroundWarmUp(loop, params, prompt_len=first_prompt_len(engine)).start()
   system, verbose = settings["system"], settings["verbose"]
   return ChatApp(
     engine, loop, out, params, system=system, model_name=label, verbose=verbose, notes=notes, warmup=background
