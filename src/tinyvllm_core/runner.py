@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from tinygrad import Device, Tensor, TinyJit, dtypes
@@ -60,6 +60,7 @@ def _is_filtered(params: SamplingParams) -> bool:
 
 
 SAMPLING_INPUTS = ("logits_indices", "temperature", "top_k", "top_p", "min_p", "seeds")
+STEP_INPUTS = ("block_tables", "context_lens", "slot_mapping")  # every layer reads them
 
 
 class ModelRunner:
@@ -77,7 +78,7 @@ class ModelRunner:
     self.whole_forward = Device[device].graph is not None or self.cl
     self.jits: dict[tuple, TinyJit] = {}
     self.inputs: dict[BatchShape, dict[str, Tensor]] = {}
-    self.direct: dict[TinyJit, object] = {}  # jit -> kernels.cpu.CPUReplay
+    self.direct: dict[TinyJit, object] = {}  # jit -> kernels.cpu.CPUReplay or kernels.cl.CLReplay
     self.workers: list = []  # threads that run the other parts of kernels split over the CPU's cores
     # a layer jit per weight layout: a Q4_K_M file mixes block types between layers (Q4_K / Q6_K, Q5_0 / Q8_0 rows)
     layouts = [tuple((k, t.shape, t.dtype) for k, t in sorted(w.items())) for w in model.layer_inputs]
@@ -143,9 +144,7 @@ class ModelRunner:
 
     def forward(token_ids: Tensor, positions: Tensor, **inputs: Tensor):
       x, cos, sin = embed(token_ids, positions)
-      step_inputs = {"cos": cos, "sin": sin} | {
-        k: inputs.pop(k) for k in ("block_tables", "context_lens", "slot_mapping")
-      }
+      step_inputs = {"cos": cos, "sin": sin} | {k: inputs.pop(k) for k in STEP_INPUTS}
       for i in range(m.config.num_layers):
         x = layer(x, **step_inputs, **m.layer_inputs[i])
       return head(x, **inputs)
@@ -153,13 +152,13 @@ class ModelRunner:
     if self.whole_forward:
       return self._replay(self._jit(("forward", shape), forward), **b)
     x, cos, sin = self._replay(self._jit(("embed", N), embed), b["token_ids"], b["positions"])
-    step_inputs = {"cos": cos, "sin": sin} | {k: b[k] for k in ("block_tables", "context_lens", "slot_mapping")}
+    step_inputs = {"cos": cos, "sin": sin} | {k: b[k] for k in STEP_INPUTS}
     for i in range(m.config.num_layers):
       layer_jit = self._jit(("layer", N, W, i % 2, self.layer_layout[i]), layer)
       x = self._replay(layer_jit, x, **step_inputs, **m.layer_inputs[i])
     sampling = {k: b[k] for k in (*SAMPLING_INPUTS, *PENALTY_INPUTS, "bitmask", "draft_ids") if k in b}
-    head_key = ("head", N, shape.num_seqs, shape.greedy, shape.filtered, shape.penalty_width, shape.masked)
-    return self._replay(self._jit((*head_key, shape.logprobs, shape.speculative), head), x, **sampling)
+    head_key = ("head", replace(shape, num_blocks=0))  # the head reads no block table: one jit for every width
+    return self._replay(self._jit(head_key, head), x, **sampling)
 
   def _batch_shape(self, chunks: list[Chunk], sampled: list[Sequence], penalty_width: int) -> BatchShape:
     width = block_table_width(max(c.end for c in chunks), self.block_size)
@@ -178,7 +177,8 @@ class ModelRunner:
     )
 
   def prepare(self, scheduled: list[tuple[Sequence, int]]) -> tuple[BatchShape, dict[str, np.ndarray], list[Sequence]]:
-    """Flat arrays for the scheduled chunks; the sequences whose chunk reaches their end get a sampled token."""
+    """Flat arrays for the scheduled chunks; a chunk reaching its sequence's last token gets a sampled row, and one
+    more per draft token it verifies."""
     chunks = [Chunk(seq, seq.num_computed_tokens, n) for seq, n in scheduled]
     sampled = [c.seq for c in chunks for _ in range(c.num_sampled_rows)]  # a sequence's rows are adjacent
     offsets = [j for c in chunks for j in range(c.num_sampled_rows)]  # tokens after the output: its seed
