@@ -46,8 +46,9 @@ def test_int_kernel_matches_numpy_and_the_float_kernel(bits, offsets, M):
   rng = np.random.default_rng(M * 10 + bits)
   N, K = 48, 96
   codes = rng.integers(0, 16, (N, K)).astype(np.uint8) if bits == 4 else rng.integers(-128, 128, (N, K)).astype(np.int8)
-  scale = rng.random((N, K // 32), dtype=np.float32)
-  offset = rng.standard_normal((N, K // 32), dtype=np.float32) if offsets else np.zeros_like(scale)
+  scale = rng.random((N, K // 32), dtype=np.float32).astype(np.float16).astype(np.float32)  # f16 values, as GGUF's
+  offset = rng.standard_normal((N, K // 32), dtype=np.float32).astype(np.float16).astype(np.float32)
+  offset = offset if offsets else np.zeros_like(scale)
   w = (codes.reshape(N, -1, 32) * scale[..., None] + offset[..., None]).reshape(N, K)
   stored = codes[:, 0::2] | codes[:, 1::2] << 4 if bits == 4 else codes  # as the float kernels read them
   scales = [to_panels(Tensor(a)).realize() for a in ((scale, offset) if offsets else (scale,))]
@@ -56,6 +57,8 @@ def test_int_kernel_matches_numpy_and_the_float_kernel(bits, offsets, M):
   x = rng.standard_normal((M, K), dtype=np.float32)
   x[:, 7] *= 30  # an outlier per row: its block's other codes get coarse
   got = linear(Tensor(x), q, *scales).numpy()
+  halves = [to_panels(Tensor(a.astype(np.float16))).realize() for a in ((scale, offset) if offsets else (scale,))]
+  np.testing.assert_array_equal(linear(Tensor(x), q, *halves).numpy(), got)  # float16 scales: the same values
 
   x_codes, x_scale = numpy_quantize_rows(x)
   dequantized_x = (x_codes.reshape(M, -1, 32) * x_scale[..., None]).reshape(M, K)
@@ -70,6 +73,7 @@ def test_int_kernel_matches_numpy_and_the_float_kernel(bits, offsets, M):
   rows = np.array([0, 47, 9, 8], dtype=np.int32)
   gathered = gather_rows(q, Tensor(rows), *scales, dtype=dtypes.float32).numpy()
   np.testing.assert_allclose(gathered, w[rows], rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(gather_rows(q, Tensor(rows), *halves, dtype=dtypes.float32).numpy(), gathered)
 
 
 def test_int_kernel_emits_vpdpbusd(tmp_path):
@@ -145,3 +149,40 @@ def test_gguf_types_through_the_int_kernels(tmp_path, qtype, qtypes):
   ref = reference_logits(weights, json.loads((checkpoint / "config.json").read_text()), tokens[:-1])[len(prompt) - 1 :]
   print(qtype, np.abs(got - ref).max() / np.abs(ref).max())
   assert np.abs(got - ref).max() < 5e-2 * np.abs(ref).max()
+
+
+def test_f16_scales_are_stored_as_float16_and_k_quant_scales_stay_float32(tmp_path, monkeypatch):
+  """A one-sequence decode step reads the int panels' codes and their scales: GGUF's Q4_1 / Q8_0 scales and offsets
+  are f16 values, so they are stored as float16 (0.0625 byte per weight less each; formats/weights.py,
+  _half_if_exact) and the logits are those of the same values in float32. K-quants' scales (d x a 6-bit sub-scale)
+  are rarely f16 values: those stay float32."""
+  from gguf_writer import write_gguf
+  from model_factory import make_checkpoint
+  from test_model_logits import _engine_logits
+  from tinyvllm_core.formats import weights as weights_module
+
+  checkpoint = tmp_path / "tied"  # K-quants need rows of 256; a tied Q8_0 embedding is also the lm_head
+  make_checkpoint(
+    checkpoint, family="llama", hidden_size=256, intermediate_size=512, num_heads=4, tie_word_embeddings=True
+  )
+  write_gguf(tmp_path / "q4_1.gguf", checkpoint, "Q4_1", qtypes={"token_embd.weight": "Q8_0"})
+  prompt = [7, 100, 42, 9, 250, 3, 77, 12]
+  half_engine, half_logits, tokens = _engine_logits(tmp_path / "q4_1.gguf", prompt, num_decode=3, quantize="gguf")
+  w = half_engine.runner.model.weights
+  assert int_dot.is_int_panels(w["layers.0.gate_up"]) and int_dot.is_int_panels(w["embed"])
+  for name in ("layers.0.gate_up_scale", "layers.0.gate_up_min", "layers.1.down_scale", "embed_scale", "lm_head_scale"):
+    assert w[name].dtype == dtypes.float16, name
+
+  monkeypatch.setattr(weights_module, "_half_if_exact", lambda values: values)  # every scale float32
+  full_engine, full_logits, full_tokens = _engine_logits(tmp_path / "q4_1.gguf", prompt, num_decode=3, quantize="gguf")
+  assert full_engine.runner.model.weights["layers.0.gate_up_scale"].dtype == dtypes.float32
+  assert tokens == full_tokens
+  np.testing.assert_array_equal(half_logits, full_logits)  # the same float32 values in the same arithmetic
+  monkeypatch.undo()
+
+  write_gguf(tmp_path / "q4_k.gguf", checkpoint, "Q4_K")
+  w = _engine_logits(tmp_path / "q4_k.gguf", prompt, num_decode=0, quantize="gguf")[0].runner.model.weights
+  assert int_dot.is_int_panels(w["layers.0.gate_up"])
+  for name in ("layers.0.gate_up_scale", "layers.0.gate_up_min"):
+    values = w[name].numpy()
+    assert values.dtype == np.float32 and not np.array_equal(values.astype(np.float16).astype(np.float32), values)

@@ -136,8 +136,20 @@ def _prepare(name: str, w: np.ndarray | Tensor, dtype: DType, quantize: str | No
     # GGUF blocks on a CPU with VNNI: int8 activations as llama.cpp's (kernels/int_dot.py); --quantize int8 keeps
     # float activations: with int8 ones SmolLM2's France answer flipped on a 0.08-logit near tie
     int_panels = quantize == "gguf" and scale is not None and int_dot.wanted(tensors[name], scale)
-    tensors = {k: int_dot.int_panels(t) if int_panels and k == name else to_panels(t) for k, t in tensors.items()}
+    if int_panels:
+      tensors = {k: int_dot.int_panels(t) if k == name else to_panels(_half_if_exact(t)) for k, t in tensors.items()}
+    else:
+      tensors = {k: to_panels(t) for k, t in tensors.items()}
   return {k: t.contiguous().realize() for k, t in tensors.items()}
+
+
+def _half_if_exact(values: Tensor) -> Tensor:
+  """Scales or offsets of int panels as float16 when every value is one exactly (GGUF stores Q4_0-Q8_0's d and m as
+  f16; Q4_0's offset -8 x d is one too), so a decode step reads 0.0625 byte per weight less each (Q4_1: 0.625 byte per
+  weight in all, as llama.cpp). K-quants' d x 6-bit sub-scale rarely is: those stay float32. The kernels read either."""
+  v = values.numpy()
+  half = v.astype(np.float16)
+  return Tensor(half, device=values.device) if np.array_equal(half.astype(np.float32), v) else values
 
 
 def _dense(w: np.ndarray | Tensor) -> Tensor:

@@ -138,19 +138,38 @@ _DOT = {
 }
 
 
+# The 8 float16 scales (or offsets) of a panel's columns at one block, converted at once (one vcvtph2ps), then column
+# LANE; identical expressions for the 8 columns are one after clang's CSE. Loaded and cast one by one, clang 19
+# converted them 4 at a time and spilled registers in the 4-row x 2-panel block: 14% slower at 32 rows than float32
+# scales (this: as fast).
+_HALVES = (
+  "({{ typedef __fp16 v8h __attribute__((vector_size(16), aligned(2)));"
+  " typedef float v8f __attribute__((vector_size(32))); __builtin_convertvector(*(const v8h*){0}, v8f)[LANE]; }})"
+)
+
+
 def _pointer(index: UOp) -> UOp:
   """An element's address for C code (a void CUSTOMI has no shape, so the buffer's shape does not spread)."""
   return UOp(Ops.CUSTOMI, dtypes.void, src=(index,), arg="{0}")
+
+
+def _column(values: UOp, panel: UOp, kb: UOp, j: int) -> UOp:
+  """Column j's scale or offset at block kb as a float32, stored as float16 or float32 (formats/weights.py)."""
+  if values.dtype != dtypes.float16:
+    return values[panel, kb, j].load()
+  lane = _HALVES.replace("LANE", str(j))
+  return UOp(Ops.CUSTOM, dtypes.float32, src=(_pointer(values.index(panel, kb, 0)), kb), arg=lane)
 
 
 def _int_matmul(out: UOp, xq: UOp, xs: UOp, w: UOp, scale: UOp, *extra: UOp) -> UOp:
   """out[m, n] = sum over blocks of scale(n) x xs(m) x isum + (offset(n) - 128 x scale(n) for biased 8-bit codes) x
   xs(m) x sum(codes)(m): the float dot product of the dequantized weights with the dequantized activations (an offset
   times the quantized activations' sum, as llama.cpp's Q8_1, so that Q4_0's offset -8 x scale cancels exactly as its
-  centred codes would). extra: the offset if any, then xs x sum(codes); only buffers the kernel reads are passed
-  (tinygrad names the thread index after the buffer count, so an unread buffer shifts the arguments). A register block
-  of panels x rows is unrolled here (tinygrad's UPCAST does not copy a CUSTOM per lane); the panel groups are split
-  over the CPU's threads."""
+  centred codes would). Scale and offset are float16 where their values are (formats/weights.py), else float32.
+  extra: the offset if any, then xs x sum(codes); only buffers the kernel reads are passed (tinygrad names the thread
+  index after the buffer count, so an unread buffer shifts the arguments). A register block of panels x rows is
+  unrolled here (tinygrad's UPCAST does not copy a CUSTOM per lane); the panel groups are split over the CPU's
+  threads."""
   (num_panels, *_), (M, K) = w.shape, xq.shape
   bits, rows_per_block = (4, QBLOCK // 8) if w.dtype == dtypes.uint8 else (8, QBLOCK // 4)
   offset, xqsum = (extra[0] if len(extra) == 2 else None), (extra[-1] if extra else None)
@@ -167,10 +186,10 @@ def _int_matmul(out: UOp, xq: UOp, xs: UOp, w: UOp, scale: UOp, *extra: UOp) -> 
       w_block = _pointer(w.index(panel, kb * rows_per_block, 0, 0))
       for j in range(PANEL):
         isum = UOp(Ops.CUSTOM, dtypes.int32, src=(w_block, x_block, kb), arg=_DOT[bits].replace("LANE", str(j)))
-        s = scale[panel, kb, j].load()
+        s = _column(scale, panel, kb, j)
         value = isum.cast(dtypes.float32) * (s * x_scale)
         if xqsum is not None:
-          bias = (offset[panel, kb, j].load() if offset is not None else 0.0) - (s * 128 if bits == 8 else 0.0)
+          bias = (_column(offset, panel, kb, j) if offset is not None else 0.0) - (s * 128 if bits == 8 else 0.0)
           value = value + bias * xqsum[row, kb].load()
         stores.append(out.index(row, panel * PANEL + j).store(value.reduce(kb, arg=Ops.ADD)))
   opts = upcast({"group": num_panels // panels, "row": M // rows})

@@ -47,12 +47,12 @@ def _group(w: UOp, scale: tuple[UOp, ...]) -> int:
 
 
 def _weight(w: UOp, scale: tuple[UOp, ...], t: UOp, k: UOp, j: UOp) -> UOp:
-  """The dequantized weight: code * scale (+ offset)."""
+  """The dequantized weight: code * scale (+ offset); int panels' scales and offsets may be float16."""
   value = _code(w, t, k, j)
   if scale:
-    value = value * scale[0][t, k // _group(w, scale), j].load()
+    value = value * scale[0][t, k // _group(w, scale), j].load().cast(dtypes.float32)
   if len(scale) > 1:
-    value = value + scale[1][t, k // _group(w, scale), j].load()
+    value = value + scale[1][t, k // _group(w, scale), j].load().cast(dtypes.float32)
   return value
 
 
