@@ -79,7 +79,6 @@ class ModelRunner:
     self.jits: dict[tuple, TinyJit] = {}
     self.inputs: dict[BatchShape, dict[str, Tensor]] = {}
     self.direct: dict[TinyJit, object] = {}  # jit -> kernels.cpu.CPUReplay or kernels.cl.CLReplay
-    self.workers: list = []  # threads that run the other parts of kernels split over the CPU's cores
     # a layer jit per weight layout: a Q4_K_M file mixes block types between layers (Q4_K / Q6_K, Q5_0 / Q8_0 rows)
     layouts = [tuple((k, t.shape, t.dtype) for k, t in sorted(w.items())) for w in model.layer_inputs]
     self.layer_layout = [layouts.index(layout) for layout in layouts]
@@ -105,7 +104,7 @@ class ModelRunner:
     with Context(**settings, **cpu.capture_settings()):
       out = jit(*args, **kwargs)
     try:
-      self.direct[jit] = cpu.CPUReplay(jit, self.workers)
+      self.direct[jit] = cpu.CPUReplay(jit)
     except (NotImplementedError, AttributeError):
       pass  # kernels the direct replay cannot call: tinygrad's replay
     return out

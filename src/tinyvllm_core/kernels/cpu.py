@@ -1,21 +1,24 @@
 """Every CPU-only trick, imported only when the engine runs on tinygrad's CPU device:
 - the compiler pick: clang >= 19 vectorizes our register blocks 8-wide (86 vs 41 GFLOPS per core at 512 rows);
 - the wide-vector switch: a pure check, and the one place that changes tinygrad's renderer;
-- the direct replay of captured kernels, with worker threads for kernels split over the cores."""
+- the direct replay of captured kernels (dispatch.c), with worker threads for kernels split over the cores."""
 
 import ctypes
 import os
-import queue
+import functools
+import hashlib
 import re
 import shutil
+import subprocess
 import tempfile
-import threading
 from pathlib import Path
 
 from tinygrad import Device, TinyJit
 from tinygrad.engine.realize import get_call_arg_uops, get_runtime
 from tinygrad.helpers import getenv
 from tinygrad.uop.ops import Ops, UOp
+
+MAX_ARGS = 32  # dispatch.c calls every kernel with this many 64-bit words
 
 
 def pick_compiler() -> None:
@@ -64,15 +67,53 @@ def capture_settings() -> dict[str, int]:
   return {"PARALLEL": 0} if not Device["CPU"].renderer.supports_float4 else {}
 
 
-class CPUReplay:
-  """Calls a captured TinyJit's compiled CPU kernels directly (tinygrad's replay costs ~40 us of Python per kernel, ~600
-  per decode step). Only the JIT's inputs (PARAM slots) change between calls; other arguments are fixed addresses."""
+class Kernel(ctypes.Structure):
+  _fields_ = [("fn", ctypes.c_void_p), ("core_id", ctypes.c_int64), ("num_threads", ctypes.c_int64)]
+  _fields_ += [("argv", ctypes.c_uint64 * MAX_ARGS)]
 
-  def __init__(self, jit: TinyJit, workers: list["Worker"]):
-    self.ret, self.workers = jit.captured.ret, workers
-    self.kernels = [self._kernel(call) for call in jit.captured.linear.src]
-    num_threads = max((k[-1] for k in self.kernels), default=1)
-    workers.extend(Worker() for _ in range(num_threads - 1 - len(workers)))
+
+class Patch(ctypes.Structure):
+  _fields_ = [("kernel", ctypes.c_int64), ("pos", ctypes.c_int64), ("slot", ctypes.c_int64)]
+
+
+@functools.cache
+def dispatcher() -> ctypes.CDLL:
+  """dispatch.c compiled once per source and compiler into the temp folder (a CPU device has a C compiler: clang)."""
+  source = (Path(__file__).parent / "dispatch.c").read_bytes()
+  cc = os.environ.get("CC", "clang")
+  digest = hashlib.sha256(source + cc.encode()).hexdigest()[:16]
+  path = Path(tempfile.gettempdir()) / f"tinyvllm-{os.getuid()}" / f"dispatch-{digest}.so"
+  if not path.exists():
+    path.parent.mkdir(exist_ok=True)
+    staged = path.with_suffix(f".{os.getpid()}.so")
+    cmd = [cc, "-O2", "-shared", "-fPIC", "-pthread", "-x", "c", "-", "-o", str(staged)]
+    subprocess.run(cmd, input=source, check=True, capture_output=True)
+    staged.replace(path)  # atomic: other processes see no file or the whole one
+  lib = ctypes.CDLL(str(path))  # a CDLL call releases the GIL: the server's threads go on while a step runs
+  lib.tv_run.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+  return lib
+
+
+class CPUReplay:
+  """Calls a captured TinyJit's compiled CPU kernels directly, all in one call into dispatch.c (tinygrad's replay costs
+  ~40 us of Python per kernel, ~600 per decode step; a Python loop of ctypes calls ~2 us, and a hand-off to a Python
+  worker thread ~20 us). Only the JIT's inputs (PARAM slots) change between calls; other arguments are fixed
+  addresses, patched in C from the inputs' addresses."""
+
+  def __init__(self, jit: TinyJit):
+    self.ret, self.lib = jit.captured.ret, dispatcher()
+    parts = [self._kernel(call) for call in jit.captured.linear.src]
+    self.programs = [rt for rt, *_ in parts]  # they own the kernels' code
+    self.kernels = (Kernel * len(parts))()
+    patches = []
+    for i, (rt, argv, params, core_id, num_threads) in enumerate(parts):
+      self.kernels[i].fn, self.kernels[i].core_id, self.kernels[i].num_threads = rt.addr, core_id, num_threads
+      self.kernels[i].argv[: len(argv)] = argv
+      patches += [(i, pos, slot) for pos, slot in params]
+    self.patches = (Patch * len(patches))(*patches)
+    num_threads = max((k.num_threads for k in self.kernels), default=1)
+    if self.lib.tv_start_workers(num_threads - 1) < num_threads - 1:
+      raise NotImplementedError("no threads for the kernels' other parts")
 
   @staticmethod
   def _kernel(call: UOp) -> tuple:
@@ -89,42 +130,14 @@ class CPUReplay:
       for i in prg.arg.globals
     ]
     argv += [v or 0 for v in prg.arg.vals({})]
+    if len(argv) > MAX_ARGS:
+      raise NotImplementedError(f"a kernel with {len(argv)} arguments (dispatch.c passes {MAX_ARGS})")
     params = [(pos, args[i].arg.slot) for pos, i in enumerate(prg.arg.globals) if args[i].op is Ops.PARAM]
-    fxn = ctypes.CFUNCTYPE(None, *[ctypes.c_uint64] * len(argv))(rt.addr)  # rt stays referenced: it owns the code
     core_id = rt.runtimevars.get("core_id")
     num_threads = 1 if core_id is None else prg.arg.launch_dims({})[0][0]
-    return fxn, rt, argv, params, core_id, num_threads
+    return rt, argv, params, -1 if core_id is None else core_id, num_threads
 
   def __call__(self, inputs: list[UOp]):
-    addrs = [u.buffer._buf.va_addr for u in inputs]
-    for fxn, _, argv, params, core_id, num_threads in self.kernels:
-      for pos, slot in params:
-        argv[pos] = addrs[slot]
-      if core_id is None:
-        fxn(*argv)
-      else:
-        self._run_split(fxn, argv, core_id, num_threads)
+    addrs = (ctypes.c_uint64 * len(inputs))(*[u.buffer._buf.va_addr for u in inputs])
+    self.lib.tv_run(self.kernels, len(self.kernels), self.patches, len(self.patches), addrs)
     return self.ret
-
-  def _run_split(self, fxn, argv: list[int], core_id: int, num_threads: int) -> None:
-    """A kernel split over threads takes its thread index as an argument: part 0 here, the others on workers."""
-    for tid in range(1, num_threads):
-      self.workers[tid - 1].jobs.put((fxn, [*argv[:core_id], tid, *argv[core_id + 1 :]]))
-    argv[core_id] = 0
-    fxn(*argv)
-    for tid in range(1, num_threads):
-      self.workers[tid - 1].done.acquire()
-
-
-class Worker:
-  """Runs one part of kernels split over threads; ctypes calls release the GIL, so the parts run on different cores."""
-
-  def __init__(self):
-    self.jobs, self.done = queue.SimpleQueue(), threading.Semaphore(0)
-    threading.Thread(target=self._run, daemon=True).start()
-
-  def _run(self):
-    while True:
-      fxn, argv = self.jobs.get()
-      fxn(*argv)
-      self.done.release()
