@@ -35,3 +35,28 @@ def test_whole_forward_jit_gives_the_per_layer_results(checkpoints, device):
   assert kinds == {"forward"}, kinds  # one jit per batch shape, nothing per layer
   if device == "CL":  # kernels/cl.py replays every capture directly: per layer (inputs bound again) or whole
     assert all(jit in e.runner.direct for e in engines for jit in e.runner.jits.values() if jit.captured)
+
+
+class NoPlans(dict):
+  def __setitem__(self, key, value):  # the runner makes no step plan: every step replays jit by jit
+    pass
+
+
+def test_cpu_step_plan_gives_the_per_layer_results(checkpoints):
+  """On CPU, once a batch shape's jits are captured, its later steps run as one StepPlan (kernels/cpu.py: the kernels
+  of embed, every layer and head with their input addresses patched once): the same tokens and logits as the replay
+  jit by jit, with prefix-cache hits, penalties and sampling in the batch."""
+  path = checkpoints["qwen3"][0]
+  engines = [LLMEngine(path, device="CPU", dtype="float32", num_blocks=64, block_size=4) for _ in range(2)]
+  engines[0].runner.plans = NoPlans()
+  params = [
+    SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+    SamplingParams(temperature=0.9, seed=3, max_tokens=12, ignore_eos=True, repetition_penalty=1.3),
+    SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+  ]
+  for _ in range(2):  # the second round reuses the first one's shapes (plans) and its cached prefixes
+    (want, want_logits), (got, got_logits) = (_run(e, params) for e in engines)
+    assert got == want
+    for a, b in zip(got_logits, want_logits):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  assert not engines[0].runner.plans and engines[1].runner.plans

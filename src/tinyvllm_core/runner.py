@@ -79,6 +79,7 @@ class ModelRunner:
     self.jits: dict[tuple, TinyJit] = {}
     self.inputs: dict[BatchShape, dict[str, Tensor]] = {}
     self.direct: dict[TinyJit, object] = {}  # jit -> kernels.cpu.CPUReplay or kernels.cl.CLReplay
+    self.plans: dict[BatchShape, object] = {}  # CPU: a step's direct replays as one kernels.cpu.StepPlan
     # a layer jit per weight layout: a Q4_K_M file mixes block types between layers (Q4_K / Q6_K, Q5_0 / Q8_0 rows)
     layouts = [tuple((k, t.shape, t.dtype) for k, t in sorted(w.items())) for w in model.layer_inputs]
     self.layer_layout = [layouts.index(layout) for layout in layouts]
@@ -116,6 +117,7 @@ class ModelRunner:
       return self._capture(jit, *args, **kwargs)
     inputs = [t.uop.base for t in (*args, *(kwargs[k] for k in sorted(kwargs)))]
     direct = self.direct.get(jit) if DEBUG.value < 2 else None  # DEBUG=2 (per-kernel timing) needs tinygrad's replay
+    self.calls.append((direct, inputs))
     return direct(inputs) if direct else jit.captured(inputs, {})
 
   def _forward(self, shape: BatchShape, b: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -148,8 +150,11 @@ class ModelRunner:
         x = layer(x, **step_inputs, **m.layer_inputs[i])
       return head(x, **inputs)
 
+    self.calls: list[tuple] = []  # this step's direct replays, with their inputs
     if self.whole_forward:
       return self._replay(self._jit(("forward", shape), forward), **b)
+    if (plan := self.plans.get(shape)) and DEBUG.value < 2:  # ~20 us of Python per layer call less
+      return plan()
     x, cos, sin = self._replay(self._jit(("embed", N), embed), b["token_ids"], b["positions"])
     step_inputs = {"cos": cos, "sin": sin} | {k: b[k] for k in STEP_INPUTS}
     for i in range(m.config.num_layers):
@@ -157,7 +162,12 @@ class ModelRunner:
       x = self._replay(layer_jit, x, **step_inputs, **m.layer_inputs[i])
     sampling = {k: b[k] for k in (*SAMPLING_INPUTS, *PENALTY_INPUTS, "bitmask", "draft_ids") if k in b}
     head_key = ("head", replace(shape, num_blocks=0))  # the head reads no block table: one jit for every width
-    return self._replay(self._jit(head_key, head), x, **sampling)
+    out = self._replay(self._jit(head_key, head), x, **sampling)
+    if self.cpu and len(self.calls) == m.config.num_layers + 2 and all(direct for direct, _ in self.calls):
+      from .kernels.cpu import StepPlan  # every input is a persistent buffer of this shape: fixed addresses
+
+      self.plans[shape] = StepPlan(self.calls, out)
+    return out
 
   def _batch_shape(self, chunks: list[Chunk], sampled: list[Sequence], penalty_width: int) -> BatchShape:
     width = block_table_width(max(c.end for c in chunks), self.block_size)
