@@ -228,7 +228,8 @@ def tinyvllm_side(run: Run, p: VsParams) -> tuple[dict, dict]:
   from tinyvllm_cli.engine_options import quantize_setting
 
   engine_quantize = quantize_setting(p.quantize)
-  profile = run_profile(run, ProfileParams(list(p.batch_sizes), prompt_len=DECODE_PROMPT, quantize=engine_quantize))
+  params = ProfileParams(list(p.batch_sizes), steps=TG, prompt_len=DECODE_PROMPT, quantize=engine_quantize)
+  profile = run_profile(run, params)  # as many timed steps as tg128 has tokens: a median over 10 steps swung 15%
   prompts = PromptSource(run.model.model_config().vocab_size, p.prefill_len, 0).take(PREFILL_SEQS)
   prefill = run_tinyvllm(
     run.model, run.device, Workload(prompts, [1] * PREFILL_SEQS), BackendOptions(quantize=engine_quantize)
