@@ -9,6 +9,7 @@ from tinygrad.helpers import BEAM, DEBUG, Context
 
 from .config import on_cpu
 from .model import Model
+from .kernels.devices import read_back
 from .kernels.penalties import PENALTY_INPUTS, apply_penalties, penalty_arrays, penalty_entries
 from .kernels.sampler import apply_bitmask, grammar_bitmask, sample, top_logprobs
 from .sampling import SamplingParams
@@ -255,7 +256,7 @@ class ModelRunner:
     t1 = time.perf_counter()
     next_ids, self.last_logits, *logprobs = self._forward(shape, self.inputs[shape])  # logits stay on the device
     t2 = time.perf_counter()  # the step's kernels are queued (on CPU: have run)
-    next_ids = next_ids.numpy()[: len(sampled)].tolist()
-    self.last_logprobs = [t.numpy() for t in logprobs]  # chosen [S], top values and token ids [S, k]
+    next_ids = read_back(next_ids)[: len(sampled)].tolist()
+    self.last_logprobs = [read_back(t) for t in logprobs]  # chosen [S], top values and token ids [S, k]
     self.last_timings = {"prepare_s": t1 - t0, "launch_s": t2 - t1, "forward_s": time.perf_counter() - t1}
     return sampled, next_ids

@@ -8,6 +8,7 @@ import ctypes
 import os
 import re
 
+import numpy as np
 from tinygrad import Device, Tensor
 from tinygrad.helpers import DEV, Target
 
@@ -78,3 +79,12 @@ def _opencl_on_cpu() -> bool:
   kind = ctypes.c_uint64()
   cl.clGetDeviceInfo(Device["CL"].cl_dev, cl.CL_DEVICE_TYPE, ctypes.sizeof(kind), ctypes.byref(kind), None)
   return bool(kind.value & cl.CL_DEVICE_TYPE_CPU)
+
+
+def read_back(t: Tensor) -> np.ndarray:
+  """A realized tensor's values through its allocator's copy-out, which waits for the device (Tensor.numpy schedules
+  a copy first: 176 us per call, 4% of a one-sequence decode step on CPU)."""
+  buf = t.uop.buffer
+  out = np.empty(t.shape, dtype=np.dtype(t.dtype.fmt))
+  buf.allocator._copyout(memoryview(out).cast("B"), buf._buf)
+  return out
