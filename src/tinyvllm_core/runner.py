@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, replace
 
@@ -93,22 +94,19 @@ class ModelRunner:
 
   def _capture(self, jit: TinyJit, *args: Tensor, **kwargs: Tensor):
     settings = {"BEAM": self.beam or BEAM.value}  # beam > 0 searches the kernels' opts
-    if not self.cpu:
-      with Context(**settings):
-        out = jit(*args, **kwargs)
-      if self.cl:
+    if self.cpu:
+      from .kernels import cpu
+
+      settings |= cpu.capture_settings()
+    with Context(**settings):
+      out = jit(*args, **kwargs)
+    with contextlib.suppress(NotImplementedError, AttributeError):  # kernels it cannot call: tinygrad's replay
+      if self.cpu:
+        self.direct[jit] = cpu.CPUReplay(jit)
+      elif self.cl:
         from .kernels.cl import CLReplay
 
         self.direct[jit] = CLReplay(jit)
-      return out
-    from .kernels import cpu
-
-    with Context(**settings, **cpu.capture_settings()):
-      out = jit(*args, **kwargs)
-    try:
-      self.direct[jit] = cpu.CPUReplay(jit)
-    except (NotImplementedError, AttributeError):
-      pass  # kernels the direct replay cannot call: tinygrad's replay
     return out
 
   def _replay(self, jit: TinyJit, *args: Tensor, **kwargs: Tensor):
@@ -201,9 +199,7 @@ class ModelRunner:
     shape = self._batch_shape(chunks, sampled, penalty_width)
     T, S = shape.num_tokens, shape.num_seqs
     a = {
-      "token_ids": np.zeros(T, np.int32),
-      "positions": np.zeros(T, np.int32),
-      "slot_mapping": np.zeros(T, np.int32),
+      **{k: np.zeros(T, np.int32) for k in ("token_ids", "positions", "slot_mapping")},
       "block_tables": np.zeros((T, shape.num_blocks), np.int32),
       "context_lens": np.ones(T, np.int32),  # padded rows attend to one slot of block 0
       "logits_indices": np.zeros(S, np.int32),
