@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from tinyvllm_cli.bench.common import BenchModel, Run, machine_info
 from tinyvllm_cli.bench.vs_llamacpp import PeerFailed, VsParams, find_tools, parse_batched_bench, parse_llama_bench
-from tinyvllm_cli.bench.vs_llamacpp import vs_report
+from tinyvllm_cli.bench.vs_llamacpp import serve_levels, vs_report, wait_warmed_up
 from tinyvllm_cli.main import app
 
 
@@ -89,6 +89,7 @@ TINYVLLM = {
   "serve_4": 120.0,
   "start_s": 60.0,
   "first_s": 70.0,
+  "warmup_s": 130.0,
 }
 LLAMACPP = {
   "decode_1": 100.0,
@@ -134,6 +135,8 @@ def test_report_ratio_and_bound(tmp_path: Path):
   assert rows[serve_4] == ["-", "120.0", "-", "400.0"]
   assert rows["time from start to /health 200, s (lower is better)"] == ["2.0", "60.0", "30.00x", "-"]
   assert rows["time from start to the first completion (64 tokens), s (lower is better)"][2] == "23.33x"
+  warmup = "time from start to warm-up done, s (serve-lite's background warm-up, before the serving levels)"
+  assert rows[warmup] == ["-", "130.0", "-", "-"]  # llama-server has none
   assert "`tinyvllm bench speculative` measures it apart" in md
   assert data["preset"] == "vs-llamacpp" and data["weight_bytes"] == 1000 and data["skipped"] == {}
 
@@ -142,6 +145,97 @@ def test_report_without_llamacpp(tmp_path: Path):
   data, md = report(tmp_path, None)
   assert all(cells[0] == "-" and cells[2] == "-" for cells in table_rows(md).values())
   assert "Skipped llama.cpp: llama-bench not found" in md and list(data["results"]) == ["tinyvllm"]
+
+
+class FakeProc:
+  returncode = None
+
+  def __init__(self, *args, **kwargs):
+    pass
+
+  def poll(self):
+    return None
+
+  def terminate(self):
+    pass
+
+  def wait(self, timeout=None):
+    return 0
+
+
+class WarmingServer:
+  """A server's /health as the bench sees it: 503 while loading, then 200 with the warm-up's progress (serve-lite)
+  or without (llama-server, serve-lite --no-warmup); one round more done per /health asked once it answers 200."""
+
+  def __init__(self, rounds: int | None, loading: int = 1):
+    self.rounds, self.loading, self.done, self.log = rounds, loading, 0, []
+
+  def get(self, path: str):
+    assert path == "/health"
+    if self.loading:
+      self.loading -= 1
+      return 503, {"status": "loading"}
+    if self.rounds is None:
+      return 200, {"status": "ok"}
+    body = {"status": "ok", "warmup": {"done": self.done, "rounds": self.rounds}}
+    self.done = min(self.done + 1, self.rounds)
+    return 200, body
+
+
+def test_wait_warmed_up_polls_until_done_and_is_bounded(monkeypatch):
+  import tinyvllm_cli.bench.vs_llamacpp as vs
+
+  monkeypatch.setattr(vs.time, "sleep", lambda s: None)
+  server = WarmingServer(rounds=3, loading=2)
+  assert wait_warmed_up(server, FakeProc(), started=vs.now(), timeout=60) is not None and server.done == 3
+  assert wait_warmed_up(WarmingServer(rounds=None, loading=0), FakeProc(), vs.now(), 60) is None  # no warm-up
+  stuck = WarmingServer(rounds=10**9, loading=0)
+  assert wait_warmed_up(stuck, FakeProc(), vs.now(), timeout=0.05) is None  # gave up: the levels run anyway
+
+
+@pytest.mark.parametrize("wait_warmup", [True, False])
+def test_serve_levels_run_after_the_warm_up_finished(monkeypatch, wait_warmup: bool):
+  """serve-lite (wait_warmup): the first completion is timed as before, then the levels start only once /health says
+  the warm-up finished, and warmup_s is that time; llama-server gets no wait and no warmup_s."""
+  import tinyvllm_cli.bench.serve as bench_serve
+  import tinyvllm_cli.bench.vs_llamacpp as vs
+
+  server, order = WarmingServer(rounds=4), []
+
+  class Target:
+    def __init__(self, *args):
+      pass
+
+    def get(self, path):
+      return server.get(path)
+
+    def wait_ready(self):
+      return "m"
+
+    def stream(self, body):
+      order.append(("first", server.done))
+
+      class Ok:
+        ok, error = True, None
+
+      return Ok()
+
+  def run_levels(target, model, config, out):
+    order.append(("levels", server.done))
+    return [{"concurrency": 1, "failed": 0, "output_throughput": 10.0}]
+
+  monkeypatch.setattr(vs.subprocess, "Popen", FakeProc)
+  monkeypatch.setattr(vs.time, "sleep", lambda s: None)
+  monkeypatch.setattr(bench_serve, "Target", Target)
+  monkeypatch.setattr(bench_serve, "run_levels", run_levels)
+  served = serve_levels(["serve"], VsParams(Path("m.gguf"), 2, concurrency=(1,), timeout=60), wait_warmup)
+  metrics = vs.serve_metrics(served)
+  (_, first), (_, levels) = order  # rounds done when the first completion, then the levels, were sent
+  if wait_warmup:
+    assert first < 4 and levels == 4 and metrics["start_s"] <= metrics["first_s"] <= metrics["warmup_s"]
+  else:
+    assert levels == first < 4 and "warmup_s" not in metrics
+  assert metrics["serve_1"] == 10.0
 
 
 @pytest.mark.parametrize(
@@ -181,6 +275,7 @@ def test_without_the_binaries_one_skip_line_and_tinyvllms_column(tmp_path: Path,
   ]
   data = json.loads(next(out.glob("vs-llamacpp-*.json")).read_text())
   metrics = data["results"]["tinyvllm"]["metrics"]
-  assert sorted(metrics) == ["decode_1", "first_s", "prefill", "serve_1", "start_s"] and min(metrics.values()) > 0
+  assert sorted(metrics) == ["decode_1", "first_s", "prefill", "serve_1", "start_s", "warmup_s"]
+  assert min(metrics.values()) > 0 and metrics["warmup_s"] >= metrics["first_s"]  # the levels ran once warmed up
   assert data["skipped"] == {"llama.cpp": why} and "llama.cpp" not in data["results"]
   assert f"Skipped llama.cpp: {why}" in next(out.glob("vs-llamacpp-*.md")).read_text()

@@ -393,8 +393,10 @@ def test_warm_up_runs_after_health_and_yields_to_a_request(srv, checkpoints, mon
   expected = srv.request("POST", "/v1/completions", body)[1]["choices"][0]["text"]
   s = Running(gated, warmup=True)
   try:
-    assert s.state.wait_ready(60) and s.request("GET", "/health") == (200, {"status": "ok"})
+    assert s.state.wait_ready(60)
     warmup = s.state.warmup
+    progress = {"done": 0, "rounds": len(warmup.rounds)}
+    assert s.request("GET", "/health") == (200, {"status": "ok", "warmup": progress})  # its progress, still 200
     while not warmup.pending:  # its first round is queued, and that step waits at the gate
       time.sleep(0.01)
     with ThreadPoolExecutor(1) as pool:
@@ -410,6 +412,7 @@ def test_warm_up_runs_after_health_and_yields_to_a_request(srv, checkpoints, mon
     while not warmup.finished and time.monotonic() < deadline:
       time.sleep(0.1)
     assert warmup.finished and warmup.elapsed_s is not None and len(s.state.engine.captured_shapes()) > 10
+    assert s.request("GET", "/health") == (200, {"status": "ok", "warmup": progress | {"done": len(warmup.rounds)}})
     s.wait_idle()
   finally:
     s.stop()
@@ -419,6 +422,8 @@ class FakeWarmUp:
   """Records what the server asks of its warm-up."""
 
   finished = False
+  done = 1
+  rounds = [(1, 8, "greedy")] * 3
 
   def __init__(self):
     self.calls = []
@@ -452,6 +457,7 @@ def test_the_warm_up_resumes_only_after_an_idle_moment(monkeypatch):
   s = Running(IdleEngine, warmup=True)
   try:
     assert s.state.wait_ready(10) and s.state.warmup is warmup
+    assert s.request("GET", "/health") == (200, {"status": "ok", "warmup": {"done": 1, "rounds": 3}})
     for rid in ("a", "b", "c"):
       s.state.track([rid], True)
       s.state.track([rid], False)

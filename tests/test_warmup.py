@@ -4,14 +4,46 @@ through an engine loop, paused by a reply (serve-lite's side: tests/test_serve.p
 import threading
 
 from tinyvllm_core import ConfigError, EngineLoop, LLMEngine, SamplingParams
-from tinyvllm_cli.warmup import BackgroundWarmUp, first_prompt_len, head_of, warm_up, warmup_plan
+from tinyvllm_cli.warmup import BackgroundWarmUp, first_prompt_len, head_of, next_power_of_2, warm_up, warmup_plan
+from tinyvllm_cli.warmup import width_of
 
 
 def test_plan_covers_prefill_buckets_widths_and_batches():
   heads = ("greedy", "sample", "top_p")
   assert warmup_plan(1024, 1) == [(1, n, h) for n in (8, 24, 56, 120) for h in heads]
-  assert warmup_plan(1024, 8)[-6:] == [(4, 8, h) for h in heads] + [(8, 8, h) for h in heads]
+  assert warmup_plan(1024, 8)[12:21] == [(b, 8, h) for b in (2, 4, 8) for h in heads]  # then the serving rounds
   assert all(n < 40 for _, n, _ in warmup_plan(40, 1))  # prompts that do not fit the context are left out
+
+
+def layer_shapes(plan: list[tuple], max_num_batched_tokens: int) -> set[tuple[int, int]]:
+  """(token bucket, block-table width) of the layer jits a plan's rounds capture: each round's prefill (when its
+  prompts fit one step) and its decode."""
+  shapes = set()
+  for b, n, _ in plan:
+    shapes.add((next_power_of_2(b), width_of(n + 1)))
+    if b * n <= max_num_batched_tokens:
+      shapes.add((next_power_of_2(b * n), width_of(n)))
+  return shapes
+
+
+def test_plan_covers_what_serving_concurrent_requests_meets():
+  """Up to 16 sequences: decode at widths 1-8 for 1, 2, 4, 8, 16 of them, the prefill buckets up to 512 tokens at
+  each width where 16 prompts reach them, every round for every head; nothing past the limits."""
+  plan = warmup_plan(1024, 16, "top_p", prompt_len=30, max_num_batched_tokens=512)
+  assert plan[: len(warmup_plan(1024, 1, "top_p", 30))] == warmup_plan(1024, 1, "top_p", 30)  # the first turn's first
+  shapes = layer_shapes(plan, 512)
+  assert {(b, w) for b in (1, 2, 4, 8, 16) for w in (1, 2, 4, 8)} <= shapes  # decode
+  assert {(n, 1) for n in (16, 32, 64, 128, 256)} <= shapes  # 16 prompts of 15 tokens: 240, no more at width 1
+  assert {(n, 2) for n in (32, 64, 128, 256, 512)} <= shapes
+  assert {(n, 4) for n in (64, 128, 256, 512)} | {(n, 8) for n in (128, 256, 512)} <= shapes
+  assert max(n for n, _ in shapes) == 512 and all(b <= 16 and n + 2 < 1024 for b, n, _ in plan)
+  assert len(set(plan)) == len(plan) and {h for _, _, h in plan[-3:]} == {"greedy", "sample", "top_p"}
+
+  small = warmup_plan(40, 64, max_num_batched_tokens=64)  # a 40-token context, 64-token steps; 32 sequences at most
+  assert all(n + 2 < 40 and b <= 32 for b, n, _ in small)
+  assert {w for _, w in layer_shapes(small, 64)} == {1, 2}  # the prompt lengths of PROMPT_LENS that fit
+  assert max(n for n, _ in layer_shapes(small, 64)) == 64 and (32, 1) in layer_shapes(small, 64)
+  assert warmup_plan(1024, 1, max_num_batched_tokens=64) == warmup_plan(1024, 1)  # one sequence: as before
 
 
 def test_first_request_after_warm_up_captures_nothing(checkpoints):

@@ -481,7 +481,9 @@ class Handler(JsonHandler):
   # ---- GET ----
   def _health(self) -> None:
     if self.state.ready:
-      self._send_json(200, {"status": "ok"})
+      warmup = self.state.warmup  # its progress, when serve-lite warms up: done == rounds once it finished
+      progress = {"warmup": {"done": warmup.done, "rounds": len(warmup.rounds)}} if warmup is not None else {}
+      self._send_json(200, {"status": "ok", **progress})
     elif self.state.load_error:
       self._send_json(503, {"status": "error", "error": self.state.load_error})
     else:

@@ -2,7 +2,8 @@
 which costs seconds even when the kernels are in tinygrad's disk cache (lowering them is most of it). Running the
 shapes a first request uses once moves that cost out of the first reply. Only the engine's public API is used: short
 dummy requests, each shape's prompt chosen so it lands in the next prefill bucket and attention width (blocks of 16
-tokens: 1, 2, 4, 8), then batches of 2, 4, ... sequences decoding together (serve-lite).
+tokens: 1, 2, 4, 8), then batches of 2, 4, ... sequences prefilling and decoding together at those widths and in the
+prefill buckets up to the engine's token budget per step (serve-lite: what concurrent requests meet).
 
 chat and serve-lite answer first and warm up in the background through their EngineLoop (`BackgroundWarmUp`), one
 round at a time, the rounds a likely first request needs first; a reply pauses it: the warm-up requests still queued
@@ -17,8 +18,10 @@ import time
 from typing import Callable
 
 PROMPT_LENS = (8, 24, 56, 120)  # prefill buckets 8, 32, 64, 128 and decode widths of 1, 2, 4, 8 blocks
+BATCH_PROMPT_LEN = PROMPT_LENS[0]  # the prompts of the first batch rounds (decode at width 1)
 # the engine's three sampling heads: argmax, plain sampling, with the top-k/top-p search
 HEADS = ("greedy", "sample", "top_p")
+BLOCK_SIZE = 16  # the engine's default KV block size: the widths above are in its blocks
 FIRST_MESSAGE = "What is the capital of France?"  # a likely first turn: its prefill bucket is warmed up first
 
 
@@ -35,18 +38,73 @@ def head_of(params) -> str:
   return "sample"
 
 
-def warmup_plan(max_len: int, max_num_seqs: int = 1, head: str | None = None, prompt_len: int = 0) -> list[tuple]:
+def width_of(context_len: int, block_size: int = BLOCK_SIZE) -> int:
+  """The block-table width (blocks, a power of 2) a step reaching context_len tokens pads to."""
+  return next_power_of_2(-(-context_len // block_size))
+
+
+def warmup_plan(
+  max_len: int,
+  max_num_seqs: int = 1,
+  head: str | None = None,
+  prompt_len: int = 0,
+  max_num_batched_tokens: int = 512,
+) -> list[tuple]:
   """(number of sequences, prompt length, head) per warm-up round: every head is captured, since a request may pick
   any. `head` and `prompt_len` (a likely first prompt) put the rounds that prompt needs first: that head's rounds,
-  from the prompt's prefill bucket up, then its smaller buckets, then the other heads."""
+  from the prompt's prefill bucket up, then its smaller buckets, then the other heads; then batches of 2, 4, ...
+  sequences decoding at width 1.
+
+  Then what serving at up to max_num_seqs concurrent requests meets (`serving_rounds`): b = 2, 4, ... sequences
+  (at most min(max_num_seqs, 32)) prefilling together and decoding at widths of 1, 2, 4 and 8 blocks, and the
+  prefill buckets up to max_num_batched_tokens at each width. On SmolLM2-135M Q4_1, CPU, 2 cores,
+  `warm_up(engine, max_num_seqs=16)` takes 99-117 s for 63 rounds, 111 shapes (before the serving rounds: 47-54 s
+  for 24 rounds, 48 shapes; load average 1-3.4 from other work): an idle server serves in steady state ~2 minutes
+  after its start; serve-lite (32 sequences) has 75 rounds."""
   heads = sorted(HEADS, key=lambda h: h != head)
   lens = [n for n in PROMPT_LENS if n + 2 < max_len]
   lens = sorted(lens, key=lambda n: next_power_of_2(n) < next_power_of_2(prompt_len))
   rounds = [(1, n, h) for h in heads for n in lens] if head else [(1, n, h) for n in lens for h in heads]
-  batch = 2
-  while batch <= min(max_num_seqs, 32):
-    rounds += [(batch, 8, h) for h in heads]
-    batch *= 2
+  batches = batch_sizes(max_num_seqs)
+  rounds += [(b, BATCH_PROMPT_LEN, h) for b in batches for h in heads]
+  return rounds + serving_rounds(max_len, batches, heads, max_num_batched_tokens)
+
+
+def batch_sizes(max_num_seqs: int) -> list[int]:
+  """2, 4, ... up to min(max_num_seqs, 32)."""
+  return [1 << k for k in range(1, 6) if 1 << k <= min(max_num_seqs, 32)]
+
+
+def serving_rounds(max_len: int, batches: list[int], heads: list[str], max_num_batched_tokens: int) -> list[tuple]:
+  """Rounds of b prompts of one length for each batch size b: first each width's prompt length of PROMPT_LENS (the
+  b prompts prefill together, in chunks of max_num_batched_tokens when more, then decode at that width), then, for
+  each width, a prompt length in it whose b prompts land in each token bucket (16 up to max_num_batched_tokens'
+  bucket) not met yet at that width, with the fewest prompts that get there. Every head for each round: a head jit
+  is keyed by its token and sampled rows. Prompts must fit max_len with their two tokens."""
+  lens = [n for n in PROMPT_LENS if n + 2 < max_len]
+  rounds, met = [], set()  # met: (token bucket, width) of the layer jits the rounds capture
+  for n in lens:  # what the one-sequence rounds capture
+    met |= {(next_power_of_2(n), width_of(n)), (1, width_of(n + 1))}
+  for b in batches:
+    for n in lens:
+      if n != BATCH_PROMPT_LEN:  # those rounds come earlier
+        rounds += [(b, n, h) for h in heads]
+      met.add((b, width_of(n + 1)))  # decode
+      if b * n <= max_num_batched_tokens:
+        met.add((next_power_of_2(b * n), width_of(n)))  # the prefill, in one step
+  widths = sorted({width_of(n) for n in lens})
+  buckets = [1 << k for k in range(4, next_power_of_2(max_num_batched_tokens).bit_length())]
+  for w in widths:
+    shortest, longest = (1 if w == 1 else w * BLOCK_SIZE // 2 + 1), min(w * BLOCK_SIZE - 1, max_len - 3)
+    for bucket in buckets:
+      if (bucket, w) in met:
+        continue
+      for b in batches:
+        n = min(longest, bucket // b, max_num_batched_tokens // b)
+        if n >= shortest and b * n > bucket // 2:
+          rounds += [(b, n, h) for h in heads]
+          met.add((bucket, w))
+          break
   return rounds
 
 
@@ -73,9 +131,14 @@ def round_prompts(first: int, num_seqs: int, prompt_len: int, vocab: int) -> lis
   return [[(n + 7919 * j) % vocab for j in range(prompt_len)] for n in range(first, first + num_seqs)]
 
 
+def max_batched_tokens(engine) -> int:
+  """The engine's token budget per step (512 for one without a config, as a test's fake)."""
+  return getattr(getattr(engine, "config", None), "max_num_batched_tokens", 512)
+
+
 def warm_up(engine, max_num_seqs: int = 1, on_round: Callable[[int, int], None] | None = None) -> int:
   """Run the plan on the engine before any other request; returns the number of rounds."""
-  rounds = warmup_plan(engine.max_model_len, max_num_seqs)
+  rounds = warmup_plan(engine.max_model_len, max_num_seqs, max_num_batched_tokens=max_batched_tokens(engine))
   vocab = engine.model_config.vocab_size
   params = head_params(engine.default_params)
   first = 0
@@ -98,7 +161,8 @@ class BackgroundWarmUp:
   def __init__(self, loop, params, prompt_len: int = 0, max_num_seqs: int = 1) -> None:
     engine = loop.engine
     self.loop, self.vocab = loop, engine.model_config.vocab_size
-    self.rounds = warmup_plan(engine.max_model_len, max_num_seqs, head_of(params), prompt_len)
+    budget = max_batched_tokens(engine)
+    self.rounds = warmup_plan(engine.max_model_len, max_num_seqs, head_of(params), prompt_len, budget)
     self.params = head_params(params)
     self.done = 0
     self.elapsed_s: float | None = None  # from start() to the last round's end, once the plan completed

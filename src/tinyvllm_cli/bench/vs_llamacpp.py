@@ -130,8 +130,34 @@ def wait_healthy(target, proc: subprocess.Popen, log: IO[bytes], started: float,
   raise PeerFailed(f"/health did not answer 200 within {timeout:.0f} s")
 
 
-def serve_levels(command: list[str], p: VsParams) -> dict:
-  """Start a server, time its start to /health 200, run `bench serve`'s levels against it, stop it."""
+def wait_warmed_up(target, proc: subprocess.Popen, started: float, timeout: float) -> float | None:
+  """Seconds from `started` until /health says the server's background warm-up finished (serve-lite's
+  {"warmup": {"done", "rounds"}}), polling for at most `timeout` s from now; None when /health reports no warm-up
+  (llama-server, serve-lite --no-warmup) or it did not finish in time (then the levels run anyway, said on stderr)."""
+  deadline = now() + timeout
+  while True:
+    if proc.poll() is not None:
+      raise PeerFailed(f"exited with {proc.returncode} while warming up")
+    try:
+      status, body = target.get("/health")
+    except (OSError, http.client.HTTPException):
+      status, body = None, None
+    warmup = body.get("warmup") if status == 200 and isinstance(body, dict) else None
+    if status == 200 and warmup is None:
+      return None
+    if warmup is not None and warmup["done"] >= warmup["rounds"]:
+      return now() - started
+    if now() > deadline:
+      progress = f"{warmup['done']}/{warmup['rounds']} rounds" if warmup else f"/health answers {status}"
+      ui.err.print(f"the warm-up did not finish within {timeout:.0f} s ({progress}); serving levels run anyway")
+      return None
+    time.sleep(0.2)
+
+
+def serve_levels(command: list[str], p: VsParams, wait_warmup: bool = False) -> dict:
+  """Start a server, time its start to /health 200 and to its first completion, run `bench serve`'s levels against
+  it, stop it. wait_warmup (serve-lite): after the first completion, wait until /health says the background warm-up
+  finished (at most p.timeout s), so the levels compare steady states rather than TinyJit captures of new shapes."""
   from tinyvllm_cli.bench.serve import Target, run_levels
 
   port = free_port()
@@ -148,6 +174,7 @@ def serve_levels(command: list[str], p: VsParams) -> dict:
       first_s = now() - started
       if not first.ok:
         raise PeerFailed(f"the first completion failed: {first.error}")
+      warmup_s = wait_warmed_up(target, proc, started, p.timeout) if wait_warmup else None
       levels = run_levels(target, model, config, None)
     finally:
       proc.terminate()
@@ -161,7 +188,7 @@ def serve_levels(command: list[str], p: VsParams) -> dict:
     raise PeerFailed(
       f"{lv['failed']} of {lv['num_prompts']} failed at concurrency {lv['concurrency']}: {lv['errors'][0]}"
     )
-  times = {"start_s": start_s, "first_s": first_s}
+  times = {"start_s": start_s, "first_s": first_s} | ({"warmup_s": warmup_s} if warmup_s is not None else {})
   return {"command": [*command, "--port", str(port)], **times, "config": config, "levels": levels}
 
 
@@ -176,7 +203,8 @@ def first_request(model: str, max_tokens: int) -> dict:
 
 def serve_metrics(served: dict) -> dict[str, float]:
   levels = {f"serve_{lv['concurrency']}": lv["output_throughput"] for lv in served["levels"]}
-  return {"start_s": served["start_s"], "first_s": served["first_s"], **levels}
+  times = {k: served[k] for k in ("start_s", "first_s", "warmup_s") if k in served}
+  return {**times, **levels}
 
 
 def llamacpp_side(tools: dict[str, str], p: VsParams, skipped: dict[str, str]) -> tuple[dict, dict]:
@@ -246,7 +274,7 @@ def tinyvllm_side(run: Run, p: VsParams) -> tuple[dict, dict]:
     "--quiet",
   ]
   command += ["--quantize", p.quantize] if p.quantize else []
-  served = serve_levels(command, p)
+  served = serve_levels(command, p, wait_warmup=True)
   metrics = {f"decode_{r['batch_size']}": r["tokens_per_s"] for r in profile}
   metrics |= {"prefill": prefill.input_tokens / prefill.duration, **serve_metrics(served)}
   raw = {"profile": profile, "prefill": prefill.summary(), "serve-lite": served}
@@ -272,6 +300,7 @@ def rows(p: VsParams) -> list[tuple[str, str]]:
   start = [
     ("start_s", "time from start to /health 200, s (lower is better)"),
     ("first_s", f"time from start to the first completion ({p.max_tokens} tokens), s (lower is better)"),
+    ("warmup_s", "time from start to warm-up done, s (serve-lite's background warm-up, before the serving levels)"),
   ]
   return [*decode, prefill, *serve, *start]
 
@@ -300,7 +329,8 @@ def vs_report(run: Run, p: VsParams, results: dict, skipped: dict, bandwidth: fl
   lines = [
     f"Same GGUF ({p.gguf.name}, {weight_bytes / 1e6:.1f} MB), {p.threads} threads each; tinyvllm with {quantize}. "
     f"Serving: `tinyvllm bench serve`'s client, {p.num_prompts} prompts x {p.max_tokens} tokens (ignore_eos, greedy, "
-    f"each level run once untimed first) against llama-server -np {max(p.concurrency)} and serve-lite.",
+    f"each level run once untimed first) against llama-server -np {max(p.concurrency)} and serve-lite (its levels "
+    "once /health says its background warm-up finished: steady states, not captures of new batch shapes).",
     "",
     markdown_table(header, table),
     "",
