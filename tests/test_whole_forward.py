@@ -60,3 +60,23 @@ def test_cpu_step_plan_gives_the_per_layer_results(checkpoints):
     for a, b in zip(got_logits, want_logits):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   assert not engines[0].runner.plans and engines[1].runner.plans
+
+
+def test_cpu_without_the_c_dispatcher_keeps_tinygrads_replay(checkpoints, monkeypatch):
+  """A machine where kernels/dispatch.c does not compile runs tinygrad's own replay: no direct replays, no plans, the
+  same tokens and logits."""
+  from tinyvllm_core.kernels import cpu
+
+  def no_compiler():
+    raise NotImplementedError("kernels/dispatch.c did not compile")
+
+  path = checkpoints["qwen3"][0]
+  params = [SamplingParams(temperature=0, max_tokens=5, ignore_eos=True) for _ in PROMPTS]
+  want, want_logits = _run(LLMEngine(path, device="CPU", dtype="float32", num_blocks=64, block_size=4), params)
+  monkeypatch.setattr(cpu, "dispatcher", no_compiler)
+  engine = LLMEngine(path, device="CPU", dtype="float32", num_blocks=64, block_size=4)
+  got, got_logits = _run(engine, params)
+  assert not engine.runner.direct and not engine.runner.plans
+  assert got == want
+  for a, b in zip(got_logits, want_logits):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -88,7 +88,10 @@ def dispatcher() -> ctypes.CDLL:
     path.parent.mkdir(exist_ok=True)
     staged = path.with_suffix(f".{os.getpid()}.so")
     cmd = [cc, "-O2", "-shared", "-fPIC", "-pthread", "-x", "c", "-", "-o", str(staged)]
-    subprocess.run(cmd, input=source, check=True, capture_output=True)
+    try:
+      subprocess.run(cmd, input=source, check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as e:  # the runner then keeps tinygrad's replay
+      raise NotImplementedError(f"kernels/dispatch.c did not compile with {cc}: {e}") from e
     staged.replace(path)  # atomic: other processes see no file or the whole one
   lib = ctypes.CDLL(str(path))  # a CDLL call releases the GIL: the server's threads go on while a step runs
   lib.tv_run.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
