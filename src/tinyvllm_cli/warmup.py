@@ -38,9 +38,11 @@ def head_of(params) -> str:
   return "sample"
 
 
-def width_of(context_len: int, block_size: int = BLOCK_SIZE) -> int:
-  """The block-table width (blocks, a power of 2) a step reaching context_len tokens pads to."""
-  return next_power_of_2(-(-context_len // block_size))
+def width_of(context_len: int) -> int:
+  """The block-table width a step reaching context_len tokens pads to, in the default block size's blocks."""
+  from tinyvllm_core import block_table_width  # the engine's rule; imported late: the CLI starts before tinygrad
+
+  return block_table_width(context_len, BLOCK_SIZE)
 
 
 def warmup_plan(
@@ -131,14 +133,9 @@ def round_prompts(first: int, num_seqs: int, prompt_len: int, vocab: int) -> lis
   return [[(n + 7919 * j) % vocab for j in range(prompt_len)] for n in range(first, first + num_seqs)]
 
 
-def max_batched_tokens(engine) -> int:
-  """The engine's token budget per step (512 for one without a config, as a test's fake)."""
-  return getattr(getattr(engine, "config", None), "max_num_batched_tokens", 512)
-
-
 def warm_up(engine, max_num_seqs: int = 1, on_round: Callable[[int, int], None] | None = None) -> int:
   """Run the plan on the engine before any other request; returns the number of rounds."""
-  rounds = warmup_plan(engine.max_model_len, max_num_seqs, max_num_batched_tokens=max_batched_tokens(engine))
+  rounds = warmup_plan(engine.max_model_len, max_num_seqs, max_num_batched_tokens=engine.config.max_num_batched_tokens)
   vocab = engine.model_config.vocab_size
   params = head_params(engine.default_params)
   first = 0
@@ -161,7 +158,7 @@ class BackgroundWarmUp:
   def __init__(self, loop, params, prompt_len: int = 0, max_num_seqs: int = 1) -> None:
     engine = loop.engine
     self.loop, self.vocab = loop, engine.model_config.vocab_size
-    budget = max_batched_tokens(engine)
+    budget = engine.config.max_num_batched_tokens
     self.rounds = warmup_plan(engine.max_model_len, max_num_seqs, head_of(params), prompt_len, budget)
     self.params = head_params(params)
     self.done = 0
