@@ -113,6 +113,7 @@ class ModelRunner:
     """TinyJit's own input checks rewrite every input's graph (~0.1 ms each, 17 per layer call); our inputs are
     plain realized buffers of the captured shapes, so replay the captured kernels on them directly."""
     if jit.captured is None:
+      self.calls.append((None, []))  # captured the tinygrad way this step: no plan from it
       return self._capture(jit, *args, **kwargs)
     inputs = [t.uop.base for t in (*args, *(kwargs[k] for k in sorted(kwargs)))]
     direct = self.direct.get(jit) if DEBUG.value < 2 else None  # DEBUG=2 (per-kernel timing) needs tinygrad's replay
@@ -162,7 +163,7 @@ class ModelRunner:
     sampling = {k: b[k] for k in (*SAMPLING_INPUTS, *PENALTY_INPUTS, "bitmask", "draft_ids") if k in b}
     head_key = ("head", replace(shape, num_blocks=0))  # the head reads no block table: one jit for every width
     out = self._replay(self._jit(head_key, head), x, **sampling)
-    if self.cpu and len(self.calls) == m.config.num_layers + 2 and all(direct for direct, _ in self.calls):
+    if self.cpu and all(direct for direct, _ in self.calls):
       from .kernels.cpu import StepPlan  # every input is a persistent buffer of this shape: fixed addresses
 
       self.plans[shape] = StepPlan(self.calls, out)
